@@ -1,1 +1,356 @@
-//! placeholder
+//! Outpost's configuration: TOML text in, a validated, typed [`Config`] out, or a
+//! [`ConfigErrors`] naming *every* problem with its key path.
+//!
+//! # Pipeline
+//!
+//! ```text
+//! TOML text --serde (deny_unknown_fields)--> raw structs --Overrides--> validate() --> Config
+//!                                                                          \--> ConfigErrors
+//! ```
+//!
+//! # Invariants
+//!
+//! - A [`Config`] that exists is valid: every value was range-checked, every name, filter,
+//!   template and url was parsed into a type that can only be built valid ([`NodeName`],
+//!   [`TopicFilter`], [`TopicTemplate`], [`UpstreamUrl`]). Consumers never re-validate.
+//! - Loading never panics on input, and never reads the process environment directly: variables
+//!   come through the [`Env`] seam, so tests never call `set_var`.
+//! - Validation does not stop at the first problem. A file with three bad values yields three
+//!   [`ConfigError`]s, each with the path as written in the file (`upstream.url`,
+//!   `route[2].filter`). Only a TOML syntax error, an unknown key or a value of the wrong TOML type
+//!   stops early (the file's shape is unknown past that point); it is reported as one error with
+//!   its path and line.
+//! - Every key is optional. The defaults live once, in the `Default` impls here;
+//!   [`default_config_toml`] documents them and a test proves it parses to exactly
+//!   `Config::load(None, ..)`.
+//! - Secrets are [`Secret`]s: `Debug` and `Display` print `***`.
+//!
+//! # Layout
+//!
+//! - `lib.rs`: the typed [`Config`], [`Env`], [`Overrides`], [`Config::load`].
+//! - `raw.rs`: the file's shape for serde, and parse errors with path and line.
+//! - `validate.rs`: raw -> typed, collecting every problem.
+//! - `types.rs`: validated newtypes and enums. `units.rs`: byte sizes and durations.
+//! - `default.toml`: the annotated default configuration (`outpost print-default-config`).
+
+#![forbid(unsafe_code)]
+
+mod error;
+mod raw;
+mod types;
+mod units;
+mod validate;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use error::{ConfigError, ConfigErrors};
+pub use types::{
+    Durability, MQTT_MAX_STRING_BYTES, MqttVersion, NodeName, NodeNameError, Priority, RouteTarget,
+    Secret, TopicFilter, TopicFilterError, TopicTemplate, TopicTemplateError, UpstreamUrl,
+    UpstreamUrlError, WhenFull,
+};
+pub use units::{DurationError, SizeError, parse_duration, parse_size};
+
+/// Where environment variables come from. The process uses [`ProcessEnv`]; tests pass a map.
+pub trait Env {
+    /// The variable's value, or `None` if it is unset (or not valid Unicode).
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The real process environment.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl Env for BTreeMap<String, String> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.get(name).cloned()
+    }
+}
+
+impl<S: std::hash::BuildHasher> Env for HashMap<String, String, S> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.get(name).cloned()
+    }
+}
+
+/// Command-line settings that win over the file. They are applied to the raw file before
+/// validation, so a bad override is reported like a bad key (at the key it replaces).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--listen`: replaces the whole `broker.listeners` list with this one address.
+    pub listen: Option<SocketAddr>,
+    /// `--upstream`: sets `upstream.url`, creating the `[upstream]` section if the file has none.
+    pub upstream_url: Option<String>,
+    /// `--data-dir`: sets `storage.data_dir`.
+    pub data_dir: Option<PathBuf>,
+}
+
+/// The whole validated configuration.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Config {
+    /// Who this gateway is: its name goes into upstream topics and the birth message.
+    pub node: NodeConfig,
+    /// The local MQTT broker sensors publish to.
+    pub broker: BrokerConfig,
+    /// The store-and-forward buffer that holds every reading until upstream has acked it.
+    pub storage: StorageConfig,
+    /// `[[route]]` entries, in file order; the first whose filter matches a topic decides.
+    pub routes: Vec<Route>,
+    /// Where a message goes when no route matches (`default_route`, default `cloud`).
+    pub default_route: RouteTarget,
+    /// The cloud broker. `None`: no `[upstream]` section; cloud-bound data is stored (within the
+    /// quota) until one is configured.
+    pub upstream: Option<UpstreamConfig>,
+    /// How the backlog is sent upstream.
+    pub sync: SyncConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `[node]`: the gateway's identity.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeConfig {
+    /// Topic level upstream (`<prefix>/<node>/...`) and default client id suffix. Default `outpost`.
+    pub name: NodeName,
+    /// Free-form metadata published in the birth message (`location`, `zone`, ...).
+    pub labels: BTreeMap<String, String>,
+    /// What this gateway advertises it can do, in the birth message.
+    /// Default `["mqtt", "store-and-forward"]`.
+    pub capabilities: Vec<String>,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            name: NodeName::default_name(),
+            labels: BTreeMap::new(),
+            capabilities: vec![String::from("mqtt"), String::from("store-and-forward")],
+        }
+    }
+}
+
+/// `[broker]`: the local MQTT broker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BrokerConfig {
+    /// Addresses to accept MQTT on. At least one, no duplicates (port 0 excepted, for tests).
+    /// Default `["0.0.0.0:1883"]`.
+    pub listeners: Vec<SocketAddr>,
+    /// Past this many clients a CONNECT is refused with a CONNACK, bounding memory. Default 1000.
+    pub max_connections: usize,
+    /// Largest MQTT packet accepted, in bytes (1..=268435455, the protocol's limit). Default 256KiB.
+    pub max_packet_size: u64,
+    /// Outbound QoS 1/2 messages in flight per client before we wait for its acks. Default 32.
+    pub max_inflight: u16,
+    /// Inbound QoS 1/2 messages per client awaiting a storage commit before we stop reading from
+    /// it (MQTT 5 receive maximum). This is the back-pressure that keeps "acked means stored"
+    /// from becoming "acked means dropped". Default 64.
+    pub max_inbound_pending: u16,
+    /// Messages queued for a slow or offline subscriber before new ones are dropped (counted).
+    /// Default 1000.
+    pub max_queued_messages: usize,
+    /// A client that has not sent CONNECT within this time is disconnected. Default 10s.
+    pub connect_timeout: Duration,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            listeners: vec![SocketAddr::from(([0, 0, 0, 0], 1883))],
+            max_connections: 1000,
+            max_packet_size: 256 * 1024,
+            max_inflight: 32,
+            max_inbound_pending: 64,
+            max_queued_messages: 1000,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[storage]`: the SQLite store-and-forward buffer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StorageConfig {
+    /// Directory holding the database (see [`StorageConfig::db_path`]). Default `outpost-data`,
+    /// relative to the working directory.
+    pub data_dir: PathBuf,
+    /// Byte budget for stored records; `when_full` applies beyond it. At least 4KiB (small quotas
+    /// exist for tests). Default 1GiB.
+    pub quota: u64,
+    /// Records older than this are dropped (counted) even if never synced. `None`: keep until
+    /// synced. Default `None`.
+    pub ttl: Option<Duration>,
+    /// What happens at the quota. Default [`WhenFull::EvictLowestOldest`].
+    pub when_full: WhenFull,
+    /// A write batch commits at this many records... (1..=100000). Default 512.
+    pub commit_batch_records: usize,
+    /// ...or after this long, whichever comes first (at most 1s: publishers wait for it before
+    /// their ack). Default 5ms.
+    pub commit_interval: Duration,
+    /// fsync policy. Default [`Durability::Full`].
+    pub durability: Durability,
+}
+
+impl StorageConfig {
+    /// The database file: `data_dir/outpost.db`.
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join("outpost.db")
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("outpost-data"),
+            quota: 1 << 30,
+            ttl: None,
+            when_full: WhenFull::EvictLowestOldest,
+            commit_batch_records: 512,
+            commit_interval: Duration::from_millis(5),
+            durability: Durability::Full,
+        }
+    }
+}
+
+/// One `[[route]]`: which local topics go where, how urgently, under which upstream name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    /// Local topics this route applies to. Unique among routes (a repeat could never match).
+    pub filter: TopicFilter,
+    /// Where matching messages go. Default `cloud`.
+    pub target: RouteTarget,
+    /// Delivery and eviction class. Default `normal`.
+    pub priority: Priority,
+    /// Upstream topic name. Default `{prefix}/{node}/{topic}`.
+    pub upstream_topic: TopicTemplate,
+}
+
+/// `[upstream]`: the cloud MQTT broker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamConfig {
+    /// `mqtt://host[:port]` or `mqtts://host[:port]`. Required in an `[upstream]` section.
+    pub url: UpstreamUrl,
+    /// MQTT client id (1..=65535 bytes). Default `outpost-<node name>`. Ids over 23 characters
+    /// may be refused by strict 3.1.1 brokers.
+    pub client_id: String,
+    /// MQTT username, if the broker wants one.
+    pub username: Option<String>,
+    /// MQTT password, from `password` or, better, the variable named by `password_env`.
+    pub password: Option<Secret>,
+    /// PEM CA bundle to trust for `mqtts://`; `None` uses the system roots. Must exist.
+    pub ca_file: Option<PathBuf>,
+    /// MQTT keep-alive, whole seconds in 5s..=65535s. Default 30s.
+    pub keep_alive: Duration,
+    /// Protocol version. Default [`MqttVersion::V311`].
+    pub protocol: MqttVersion,
+    /// First level(s) of every default upstream topic. No wildcards, no leading or trailing `/`.
+    /// Default `outpost`.
+    pub topic_prefix: String,
+    /// Subscribe to `<prefix>/<node>/cmd/#` and republish commands on the local broker.
+    /// Default true.
+    pub command_topic: bool,
+    /// Start a clean session on every connect. Default false: the broker keeps our session (and
+    /// the command subscription) across reconnects; the store is the source of truth either way.
+    pub clean_session: bool,
+}
+
+impl UpstreamConfig {
+    /// Default `keep_alive`.
+    pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(30);
+    /// Default `topic_prefix`.
+    pub const DEFAULT_TOPIC_PREFIX: &'static str = "outpost";
+
+    /// The upstream section with only `url` given: every other key at its default.
+    pub fn with_url(url: UpstreamUrl, node: &NodeName) -> Self {
+        Self {
+            url,
+            client_id: format!("outpost-{node}"),
+            username: None,
+            password: None,
+            ca_file: None,
+            keep_alive: Self::DEFAULT_KEEP_ALIVE,
+            protocol: MqttVersion::V311,
+            topic_prefix: String::from(Self::DEFAULT_TOPIC_PREFIX),
+            command_topic: true,
+            clean_session: false,
+        }
+    }
+}
+
+/// `[sync]`: sending the stored backlog upstream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyncConfig {
+    /// Upstream publishes awaiting PUBACK at once (1..=65535). Default 100.
+    pub inflight_window: u16,
+    /// Records read from the store per query. Default 256.
+    pub read_batch: usize,
+    /// First reconnect delay; doubled (with jitter) per failure. Default 100ms.
+    pub backoff_min: Duration,
+    /// Cap on the reconnect delay, so a returning upstream is used within about this long.
+    /// At least `backoff_min`. Default 1s.
+    pub backoff_max: Duration,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        Self {
+            inflight_window: 100,
+            read_batch: 256,
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(1),
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    /// One of `error`, `warn`, `info`, `debug`, `trace`. Default `info`.
+    pub level: String,
+}
+
+impl LogConfig {
+    /// Accepted values of `level`.
+    pub const LEVELS: &'static [&'static str] = &["error", "warn", "info", "debug", "trace"];
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: String::from("info"),
+        }
+    }
+}
+
+impl Config {
+    /// Parses and validates a configuration.
+    ///
+    /// `text` is the TOML file's contents; `None` means no file (every key at its default, the
+    /// same as [`default_config_toml`]). `overrides` are applied before validation. Variables
+    /// named by `*_env` keys are read from `env` only.
+    pub fn load(
+        text: Option<&str>,
+        overrides: &Overrides,
+        env: &dyn Env,
+    ) -> Result<Config, ConfigErrors> {
+        let mut raw = match text {
+            Some(text) => raw::parse(text)?,
+            None => raw::RawConfig::default(),
+        };
+        validate::apply_overrides(&mut raw, overrides);
+        validate::validate(raw, env)
+    }
+}
+
+/// The annotated default configuration: every key, its default, and what it is for. What
+/// `outpost print-default-config` prints.
+pub fn default_config_toml() -> &'static str {
+    include_str!("default.toml")
+}

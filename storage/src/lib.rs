@@ -1,1 +1,570 @@
-//! placeholder
+//! Outpost's store-and-forward buffer: opaque records keyed by stream, kept in SQLite until the
+//! upstream broker has acknowledged them.
+//!
+//! The store knows nothing of MQTT or sensors. A record is a stream name (the gateway uses the
+//! upstream topic), a [`Priority`], an ingest timestamp and payload bytes. The gateway appends
+//! records, the sync engine reads them per priority in `seq` order, publishes them, and acks them
+//! once the upstream has PUBACKed them.
+//!
+//! # Invariants
+//!
+//! - **A record is deleted only after it is acknowledged** ([`Store::ack`]), or when a documented
+//!   bound removes it: TTL expiry (`expired_total`) or quota eviction (`evicted_total`). Every
+//!   removal is counted; nothing disappears silently.
+//! - **Acknowledged means committed.** [`Store::append`] resolves only after the SQLite transaction
+//!   holding the records has committed, so the gateway may PUBACK its own publishers then.
+//! - **`seq` is monotonic and never reused**, also across restarts and after every record was
+//!   deleted: the last assigned `seq` is persisted in the counters row in the same transaction as
+//!   the insert, and new seqs continue from it.
+//! - **Counters are exact and transactional.** Totals (records, bytes, per priority, every
+//!   `*_total`, last seq) live in one `counters` row updated in the same transaction as the change
+//!   they describe, so [`Store::open`] never scans the records table: restart cost does not grow
+//!   with the backlog.
+//! - **A failed commit poisons the store.** The transaction is rolled back, every waiter of that
+//!   batch gets [`StoreError::CommitFailed`], and all later writes get [`StoreError::Poisoned`]
+//!   instead of pretending. Reads and stats keep working. (After a failed fsync the on-disk state is
+//!   unknown; retrying could report success for data that is not there.)
+//!
+//! # Threading and group commit
+//!
+//! One dedicated thread (`outpost-store`) owns the read-write connection and takes commands from a
+//! bounded channel ([`COMMAND_QUEUE`] commands; senders wait when it is full, which is how a slow
+//! disk slows ingest down instead of dropping data). No SQLite call ever runs in async code.
+//!
+//! Writes (append, ack, put_state) are gathered in memory until `batch_max_records` records are
+//! pending or `batch_max_delay` has passed since the first pending write, then applied in ONE
+//! transaction, after which every waiter is answered. Reads and stats arriving while a batch is
+//! gathering are served immediately from the committed state (no transaction is open while
+//! gathering), so read latency does not depend on the batch delay.
+//!
+//! # On-disk format (schema version 1, `PRAGMA user_version`)
+//!
+//! ```sql
+//! PRAGMA application_id = 0x4F555450;  -- "OUTP": tells our file apart from other SQLite files
+//! CREATE TABLE records (
+//!     seq            INTEGER PRIMARY KEY,  -- assigned by the writer from counters.last_seq
+//!     stream         TEXT    NOT NULL,
+//!     priority       INTEGER NOT NULL,     -- 0 high, 1 normal, 2 low
+//!     ingested_at_ms INTEGER NOT NULL,     -- unix ms, drives the TTL
+//!     size           INTEGER NOT NULL,     -- accounted size, see RECORD_OVERHEAD_BYTES
+//!     payload        BLOB    NOT NULL
+//! );
+//! CREATE INDEX records_by_priority ON records (priority, seq);   -- sync reads, eviction
+//! CREATE INDEX records_by_ingested ON records (ingested_at_ms); -- TTL, oldest record
+//! CREATE TABLE counters (id INTEGER PRIMARY KEY CHECK (id = 1), records, bytes, ...);
+//! CREATE TABLE state (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
+//! ```
+//!
+//! The database runs in WAL mode so that `outpost status` ([`read_stats`]) can read from another
+//! process while the gateway writes. [`Durability::Full`] fsyncs the WAL at every commit (survives
+//! power loss); [`Durability::Normal`] fsyncs only at checkpoints (survives a process crash, may lose
+//! the last commits on power loss). Group commit makes `Full` affordable.
+//!
+//! # Bounds
+//!
+//! The accounted size of a record is `payload.len() + stream.len() + RECORD_OVERHEAD_BYTES`; the
+//! quota bounds the sum over stored records. Before a record that would not fit is inserted,
+//! expired records are removed first (they are dead anyway), then the `when_full` policy applies:
+//!
+//! - [`WhenFull::EvictLowestOldest`]: delete the oldest records of the lowest priority (low, then
+//!   normal, then high) until the new record fits, but never a record of higher priority than the
+//!   new one. Trade-off: ingest never blocks and fresh data wins, at the price of losing the oldest
+//!   low-priority backlog (counted in `evicted_total` / `evicted_by_priority`). If the record cannot
+//!   fit without evicting higher-priority data, it is refused with [`StoreError::Full`].
+//! - [`WhenFull::RejectNew`]: refuse new records with [`StoreError::Full`] while full. Trade-off:
+//!   the backlog is never touched (the oldest data is kept), but fresh data is refused and the
+//!   publisher has to retry or drop it; during a long outage the gateway stops accepting.
+//!
+//! A record larger than the whole quota is refused with [`StoreError::TooLarge`]. Refusals count
+//! every refused record in `rejected_full_total`. An append call is all-or-nothing: if any record of
+//! the call cannot be stored, nothing of that call is stored (evictions it caused are rolled back
+//! too) and the whole call gets the error.
+//!
+//! TTL: records with `ingested_at_ms + ttl < now` are never returned by [`Store::read_after`]; the
+//! writer thread deletes them in bounded passes ([`EXPIRE_PASS_LIMIT`] records per transaction)
+//! every few seconds, counting `expired_total`.
+//!
+//! # Layout
+//!
+//! - `lib.rs`: public types and the [`Store`] handle (async API, talks to the thread).
+//! - `schema.rs`: opening, identity checks, migrations, counters row, read queries.
+//! - `writer.rs`: the writer thread: command loop, group commit, quota, TTL, poisoning.
+
+#![forbid(unsafe_code)]
+
+mod schema;
+mod writer;
+
+#[cfg(test)]
+mod model_tests;
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::writer::{Command, Read, Write};
+
+/// Fixed per-record overhead added to the accounted size: an estimate of SQLite's row header,
+/// the integer columns and the two index entries per record, so that a quota of N bytes bounds the
+/// file size to roughly N even for tiny payloads.
+pub const RECORD_OVERHEAD_BYTES: u64 = 64;
+
+/// Bound of the command channel between the handles and the writer thread.
+pub const COMMAND_QUEUE: usize = 1024;
+
+/// Maximum number of records one TTL pass deletes in one transaction, so a large expired backlog
+/// never stalls ingest for long.
+pub const EXPIRE_PASS_LIMIT: usize = 1000;
+
+/// Delivery class of a record. Sync sends higher priorities first; eviction removes lower ones
+/// first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Priority {
+    High,
+    Normal,
+    Low,
+}
+
+impl Priority {
+    /// All priorities, highest first.
+    pub const ALL: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Low];
+
+    /// 0 for high, 1 for normal, 2 for low: the stored value and the index into per-priority
+    /// arrays of [`StoreStats`].
+    pub fn as_index(self) -> usize {
+        match self {
+            Priority::High => 0,
+            Priority::Normal => 1,
+            Priority::Low => 2,
+        }
+    }
+
+    /// Inverse of [`Priority::as_index`].
+    pub fn from_index(index: usize) -> Option<Priority> {
+        Priority::ALL.get(index).copied()
+    }
+}
+
+/// What to do with a new record that does not fit in the quota. See the crate docs for the
+/// trade-offs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Delete the oldest records of the lowest priority (never of a higher priority than the new
+    /// record) to make room.
+    EvictLowestOldest,
+    /// Refuse new records with [`StoreError::Full`].
+    RejectNew,
+}
+
+/// How hard a commit is pushed to disk. Both use WAL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// `PRAGMA synchronous=FULL`: a committed record survives power loss.
+    Full,
+    /// `PRAGMA synchronous=NORMAL`: a committed record survives a process crash; the last commits
+    /// may be lost on power loss.
+    Normal,
+}
+
+/// Settings of one store.
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    /// Database file; parent directories are created.
+    pub path: PathBuf,
+    /// Bound on the sum of accounted record sizes (see [`RECORD_OVERHEAD_BYTES`]).
+    pub quota_bytes: u64,
+    /// Records older than this (by `ingested_at_ms`) expire; `None` keeps them until acked.
+    pub ttl: Option<Duration>,
+    /// Policy when a new record does not fit in the quota.
+    pub when_full: WhenFull,
+    /// A group commit closes once this many records (or acked seqs) are pending...
+    pub batch_max_records: usize,
+    /// ...or this long after the first pending write, whichever comes first.
+    pub batch_max_delay: Duration,
+    /// How hard commits are pushed to disk.
+    pub durability: Durability,
+}
+
+/// A record to append.
+#[derive(Debug, Clone)]
+pub struct NewRecord {
+    /// Opaque stream key (the gateway uses the upstream topic).
+    pub stream: String,
+    pub priority: Priority,
+    pub payload: Bytes,
+    /// Unix time in milliseconds when the gateway received the data; drives the TTL.
+    pub ingested_at_ms: u64,
+}
+
+/// A stored record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// Position in the store, unique and increasing; consumers use it to drop duplicates.
+    pub seq: u64,
+    pub stream: String,
+    pub priority: Priority,
+    pub payload: Bytes,
+    pub ingested_at_ms: u64,
+}
+
+/// Counters and gauges of the store. All but `oldest_ingested_at_ms` and `poisoned` are read from
+/// the counters row, which is updated in the same transaction as the records.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Records currently stored.
+    pub records: u64,
+    /// Sum of accounted sizes of the stored records.
+    pub bytes: u64,
+    /// `records` split by [`Priority::as_index`].
+    pub records_by_priority: [u64; 3],
+    /// Ingest time of the oldest stored record.
+    pub oldest_ingested_at_ms: Option<u64>,
+    /// Last seq ever assigned (also when that record is gone).
+    pub last_seq: u64,
+    /// Records ever committed.
+    pub appended_total: u64,
+    /// Records deleted by [`Store::ack`].
+    pub acked_total: u64,
+    /// Records deleted to make room under the quota.
+    pub evicted_total: u64,
+    /// `evicted_total` split by [`Priority::as_index`].
+    pub evicted_by_priority: [u64; 3],
+    /// Records deleted because their TTL passed.
+    pub expired_total: u64,
+    /// Records refused with [`StoreError::Full`] or [`StoreError::TooLarge`].
+    pub rejected_full_total: u64,
+    /// Write transactions committed.
+    pub commits_total: u64,
+    /// The store refuses writes after a failed commit. Not persisted: [`read_stats`] reports
+    /// `false`.
+    pub poisoned: bool,
+}
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be opened or set up; also what a file that is not an SQLite
+    /// database gives.
+    #[error("cannot open store database {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// A filesystem operation around the database failed (creating its directory, starting the
+    /// writer thread).
+    #[error("store I/O on {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is a valid SQLite database, but not an Outpost store: refused rather than
+    /// modified.
+    #[error("{path} is an SQLite database but not an Outpost store")]
+    NotAStore { path: PathBuf },
+    /// The store was written by a newer Outpost with a schema this build does not know.
+    #[error("{path} has store schema version {found}; this build supports up to {supported}")]
+    UnsupportedSchema {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+    /// A stored row holds a value this build cannot interpret.
+    #[error("corrupt store row seq {seq}: {what}")]
+    Corrupt { seq: u64, what: &'static str },
+    #[error("store database error")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The batch this write belonged to failed to commit; nothing of it was stored and the store
+    /// is now poisoned. Shared by every waiter of the batch, hence the `Arc`.
+    #[error("store commit failed; the store is poisoned and refuses further writes")]
+    CommitFailed(#[source] Arc<rusqlite::Error>),
+    /// An earlier commit failed; the store refuses writes until it is reopened.
+    #[error("store is poisoned by an earlier failed commit and refuses writes")]
+    Poisoned,
+    /// The records do not fit in the quota under the `when_full` policy. `needed` is the
+    /// accounted size of the refused append call.
+    #[error("store full: {needed} bytes do not fit in the quota of {quota} bytes")]
+    Full { needed: u64, quota: u64 },
+    /// One record is larger than the whole quota.
+    #[error("record of {size} bytes is larger than the store quota of {quota} bytes")]
+    TooLarge { size: u64, quota: u64 },
+    /// The store was closed.
+    #[error("store is closed")]
+    Closed,
+}
+
+/// Accounted size of a record; see [`RECORD_OVERHEAD_BYTES`].
+pub fn accounted_size(stream: &str, payload_len: usize) -> u64 {
+    (payload_len as u64)
+        .saturating_add(stream.len() as u64)
+        .saturating_add(RECORD_OVERHEAD_BYTES)
+}
+
+/// Cheap clonable handle to a store. The writer thread stops when [`Store::close`] is called or
+/// the last handle is dropped.
+#[derive(Clone, Debug)]
+pub struct Store {
+    /// Field order matters: when the last handle drops, this sender goes first, which closes the
+    /// channel and lets the thread finish, and only then `shared` joins the thread.
+    tx: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    /// Path, for messages.
+    path: PathBuf,
+    /// Last committed seq, published by the writer after each commit.
+    committed: watch::Receiver<u64>,
+    /// Set by the writer thread when a commit failed.
+    poisoned: Arc<AtomicBool>,
+    /// Fault injection: the next commit fails (through the real error path).
+    fail_next_commit: Arc<AtomicBool>,
+    /// The writer thread, joined by `close()` or when the last handle drops.
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // All senders are gone by now (see `Store::tx`), so the thread commits what is pending
+        // and exits; joining makes "all handles dropped" mean "database closed". This may block
+        // for one commit when it happens inside async code, which is acceptable at shutdown.
+        let handle = match self.thread.get_mut() {
+            Ok(slot) => slot.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        if let Some(handle) = handle
+            && handle.join().is_err()
+        {
+            tracing::error!(path = %self.path.display(), "store writer thread panicked");
+        }
+    }
+}
+
+impl Store {
+    /// Opens or creates the store, migrates its schema and starts the writer thread. Blocking:
+    /// call it before the runtime starts or from `spawn_blocking`.
+    pub fn open(settings: StoreSettings) -> Result<Store, StoreError> {
+        let opened = schema::open_read_write(&settings)?;
+        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        let (committed_tx, committed) = watch::channel(opened.counters.last_seq);
+        let poisoned = Arc::new(AtomicBool::new(false));
+        let fail_next_commit = Arc::new(AtomicBool::new(false));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(|source| StoreError::Io {
+                path: settings.path.clone(),
+                source,
+            })?;
+        let writer = writer::Writer::new(
+            opened.conn,
+            settings.clone(),
+            opened.counters,
+            Arc::clone(&poisoned),
+            Arc::clone(&fail_next_commit),
+            committed_tx,
+        );
+        let thread = std::thread::Builder::new()
+            .name("outpost-store".into())
+            .spawn(move || writer.run_thread(rx, runtime))
+            .map_err(|source| StoreError::Io {
+                path: settings.path.clone(),
+                source,
+            })?;
+        Ok(Store {
+            tx,
+            shared: Arc::new(Shared {
+                path: settings.path,
+                committed,
+                poisoned,
+                fail_next_commit,
+                thread: Mutex::new(Some(thread)),
+            }),
+        })
+    }
+
+    async fn request<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Command,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Appends records; resolves only after the transaction containing them has committed, with
+    /// their seqs in order. All-or-nothing per call (see the crate docs on quota).
+    pub async fn append(&self, records: Vec<NewRecord>) -> Result<Vec<u64>, StoreError> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.request(|reply| {
+            Command::Write(Write::Append {
+                records,
+                reply,
+                result: Ok(Vec::new()),
+            })
+        })
+        .await
+    }
+
+    /// Like [`Store::append`], split in two: awaiting `submit` enqueues the records (waiting only
+    /// for room in the command queue, which is the backpressure); the returned future resolves when
+    /// their transaction committed. Records of successive `submit` calls from one task are
+    /// committed in call order, so a caller can keep several batches in flight and still preserve
+    /// order.
+    pub async fn submit(
+        &self,
+        records: Vec<NewRecord>,
+    ) -> Result<
+        impl std::future::Future<Output = Result<Vec<u64>, StoreError>> + Send + 'static,
+        StoreError,
+    > {
+        let (reply, answer) = oneshot::channel();
+        if !records.is_empty() {
+            self.tx
+                .send(Command::Write(Write::Append {
+                    records,
+                    reply,
+                    result: Ok(Vec::new()),
+                }))
+                .await
+                .map_err(|_| StoreError::Closed)?;
+        } else {
+            let _ = reply.send(Ok(Vec::new()));
+        }
+        Ok(async move { answer.await.map_err(|_| StoreError::Closed)? })
+    }
+
+    /// Unexpired records of `priority` with `seq > after_seq`, ascending, at most `limit`.
+    pub async fn read_after(
+        &self,
+        priority: Priority,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<Record>, StoreError> {
+        self.request(|reply| {
+            Command::Read(Read::After {
+                priority,
+                after_seq,
+                limit,
+                reply,
+            })
+        })
+        .await
+    }
+
+    /// Deletes these records (the upstream acknowledged them); returns how many existed. Unknown
+    /// seqs (evicted or expired meanwhile) are ignored.
+    pub async fn ack(&self, seqs: Vec<u64>) -> Result<u64, StoreError> {
+        if seqs.is_empty() {
+            return Ok(0);
+        }
+        self.request(|reply| {
+            Command::Write(Write::Ack {
+                seqs,
+                reply,
+                existed: 0,
+            })
+        })
+        .await
+    }
+
+    /// Current counters and gauges.
+    pub async fn stats(&self) -> Result<StoreStats, StoreError> {
+        self.request(|reply| Command::Read(Read::Stats { reply }))
+            .await
+    }
+
+    /// Last committed seq; changes after every commit that appended records. The sync engine
+    /// waits on it for new data.
+    pub fn committed_seq(&self) -> watch::Receiver<u64> {
+        self.shared.committed.clone()
+    }
+
+    /// Whether a commit failed and the store now refuses writes.
+    pub fn is_poisoned(&self) -> bool {
+        self.shared.poisoned.load(Ordering::Acquire)
+    }
+
+    /// Stores a small value under `key` (gateway runtime status); committed with the next batch.
+    pub async fn put_state(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
+        let key = key.to_owned();
+        self.request(|reply| Command::Write(Write::PutState { key, value, reply }))
+            .await
+    }
+
+    /// The committed value under `key`, if any.
+    pub async fn get_state(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = key.to_owned();
+        self.request(|reply| Command::Read(Read::State { key, reply }))
+            .await
+    }
+
+    /// Runs TTL passes now until no expired record is left; returns how many were deleted. The
+    /// writer does this on its own every few seconds; this is for tests and maintenance commands.
+    #[doc(hidden)]
+    pub async fn expire_now(&self) -> Result<u64, StoreError> {
+        self.request(|reply| {
+            Command::Write(Write::Expire {
+                reply: Some(reply),
+                expired: 0,
+                exhaustive: true,
+            })
+        })
+        .await
+    }
+
+    /// Fault injection for tests: the next commit fails inside its transaction (a real SQLite
+    /// error), which rolls it back and poisons the store.
+    #[doc(hidden)]
+    pub fn fail_next_commit(&self) {
+        self.shared.fail_next_commit.store(true, Ordering::Release);
+    }
+
+    /// Commits what is pending, checkpoints the WAL (TRUNCATE), closes the database and joins the
+    /// thread. Later calls on any clone get [`StoreError::Closed`].
+    pub async fn close(&self) -> Result<(), StoreError> {
+        let result = self.request(|reply| Command::Close { reply }).await;
+        // The thread answered after closing the connection; joining only waits for its exit.
+        let handle = match self.shared.thread.lock() {
+            Ok(mut slot) => slot.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        if let Some(handle) = handle
+            && handle.join().is_err()
+        {
+            tracing::error!(path = %self.shared.path.display(), "store writer thread panicked");
+        }
+        result
+    }
+}
+
+/// Reads the stats of a store another process has open, through a read-only connection (for
+/// `outpost status`). `poisoned` is always `false` here: it is not persisted.
+pub fn read_stats(path: &Path) -> Result<StoreStats, StoreError> {
+    let mut conn = schema::open_read_only(path)?;
+    let tx = conn.transaction()?;
+    let counters = schema::load_counters(&tx)?;
+    let oldest = schema::oldest_ingested_at(&tx)?;
+    tx.finish()?;
+    Ok(counters.to_stats(oldest, false))
+}
+
+/// Reads one state value of a store another process has open, through a read-only connection.
+pub fn read_state(path: &Path, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    let conn = schema::open_read_only(path)?;
+    Ok(schema::get_state(&conn, key)?)
+}

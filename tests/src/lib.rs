@@ -1,1 +1,1383 @@
-//! Scenario helpers.
+//! End-to-end scenario harness: the real `outpost` binary against a real mosquitto (the
+//! "cloud" broker) and real third-party clients (paho-mqtt for Python, mosquitto_pub/_sub).
+//!
+//! # What it needs on the machine
+//! `mosquitto`, `mosquitto_pub`, `mosquitto_sub` on `PATH` (apt `mosquitto mosquitto-clients`)
+//! and `python3` with `paho-mqtt` 2.x (pip). `.ci/run` installs them.
+//!
+//! # How the binary is found (and built)
+//! A test crate cannot use `env!("CARGO_BIN_EXE_outpost")` for another package's binary, and a
+//! dev-dependency on `outpost` would not build its `[[bin]]`. So [`outpost_bin`] looks for
+//! `<target>/debug/outpost`, where `<target>` is `$CARGO_TARGET_DIR` if set, else
+//! `CARGO_MANIFEST_DIR/../target`. If the binary is missing, or older than any file of the
+//! crates it is built from (`config/`, `storage/`, `protocols/`, `gateway/`, the workspace
+//! `Cargo.toml`/`Cargo.lock`), it runs `cargo build -p outpost` once per test process (a
+//! `OnceLock`; concurrent test binaries are serialised by cargo's own build lock) and fails
+//! every scenario with cargo's output if that build fails. `OUTPOST_BIN=/path/to/outpost`
+//! skips all of this and uses that binary.
+//!
+//! # Rules the scenarios keep
+//! - Network only on 127.0.0.1, on free ports ([`free_port`]); each scenario in its own
+//!   [`TestDir`] (kept on disk when `OUTPOST_TEST_KEEP=1`, for post-mortems).
+//! - Every process a scenario starts sits in a [`Proc`] guard that SIGKILLs it *by its PID*
+//!   on drop, so a failing assertion leaves nothing running. Nothing is killed by name.
+//! - Waits are deadlines, never measurements ([`wait_for`]): these machines are shared and noisy.
+//! - Logs (outpost's stderr, mosquitto's log, client output) go to files in the test directory;
+//!   the guards print their tails when dropped, which libtest shows only for a failing test.
+//!
+//! # Layout
+//! - [`Mosquitto`]: the upstream broker; start, stop (SIGTERM), kill (SIGKILL), restart on
+//!   the same port; optional persistence for scenarios that restart it under a subscriber.
+//! - [`GatewayConfig`] renders an outpost TOML file; [`Outpost`] runs the binary:
+//!   start, restart, sigterm, sigkill, `status --json`.
+//! - [`Publisher`] (tests/py/publisher.py), [`Subscriber`] (tests/py/subscriber.py),
+//!   [`Client`] (tests/py/client.py): paho clients; [`payload`] is the publisher's payload.
+//! - [`mosquitto_pub`], [`spawn_mosquitto_sub`]: the Mosquitto command-line clients.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs::{self, File, OpenOptions};
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::Value;
+
+// ---------------------------------------------------------------------------------------------
+// Waiting
+// ---------------------------------------------------------------------------------------------
+
+/// Polls `probe` every 50 ms until it returns `Some`, or fails after `timeout` naming `what`.
+/// The timeout is a deadline for a slow machine, not a performance requirement: keep it generous.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut probe: impl FnMut() -> Option<T>,
+) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = probe() {
+            return Ok(v);
+        }
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A port that was free a moment ago on 127.0.0.1 (bound to :0, read, released).
+pub fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Whether something accepts TCP connections on 127.0.0.1:`port`.
+pub fn port_open(port: u16) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Directories, files, processes
+// ---------------------------------------------------------------------------------------------
+
+/// A scenario's private directory. Removed on drop unless `OUTPOST_TEST_KEEP=1`.
+#[derive(Debug)]
+pub struct TestDir {
+    /// Owns the directory's lifetime (None once kept).
+    dir: Option<tempfile::TempDir>,
+    /// The path, valid for as long as the value lives (and after, when kept).
+    path: PathBuf,
+}
+
+impl TestDir {
+    /// A fresh directory named after the scenario.
+    pub fn new(name: &str) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("outpost-{name}-"))
+            .tempdir()
+            .context("creating the test directory")?;
+        let path = dir.path().to_path_buf();
+        Ok(Self {
+            dir: Some(dir),
+            path,
+        })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `self.path()/name`.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::env::var_os("OUTPOST_TEST_KEEP").is_some_and(|v| v == "1")
+            && let Some(d) = self.dir.take()
+        {
+            eprintln!("keeping {}", d.keep().display());
+        }
+    }
+}
+
+/// The last `lines` lines of a text file (lossy), or a note that it cannot be read.
+pub fn tail(path: &Path, lines: usize) -> String {
+    match fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let all: Vec<&str> = text.lines().collect();
+            all[all.len().saturating_sub(lines)..].join("\n")
+        }
+        Err(e) => format!("<cannot read {}: {e}>", path.display()),
+    }
+}
+
+/// A child process that is SIGKILLed (by its PID, via `Child::kill`) and reaped on drop.
+#[derive(Debug)]
+pub struct Proc {
+    /// What it is, for messages.
+    name: String,
+    /// The child; `None` once it has been waited for.
+    child: Option<Child>,
+    /// Where its output goes, for the tail printed on drop.
+    log: PathBuf,
+    /// How it ended, once known.
+    status: Option<ExitStatus>,
+}
+
+impl Proc {
+    /// Spawns `cmd` with stdout and stderr appended to `log`.
+    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Self> {
+        let out = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("opening {}", log.display()))?;
+        let err = out.try_clone()?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("starting {name}: {cmd:?}"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            child: Some(child),
+            log: log.to_path_buf(),
+            status: None,
+        })
+    }
+
+    /// The PID (0 once reaped).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// The exit status if it has ended (reaping it), else `None`.
+    pub fn try_status(&mut self) -> Result<Option<ExitStatus>> {
+        if let Some(s) = self.status {
+            return Ok(Some(s));
+        }
+        let Some(child) = self.child.as_mut() else {
+            return Ok(self.status);
+        };
+        if let Some(s) = child.try_wait()? {
+            self.status = Some(s);
+            self.child = None;
+        }
+        Ok(self.status)
+    }
+
+    /// Waits for it to end, failing after `timeout` (the process is left running for Drop).
+    pub fn wait(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let name = self.name.clone();
+        wait_for(&format!("{name} to exit"), timeout, || {
+            self.try_status().ok().flatten()
+        })
+    }
+
+    /// Sends `signal` (e.g. "TERM", "KILL", "STOP", "CONT") to this process's PID.
+    pub fn signal(&mut self, signal: &str) -> Result<()> {
+        if self.try_status()?.is_some() {
+            bail!(
+                "{} already exited ({:?}), cannot send SIG{signal}",
+                self.name,
+                self.status
+            );
+        }
+        let pid = self.pid();
+        let st = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .context("running kill")?;
+        if !st.success() {
+            bail!("kill -{signal} {pid} failed: {st}");
+        }
+        Ok(())
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) -> Result<ExitStatus> {
+        if let Some(s) = self.try_status()? {
+            return Ok(s);
+        }
+        if let Some(child) = self.child.as_mut() {
+            child.kill().ok();
+            let s = child.wait()?;
+            self.status = Some(s);
+            self.child = None;
+            return Ok(s);
+        }
+        self.status.ok_or_else(|| anyhow!("no status"))
+    }
+
+    /// The output file.
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().ok();
+            child.wait().ok();
+        }
+        eprintln!(
+            "----- {} ({}), last lines of {} -----\n{}",
+            self.name,
+            self.status
+                .map_or("killed on drop".to_owned(), |s| s.to_string()),
+            self.log.display(),
+            tail(&self.log, 30)
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The outpost binary
+// ---------------------------------------------------------------------------------------------
+
+fn workspace_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from(".."), Path::to_path_buf)
+}
+
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => {
+            let d = PathBuf::from(d);
+            if d.is_absolute() {
+                d
+            } else {
+                workspace_dir().join(d)
+            }
+        }
+        None => workspace_dir().join("target"),
+    }
+}
+
+fn newest_mtime(path: &Path, newest: &mut Option<SystemTime>) {
+    let Ok(meta) = fs::metadata(path) else { return };
+    if meta.is_dir() {
+        if path.file_name().is_some_and(|n| n == "target") {
+            return;
+        }
+        if let Ok(entries) = fs::read_dir(path) {
+            for e in entries.flatten() {
+                newest_mtime(&e.path(), newest);
+            }
+        }
+    } else if let Ok(m) = meta.modified()
+        && newest.is_none_or(|n| m > n)
+    {
+        *newest = Some(m);
+    }
+}
+
+fn binary_is_stale(bin: &Path) -> bool {
+    let Ok(built) = fs::metadata(bin).and_then(|m| m.modified()) else {
+        return true;
+    };
+    let ws = workspace_dir();
+    let mut newest = None;
+    for p in [
+        "config",
+        "storage",
+        "protocols",
+        "gateway",
+        "Cargo.toml",
+        "Cargo.lock",
+    ] {
+        newest_mtime(&ws.join(p), &mut newest);
+    }
+    newest.is_some_and(|n| n > built)
+}
+
+/// The `outpost` binary, built if missing or stale (see the crate docs).
+pub fn outpost_bin() -> Result<PathBuf> {
+    static BIN: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("OUTPOST_BIN") {
+            return Ok(PathBuf::from(p));
+        }
+        let bin = target_dir().join("debug").join("outpost");
+        if binary_is_stale(&bin) {
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let out = Command::new(cargo)
+                .current_dir(workspace_dir())
+                .args(["build", "-p", "outpost"])
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| format!("cannot run cargo build -p outpost: {e}"))?;
+            if !out.status.success() {
+                let err = String::from_utf8_lossy(&out.stderr);
+                let lines: Vec<&str> = err.lines().collect();
+                return Err(format!(
+                    "cargo build -p outpost failed ({}):\n{}",
+                    out.status,
+                    lines[lines.len().saturating_sub(60)..].join("\n")
+                ));
+            }
+        }
+        if bin.is_file() {
+            Ok(bin)
+        } else {
+            Err(format!("{} does not exist after building", bin.display()))
+        }
+    })
+    .clone()
+    .map_err(|e| anyhow!(e))
+}
+
+/// A `Command` for the outpost binary (for `check-config`, `print-default-config`, ...).
+pub fn outpost_command() -> Result<Command> {
+    Ok(Command::new(outpost_bin()?))
+}
+
+/// One `[[route]]` of a [`GatewayConfig`].
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// MQTT topic filter on local topics.
+    pub filter: String,
+    /// "cloud" or "local".
+    pub target: String,
+    /// "high", "normal" or "low".
+    pub priority: String,
+    /// Optional upstream topic template.
+    pub upstream_topic: Option<String>,
+}
+
+impl Route {
+    /// A cloud route with a priority and the default topic template.
+    pub fn cloud(filter: &str, priority: &str) -> Self {
+        Self {
+            filter: filter.to_owned(),
+            target: "cloud".to_owned(),
+            priority: priority.to_owned(),
+            upstream_topic: None,
+        }
+    }
+}
+
+/// The knobs scenarios turn, rendered to outpost's TOML by [`GatewayConfig::to_toml`].
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// `[node] name`; the upstream topic prefix is `outpost/<node>/`.
+    pub node: String,
+    /// The local MQTT listener port on 127.0.0.1.
+    pub port: u16,
+    /// `[storage] data_dir`.
+    pub data_dir: PathBuf,
+    /// `[upstream] url = mqtt://127.0.0.1:<port>`; `None` leaves `[upstream]` out.
+    pub upstream_port: Option<u16>,
+    /// `[upstream] protocol`: "3.1.1" or "5".
+    pub protocol: String,
+    /// `[storage] quota`.
+    pub quota: String,
+    /// `[storage] when_full`.
+    pub when_full: String,
+    /// `[storage] durability`.
+    pub durability: String,
+    /// Routes, in order.
+    pub routes: Vec<Route>,
+    /// Appended verbatim at the end (more tables).
+    pub extra: String,
+}
+
+impl GatewayConfig {
+    /// Defaults for node `node` on a free port with its data under `dir/data`, upstream MQTT 5.
+    pub fn new(dir: &TestDir, node: &str, upstream_port: Option<u16>) -> Result<Self> {
+        Ok(Self {
+            node: node.to_owned(),
+            port: free_port()?,
+            data_dir: dir.join("data"),
+            upstream_port,
+            protocol: "5".to_owned(),
+            quota: "1GiB".to_owned(),
+            when_full: "evict-lowest-oldest".to_owned(),
+            durability: "normal".to_owned(),
+            routes: Vec::new(),
+            extra: String::new(),
+        })
+    }
+
+    /// The TOML file.
+    pub fn to_toml(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "default_route = \"cloud\"\n");
+        let _ = writeln!(
+            s,
+            "[node]\nname = \"{}\"\nlabels = {{ site = \"test\" }}\n",
+            self.node
+        );
+        let _ = writeln!(
+            s,
+            "[broker]\nlisteners = [\"127.0.0.1:{}\"]\nmax_packet_size = \"256KiB\"\nmax_inflight = 32\nmax_inbound_pending = 64\n",
+            self.port
+        );
+        let _ = writeln!(
+            s,
+            "[storage]\ndata_dir = {:?}\nquota = \"{}\"\nwhen_full = \"{}\"\ncommit_batch_records = 512\ncommit_interval = \"5ms\"\ndurability = \"{}\"\n",
+            self.data_dir.display().to_string(),
+            self.quota,
+            self.when_full,
+            self.durability
+        );
+        for r in &self.routes {
+            let _ = writeln!(
+                s,
+                "[[route]]\nfilter = \"{}\"\ntarget = \"{}\"\npriority = \"{}\"",
+                r.filter, r.target, r.priority
+            );
+            if let Some(t) = &r.upstream_topic {
+                let _ = writeln!(s, "upstream_topic = \"{t}\"");
+            }
+            s.push('\n');
+        }
+        if let Some(p) = self.upstream_port {
+            let _ = writeln!(
+                s,
+                "[upstream]\nurl = \"mqtt://127.0.0.1:{p}\"\nclient_id = \"outpost-{}\"\nprotocol = \"{}\"\ntopic_prefix = \"outpost\"\nkeep_alive = \"30s\"\n",
+                self.node, self.protocol
+            );
+            let _ = writeln!(
+                s,
+                "[sync]\ninflight_window = 100\nbackoff_min = \"100ms\"\nbackoff_max = \"1s\"\n"
+            );
+        }
+        s.push_str(&self.extra);
+        s
+    }
+}
+
+/// A running (or stopped) gateway: `outpost run --config <dir>/outpost.toml`.
+#[derive(Debug)]
+pub struct Outpost {
+    /// The configuration file the gateway (and `status`) reads.
+    config_path: PathBuf,
+    /// The MQTT port it listens on.
+    port: u16,
+    /// stderr/stdout of every run, appended.
+    log: PathBuf,
+    /// The running process, if any.
+    proc: Option<Proc>,
+    /// How many times it was started (names the runs in the log).
+    runs: u32,
+}
+
+impl Outpost {
+    /// Writes `cfg` to `dir/outpost.toml`, starts the gateway and waits for its listener.
+    pub fn start(dir: &TestDir, cfg: &GatewayConfig) -> Result<Self> {
+        Self::start_raw(dir, &cfg.to_toml(), cfg.port)
+    }
+
+    /// Like [`Outpost::start`] with a hand-written TOML whose listener is 127.0.0.1:`port`.
+    pub fn start_raw(dir: &TestDir, toml: &str, port: u16) -> Result<Self> {
+        let config_path = dir.join("outpost.toml");
+        fs::write(&config_path, toml)?;
+        let mut o = Self {
+            config_path,
+            port,
+            log: dir.join("outpost.log"),
+            proc: None,
+            runs: 0,
+        };
+        o.launch()?;
+        Ok(o)
+    }
+
+    fn launch(&mut self) -> Result<()> {
+        if self
+            .proc
+            .as_mut()
+            .is_some_and(|p| p.try_status().ok().flatten().is_none())
+        {
+            bail!("outpost is already running");
+        }
+        self.runs += 1;
+        let mut cmd = Command::new(outpost_bin()?);
+        cmd.arg("run").arg("--config").arg(&self.config_path);
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info");
+        }
+        fs::write(
+            &self.log,
+            format!(
+                "{}===== outpost run #{} =====\n",
+                fs::read_to_string(&self.log).unwrap_or_default(),
+                self.runs
+            ),
+        )?;
+        let mut proc = Proc::spawn(&format!("outpost run #{}", self.runs), cmd, &self.log)?;
+        let port = self.port;
+        let log = self.log.clone();
+        wait_for(
+            &format!("outpost to listen on 127.0.0.1:{port}"),
+            Duration::from_secs(60),
+            || {
+                if let Ok(Some(st)) = proc.try_status() {
+                    return Some(Err(anyhow!(
+                        "outpost exited during start-up ({st}):\n{}",
+                        tail(&log, 40)
+                    )));
+                }
+                port_open(port).then_some(Ok(()))
+            },
+        )??;
+        self.proc = Some(proc);
+        Ok(())
+    }
+
+    /// The local MQTT port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The configuration file.
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// The log file (all runs).
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+
+    /// The running process's PID.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
+    /// Starts it again (after a sigterm/sigkill) with the same configuration.
+    pub fn restart(&mut self) -> Result<()> {
+        self.launch()
+    }
+
+    /// SIGTERM and wait (deadline 60 s) for the exit status; the contract is exit 0.
+    pub fn sigterm(&mut self) -> Result<ExitStatus> {
+        let p = self
+            .proc
+            .as_mut()
+            .ok_or_else(|| anyhow!("outpost is not running"))?;
+        p.signal("TERM")?;
+        let st = p.wait(Duration::from_secs(60))?;
+        self.proc = None;
+        Ok(st)
+    }
+
+    /// SIGKILL and reap.
+    pub fn sigkill(&mut self) -> Result<()> {
+        let p = self
+            .proc
+            .as_mut()
+            .ok_or_else(|| anyhow!("outpost is not running"))?;
+        p.kill()?;
+        self.proc = None;
+        Ok(())
+    }
+
+    /// Whether the process is still alive (an unexpected exit is reported with the log tail).
+    pub fn check_alive(&mut self) -> Result<()> {
+        match self.proc.as_mut() {
+            None => bail!("outpost is not running"),
+            Some(p) => match p.try_status()? {
+                None => Ok(()),
+                Some(st) => bail!(
+                    "outpost exited unexpectedly ({st}):\n{}",
+                    tail(&self.log, 40)
+                ),
+            },
+        }
+    }
+
+    /// `outpost status --config <file> --json`, parsed.
+    pub fn status_json(&self) -> Result<Value> {
+        let out = outpost_command()?
+            .arg("status")
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("--json")
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "outpost status failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "status output is not JSON: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// Polls `status --json` until `pred` holds; on timeout the error shows the last status.
+    pub fn wait_status(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut pred: impl FnMut(&Value) -> bool,
+    ) -> Result<Value> {
+        let mut last = Value::Null;
+        let r = wait_for(what, timeout, || {
+            let s = self.status_json().ok()?;
+            let ok = pred(&s);
+            last = s.clone();
+            ok.then_some(s)
+        });
+        r.with_context(|| format!("last status: {last:#}"))
+    }
+}
+
+/// `v[path...]` as u64 (status fields), `None` if absent or not a number.
+pub fn json_u64(v: &Value, path: &[&str]) -> Option<u64> {
+    path.iter().try_fold(v, |v, k| v.get(k))?.as_u64()
+}
+
+/// `v[path...]` as &str.
+pub fn json_str<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
+    path.iter().try_fold(v, |v, k| v.get(k))?.as_str()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mosquitto, the upstream broker
+// ---------------------------------------------------------------------------------------------
+
+/// A mosquitto on 127.0.0.1:`port`, configured with `allow_anonymous true`,
+/// `max_queued_messages 0` (no per-client queue limit) and logging to a file.
+#[derive(Debug)]
+pub struct Mosquitto {
+    /// Its directory (config, log, persistence file).
+    dir: PathBuf,
+    /// The port, kept across restarts.
+    port: u16,
+    /// The process while running.
+    proc: Option<Proc>,
+}
+
+impl Mosquitto {
+    /// Starts one on a free port, without persistence, in `dir/mosquitto`.
+    pub fn start(dir: &TestDir) -> Result<Self> {
+        Self::start_on(dir, free_port()?, false)
+    }
+
+    /// Starts one on `port`. With `persistence`, sessions, subscriptions and queued messages
+    /// are saved to its directory on [`Mosquitto::stop`] (SIGTERM) and restored on restart,
+    /// so a persistent-session subscriber keeps its subscription across an outage.
+    pub fn start_on(dir: &TestDir, port: u16, persistence: bool) -> Result<Self> {
+        let mdir = dir.join("mosquitto");
+        fs::create_dir_all(&mdir)?;
+        let mut conf = format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\nlog_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\nconnection_messages true\nmax_queued_messages 0\n"
+        );
+        if persistence {
+            let _ = write!(
+                conf,
+                "persistence true\npersistence_location {}/\n",
+                mdir.display()
+            );
+        } else {
+            conf.push_str("persistence false\n");
+        }
+        fs::write(mdir.join("mosquitto.conf"), conf)?;
+        let mut m = Self {
+            dir: mdir,
+            port,
+            proc: None,
+        };
+        m.launch()?;
+        Ok(m)
+    }
+
+    /// Reserves a port for a mosquitto that is not running yet (see [`Mosquitto::start_on`]).
+    pub fn reserve_port() -> Result<u16> {
+        free_port()
+    }
+
+    fn launch(&mut self) -> Result<()> {
+        let port = self.port;
+        let log = self.dir.join("mosquitto.log");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // The port may still be held by a dying predecessor (or a TIME_WAIT socket): mosquitto
+        // then exits at once, so start it again until it listens or the deadline passes.
+        loop {
+            let mut cmd = Command::new("mosquitto");
+            cmd.arg("-c").arg(self.dir.join("mosquitto.conf"));
+            let mut p = Proc::spawn("mosquitto", cmd, &log)?;
+            loop {
+                if port_open(port) {
+                    self.proc = Some(p);
+                    return Ok(());
+                }
+                if p.try_status()?.is_some() || Instant::now() > deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "mosquitto did not start listening on {port}:\n{}",
+                    tail(&log, 20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `mqtt://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// The log file.
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("mosquitto.log")
+    }
+
+    /// SIGTERM (mosquitto saves its persistence file) and wait for it to exit.
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(mut p) = self.proc.take() {
+            p.signal("TERM")?;
+            p.wait(Duration::from_secs(30))?;
+        }
+        Ok(())
+    }
+
+    /// SIGKILL: an abrupt outage.
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut p) = self.proc.take() {
+            p.kill()?;
+        }
+        Ok(())
+    }
+
+    /// Starts it again on the same port with the same configuration.
+    pub fn restart(&mut self) -> Result<()> {
+        if self.proc.is_some() {
+            self.stop()?;
+        }
+        self.launch()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Python (paho) clients
+// ---------------------------------------------------------------------------------------------
+
+/// `tests/py/<name>`.
+pub fn py_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("py").join(name)
+}
+
+/// The payload `publisher.py` sends for reading `counter` on `topic`:
+/// `"<topic>|<counter>|"` padded with '.' to `size` bytes.
+pub fn payload(topic: &str, counter: u64, size: usize) -> Vec<u8> {
+    let mut p = format!("{topic}|{counter}|").into_bytes();
+    if p.len() < size {
+        p.resize(size, b'.');
+    }
+    p
+}
+
+/// Parses a payload made by [`payload`] back into (topic, counter).
+pub fn parse_payload(p: &[u8]) -> Option<(String, u64)> {
+    let text = std::str::from_utf8(p).ok()?;
+    let mut it = text.splitn(3, '|');
+    let topic = it.next()?.to_owned();
+    let counter = it.next()?.parse().ok()?;
+    Some((topic, counter))
+}
+
+/// What a [`Publisher`] sends.
+#[derive(Debug, Clone)]
+pub struct PublisherSpec {
+    /// Broker port on 127.0.0.1.
+    pub port: u16,
+    /// Local topics.
+    pub topics: Vec<String>,
+    /// Readings per topic.
+    pub count: u64,
+    /// First counter.
+    pub start: u64,
+    /// Payload size in bytes.
+    pub size: usize,
+    /// Interleave topics (true) or send them one after another.
+    pub interleave: bool,
+    /// "3.1.1" or "5".
+    pub protocol: String,
+    /// Outstanding (unacked) readings allowed.
+    pub window: usize,
+}
+
+impl PublisherSpec {
+    /// `count` readings of 100 B on each topic, interleaved, MQTT 3.1.1.
+    pub fn new(port: u16, topics: &[&str], count: u64) -> Self {
+        Self {
+            port,
+            topics: topics.iter().map(|t| (*t).to_owned()).collect(),
+            count,
+            start: 0,
+            size: 100,
+            interleave: true,
+            protocol: "3.1.1".to_owned(),
+            window: 200,
+        }
+    }
+}
+
+/// A running `publisher.py`.
+#[derive(Debug)]
+pub struct Publisher {
+    /// The process.
+    proc: Proc,
+    /// Its acked file: one `<topic> <counter>` line per PUBACK.
+    acked: PathBuf,
+}
+
+impl Publisher {
+    /// Starts a publisher; its files are `dir/<name>.acked` and `dir/<name>.log`.
+    pub fn spawn(dir: &TestDir, name: &str, spec: &PublisherSpec) -> Result<Self> {
+        let acked = dir.join(&format!("{name}.acked"));
+        let mut cmd = Command::new("python3");
+        cmd.arg(py_script("publisher.py"))
+            .args(["--port", &spec.port.to_string()])
+            .args(["--topics", &spec.topics.join(",")])
+            .args(["--count", &spec.count.to_string()])
+            .args(["--start", &spec.start.to_string()])
+            .args(["--size", &spec.size.to_string()])
+            .args([
+                "--order",
+                if spec.interleave {
+                    "interleave"
+                } else {
+                    "sequential"
+                },
+            ])
+            .args(["--protocol", &spec.protocol])
+            .args(["--window", &spec.window.to_string()])
+            .args(["--client-id", &format!("pub-{name}")])
+            .arg("--acked")
+            .arg(&acked);
+        let proc = Proc::spawn(
+            &format!("publisher {name}"),
+            cmd,
+            &dir.join(&format!("{name}.log")),
+        )?;
+        Ok(Self { proc, acked })
+    }
+
+    /// The (topic, counter) pairs acked so far (complete lines only).
+    pub fn acked(&self) -> Result<Vec<(String, u64)>> {
+        read_acked(&self.acked)
+    }
+
+    /// Waits for it to finish (exit 0 required) and returns everything it saw acked.
+    pub fn finish(mut self, timeout: Duration) -> Result<Vec<(String, u64)>> {
+        let st = self.proc.wait(timeout)?;
+        if !st.success() {
+            bail!("publisher failed ({st}):\n{}", tail(self.proc.log(), 20));
+        }
+        self.acked()
+    }
+
+    /// Its stdout/stderr.
+    pub fn log(&self) -> &Path {
+        self.proc.log()
+    }
+}
+
+fn read_acked(path: &Path) -> Result<Vec<(String, u64)>> {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let mut out = Vec::new();
+    for line in text.split_inclusive('\n') {
+        let Some(line) = line.strip_suffix('\n') else {
+            break;
+        };
+        let (t, c) = line
+            .rsplit_once(' ')
+            .ok_or_else(|| anyhow!("bad acked line {line:?}"))?;
+        out.push((t.to_owned(), c.parse()?));
+    }
+    Ok(out)
+}
+
+/// One message a [`Subscriber`] received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    /// Topic as delivered.
+    pub topic: String,
+    /// Payload bytes.
+    pub payload: Vec<u8>,
+    /// QoS as delivered.
+    pub qos: u8,
+    /// Retain flag as delivered.
+    pub retain: bool,
+    /// DUP flag.
+    pub dup: bool,
+    /// MQTT 5 user properties.
+    pub props: BTreeMap<String, String>,
+}
+
+/// What a [`Subscriber`] does.
+#[derive(Debug, Clone)]
+pub struct SubscriberSpec {
+    /// Broker port on 127.0.0.1.
+    pub port: u16,
+    /// Topic filters.
+    pub topics: Vec<String>,
+    /// Requested QoS.
+    pub qos: u8,
+    /// "5" or "3.1.1".
+    pub protocol: String,
+    /// Client id ("" = broker assigned; set one with a persistent session).
+    pub client_id: String,
+    /// Persistent session with this expiry (seconds), reconnecting after broker restarts.
+    pub session_expiry: Option<u32>,
+}
+
+impl SubscriberSpec {
+    /// MQTT 5, QoS 1, clean session, on one filter.
+    pub fn new(port: u16, filter: &str) -> Self {
+        Self {
+            port,
+            topics: vec![filter.to_owned()],
+            qos: 1,
+            protocol: "5".to_owned(),
+            client_id: String::new(),
+            session_expiry: None,
+        }
+    }
+}
+
+/// A running `subscriber.py`, recording to `dir/<name>.jsonl`.
+#[derive(Debug)]
+pub struct Subscriber {
+    /// The process.
+    proc: Proc,
+    /// JSON lines, one per message.
+    out: PathBuf,
+    /// Created on SUBACK.
+    ready: PathBuf,
+}
+
+impl Subscriber {
+    /// Starts it and waits (deadline 30 s) for its SUBACK.
+    pub fn spawn(dir: &TestDir, name: &str, spec: &SubscriberSpec) -> Result<Self> {
+        let out = dir.join(&format!("{name}.jsonl"));
+        let ready = dir.join(&format!("{name}.ready"));
+        let mut cmd = Command::new("python3");
+        cmd.arg(py_script("subscriber.py"))
+            .args(["--port", &spec.port.to_string()])
+            .args(["--qos", &spec.qos.to_string()])
+            .args(["--protocol", &spec.protocol])
+            .args(["--client-id", &spec.client_id])
+            .arg("--out")
+            .arg(&out)
+            .arg("--ready")
+            .arg(&ready);
+        for t in &spec.topics {
+            cmd.args(["--topic", t]);
+        }
+        if let Some(e) = spec.session_expiry {
+            cmd.args(["--session-expiry", &e.to_string()]);
+        }
+        let mut proc = Proc::spawn(
+            &format!("subscriber {name}"),
+            cmd,
+            &dir.join(&format!("{name}.log")),
+        )?;
+        let log = proc.log().to_path_buf();
+        wait_for(
+            &format!("subscriber {name} to be subscribed"),
+            Duration::from_secs(30),
+            || {
+                if let Ok(Some(st)) = proc.try_status() {
+                    return Some(Err(anyhow!(
+                        "subscriber exited ({st}):\n{}",
+                        tail(&log, 20)
+                    )));
+                }
+                ready.exists().then_some(Ok(()))
+            },
+        )??;
+        Ok(Self { proc, out, ready })
+    }
+
+    /// Everything received so far, in arrival order (complete lines only).
+    pub fn messages(&self) -> Result<Vec<Received>> {
+        let text = fs::read_to_string(&self.out).unwrap_or_default();
+        let mut v = Vec::new();
+        for line in text.split_inclusive('\n') {
+            let Some(line) = line.strip_suffix('\n') else {
+                break;
+            };
+            let j: Value =
+                serde_json::from_str(line).with_context(|| format!("bad line {line:?}"))?;
+            let hex = j["payload_hex"].as_str().unwrap_or_default();
+            let payload = decode_hex(hex).ok_or_else(|| anyhow!("bad hex in {line:?}"))?;
+            let props = j["props"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            v.push(Received {
+                topic: j["topic"].as_str().unwrap_or_default().to_owned(),
+                payload,
+                qos: u8::try_from(j["qos"].as_u64().unwrap_or(9)).unwrap_or(9),
+                retain: j["retain"].as_bool().unwrap_or(false),
+                dup: j["dup"].as_bool().unwrap_or(false),
+                props,
+            });
+        }
+        Ok(v)
+    }
+
+    /// Number of messages received so far.
+    pub fn count(&self) -> usize {
+        fs::read(&self.out).map_or(0, |b| b.iter().filter(|c| **c == b'\n').count())
+    }
+
+    /// Whether the process is still running (it exits 3 when a clean-session connection drops).
+    pub fn alive(&mut self) -> bool {
+        self.proc.try_status().ok().flatten().is_none()
+    }
+
+    /// Its stdout/stderr.
+    pub fn log(&self) -> &Path {
+        self.proc.log()
+    }
+
+    /// The ready marker (exists once subscribed).
+    pub fn ready_path(&self) -> &Path {
+        &self.ready
+    }
+}
+
+fn decode_hex(hex: &str) -> Option<Vec<u8>> {
+    fn nibble(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            b'A'..=b'F' => Some(c - b'A' + 10),
+            _ => None,
+        }
+    }
+    let b = hex.as_bytes();
+    if !b.len().is_multiple_of(2) {
+        return None;
+    }
+    b.chunks(2)
+        .map(|p| Some(nibble(p[0])? << 4 | nibble(p[1])?))
+        .collect()
+}
+
+/// A running `client.py` (one connection, events as lines on stdout).
+#[derive(Debug)]
+pub struct Client {
+    /// The process.
+    proc: Proc,
+}
+
+impl Client {
+    /// Starts `client.py --port <port> <args>`; output in `dir/<name>.log`.
+    pub fn spawn(dir: &TestDir, name: &str, port: u16, args: &[&str]) -> Result<Self> {
+        let mut cmd = Command::new("python3");
+        cmd.arg(py_script("client.py"))
+            .args(["--port", &port.to_string()])
+            .args(args);
+        let proc = Proc::spawn(
+            &format!("client {name}"),
+            cmd,
+            &dir.join(&format!("{name}.log")),
+        )?;
+        Ok(Self { proc })
+    }
+
+    /// Output lines so far.
+    pub fn lines(&self) -> Vec<String> {
+        let mut s = String::new();
+        if let Ok(mut f) = File::open(self.proc.log()) {
+            f.read_to_string(&mut s).ok();
+        }
+        s.lines().map(str::to_owned).collect()
+    }
+
+    /// Waits for an output line starting with `prefix` and returns it.
+    pub fn wait_line(&self, prefix: &str, timeout: Duration) -> Result<String> {
+        wait_for(
+            &format!(
+                "a line starting with {prefix:?} from {}",
+                self.proc.log().display()
+            ),
+            timeout,
+            || self.lines().into_iter().find(|l| l.starts_with(prefix)),
+        )
+        .with_context(|| format!("client output so far:\n{}", tail(self.proc.log(), 20)))
+    }
+
+    /// Whether it is still running.
+    pub fn alive(&mut self) -> bool {
+        self.proc.try_status().ok().flatten().is_none()
+    }
+
+    /// The process (for signals and waiting).
+    pub fn proc(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mosquitto command-line clients
+// ---------------------------------------------------------------------------------------------
+
+/// Runs `mosquitto_pub -h 127.0.0.1 -p <port> <args>` to completion (deadline 30 s).
+pub fn mosquitto_pub(port: u16, args: &[&str]) -> Result<Output> {
+    let mut child = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting mosquitto_pub")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if child.try_wait()?.is_some() {
+            return Ok(child.wait_with_output()?);
+        }
+        if Instant::now() > deadline {
+            child.kill().ok();
+            let out = child.wait_with_output()?;
+            bail!(
+                "mosquitto_pub {args:?} hung: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs `mosquitto_pub` and requires exit 0.
+pub fn mosquitto_pub_ok(port: u16, args: &[&str]) -> Result<()> {
+    let out = mosquitto_pub(port, args)?;
+    if !out.status.success() {
+        bail!(
+            "mosquitto_pub {args:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Starts `mosquitto_sub -h 127.0.0.1 -p <port> <args>` with output in `dir/<name>.log`.
+pub fn spawn_mosquitto_sub(dir: &TestDir, name: &str, port: u16, args: &[&str]) -> Result<Proc> {
+    let mut cmd = Command::new("mosquitto_sub");
+    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args);
+    Proc::spawn(
+        &format!("mosquitto_sub {name}"),
+        cmd,
+        &dir.join(&format!("{name}.log")),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checking what arrived upstream
+// ---------------------------------------------------------------------------------------------
+
+/// What [`check_upstream_delivery`] found.
+#[derive(Debug, Clone, Default)]
+pub struct Delivery {
+    /// Distinct sensor readings received upstream.
+    pub distinct: usize,
+    /// Copies received beyond the first (at-least-once duplicates).
+    pub duplicates: usize,
+    /// Readings received that the publishers never saw acked (stored, ack lost in a crash).
+    pub unacked_extras: usize,
+}
+
+/// Checks the upstream contract over `msgs` (in arrival order) for readings published with
+/// [`payload`] of `size` bytes on `topics`; messages on other topics (the gateway's own birth,
+/// health, ...) are ignored. Fails, naming the first violation, unless:
+/// - each reading on local topic T arrived on `outpost/<node>/T` with its payload unchanged;
+/// - every `acked` reading arrived;
+/// - per topic, the first copies arrive with increasing counters (order kept);
+/// - with `seq` (MQTT 5): every message has a decimal `seq`, distinct readings have distinct
+///   seqs, and a duplicate carries the seq of its reading's first copy.
+pub fn check_upstream_delivery(
+    msgs: &[Received],
+    node: &str,
+    topics: &[String],
+    size: usize,
+    acked: &[(String, u64)],
+    seq: bool,
+) -> Result<Delivery> {
+    let prefix = format!("outpost/{node}/");
+    let mut first: BTreeMap<(String, u64), Option<u64>> = BTreeMap::new();
+    let mut seq_owner: BTreeMap<u64, (String, u64)> = BTreeMap::new();
+    let mut last_counter: BTreeMap<String, u64> = BTreeMap::new();
+    let mut d = Delivery::default();
+    for (i, m) in msgs.iter().enumerate() {
+        let Some(local) = m.topic.strip_prefix(&prefix) else {
+            continue;
+        };
+        if !topics.iter().any(|t| t == local) {
+            continue;
+        }
+        let (t, c) = parse_payload(&m.payload).ok_or_else(|| {
+            anyhow!(
+                "message #{i} on {} has a payload no sensor sent: {:?}",
+                m.topic,
+                String::from_utf8_lossy(&m.payload)
+            )
+        })?;
+        if t != local {
+            bail!(
+                "message #{i}: reading published on {t} arrived on {}",
+                m.topic
+            );
+        }
+        if m.payload != payload(&t, c, size) {
+            bail!(
+                "message #{i}: payload of {t}#{c} changed: {:?}",
+                String::from_utf8_lossy(&m.payload)
+            );
+        }
+        let s = if seq {
+            let raw = m.props.get("seq").ok_or_else(|| {
+                anyhow!("message #{i} ({t}#{c}) has no seq property: {:?}", m.props)
+            })?;
+            Some(
+                raw.parse::<u64>()
+                    .with_context(|| format!("message #{i}: seq {raw:?} is not decimal"))?,
+            )
+        } else {
+            None
+        };
+        match first.get(&(t.clone(), c)) {
+            Some(prev) => {
+                if *prev != s {
+                    bail!(
+                        "message #{i}: duplicate of {t}#{c} has seq {s:?}, its first copy had {prev:?}"
+                    );
+                }
+                d.duplicates += 1;
+            }
+            None => {
+                if let Some(s) = s
+                    && let Some(owner) = seq_owner.insert(s, (t.clone(), c))
+                {
+                    bail!(
+                        "message #{i}: seq {s} carried by both {}#{} and {t}#{c}",
+                        owner.0,
+                        owner.1
+                    );
+                }
+                if let Some(&last) = last_counter.get(&t)
+                    && c < last
+                {
+                    bail!(
+                        "message #{i}: order broken on {t}: reading {c} first arrived after reading {last}"
+                    );
+                }
+                last_counter.insert(t.clone(), c);
+                first.insert((t, c), s);
+                d.distinct += 1;
+            }
+        }
+    }
+    let missing: Vec<&(String, u64)> = acked.iter().filter(|k| !first.contains_key(*k)).collect();
+    if !missing.is_empty() {
+        bail!(
+            "{} acked readings never arrived upstream (of {} acked; {} distinct received); first missing: {:?}",
+            missing.len(),
+            acked.len(),
+            d.distinct,
+            &missing[..missing.len().min(10)]
+        );
+    }
+    let acked_set: std::collections::BTreeSet<&(String, u64)> = acked.iter().collect();
+    d.unacked_extras = first.keys().filter(|k| !acked_set.contains(k)).count();
+    Ok(d)
+}
+
+/// Waits until `sub` has received every reading in `want` (any number of copies), checking
+/// `outpost` stays alive. Returns all messages received.
+pub fn wait_for_readings(
+    sub: &Subscriber,
+    outpost: &mut Outpost,
+    want: &[(String, u64)],
+    timeout: Duration,
+) -> Result<Vec<Received>> {
+    let want: std::collections::BTreeSet<&(String, u64)> = want.iter().collect();
+    let mut missing = want.len();
+    let r = wait_for("every acked reading upstream", timeout, || {
+        if let Err(e) = outpost.check_alive() {
+            return Some(Err(e));
+        }
+        // Counting lines is cheap; parse everything only once enough lines are there.
+        if sub.count() < want.len() {
+            return None;
+        }
+        let msgs = sub.messages().ok()?;
+        let got: std::collections::BTreeSet<(String, u64)> = msgs
+            .iter()
+            .filter_map(|m| parse_payload(&m.payload))
+            .collect();
+        missing = want.iter().filter(|k| !got.contains(**k)).count();
+        (missing == 0).then_some(Ok(msgs))
+    });
+    match r {
+        Ok(r) => r,
+        Err(e) => Err(e.context(format!(
+            "{missing} of {} acked readings still missing upstream",
+            want.len()
+        ))),
+    }
+}

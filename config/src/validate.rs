@@ -1,0 +1,672 @@
+//! Raw file shape -> typed [`Config`], collecting every problem.
+//!
+//! Each check reports into a [`Collector`] and yields a value anyway (the default when the given
+//! one is bad), so validation always runs to the end and the caller sees all problems at once.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::error::{Collector, ConfigErrors};
+use crate::raw::{
+    RawBroker, RawConfig, RawDuration, RawLog, RawNode, RawRoute, RawSize, RawStorage, RawSync,
+    RawUpstream,
+};
+use crate::types::{
+    Durability, MQTT_MAX_STRING_BYTES, MqttVersion, NodeName, Priority, RouteTarget, Secret,
+    TopicFilter, TopicTemplate, UpstreamUrl, WhenFull,
+};
+use crate::units::{parse_duration, parse_size};
+use crate::{
+    BrokerConfig, Config, Env, LogConfig, NodeConfig, Overrides, Route, StorageConfig, SyncConfig,
+    UpstreamConfig,
+};
+
+/// MQTT's "Remaining Length" can encode at most this many bytes.
+const MQTT_MAX_PACKET_SIZE: u64 = 268_435_455;
+const U16_MAX: i64 = u16::MAX as i64;
+const MIN_QUOTA: u64 = 4 * 1024;
+const MAX_COMMIT_BATCH_RECORDS: i64 = 100_000;
+const MAX_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+const MIN_KEEP_ALIVE: Duration = Duration::from_secs(5);
+const MAX_KEEP_ALIVE: Duration = Duration::from_secs(65_535);
+
+pub(crate) fn apply_overrides(raw: &mut RawConfig, overrides: &Overrides) {
+    if let Some(listen) = overrides.listen {
+        raw.broker.get_or_insert_default().listeners = Some(vec![listen.to_string()]);
+    }
+    if let Some(url) = &overrides.upstream_url {
+        raw.upstream.get_or_insert_default().url = Some(url.clone());
+    }
+    if let Some(dir) = &overrides.data_dir {
+        raw.storage.get_or_insert_default().data_dir = Some(dir.clone());
+    }
+}
+
+pub(crate) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigErrors> {
+    let mut c = Collector::default();
+    let node = node(&mut c, raw.node.unwrap_or_default());
+    let broker = broker(&mut c, raw.broker.unwrap_or_default());
+    let storage = storage(&mut c, raw.storage.unwrap_or_default());
+    let routes = routes(&mut c, raw.route);
+    let default_route = choice(
+        &mut c,
+        "default_route",
+        raw.default_route,
+        RouteTarget::default(),
+        RouteTarget::parse,
+    );
+    let upstream = raw.upstream.map(|u| upstream(&mut c, u, &node.name, env));
+    let sync = sync(&mut c, raw.sync.unwrap_or_default());
+    let log = log(&mut c, raw.log.unwrap_or_default());
+    c.finish(Config {
+        node,
+        broker,
+        storage,
+        routes,
+        default_route,
+        upstream: upstream.flatten(),
+        sync,
+        log,
+    })
+}
+
+fn node(c: &mut Collector, raw: RawNode) -> NodeConfig {
+    let defaults = NodeConfig::default();
+    let name = match raw.name {
+        None => defaults.name,
+        Some(name) => NodeName::new(name).unwrap_or_else(|e| {
+            c.push("node.name", e);
+            defaults.name
+        }),
+    };
+    let labels = raw.labels.unwrap_or_default();
+    for (key, value) in &labels {
+        if key.is_empty() {
+            c.push("node.labels", "label names must not be empty");
+        }
+        if key.chars().chain(value.chars()).any(char::is_control) {
+            c.push(
+                format!("node.labels.{key}"),
+                "labels must not contain control characters",
+            );
+        }
+    }
+    let capabilities = raw.capabilities.unwrap_or(defaults.capabilities);
+    for (i, capability) in capabilities.iter().enumerate() {
+        let path = format!("node.capabilities[{i}]");
+        if capability.is_empty() {
+            c.push(path, "must not be empty");
+        } else if capabilities[..i].contains(capability) {
+            c.push(path, format!("duplicate capability {capability:?}"));
+        }
+    }
+    NodeConfig {
+        name,
+        labels,
+        capabilities,
+    }
+}
+
+fn broker(c: &mut Collector, raw: RawBroker) -> BrokerConfig {
+    let d = BrokerConfig::default();
+    let listeners = match raw.listeners {
+        None => d.listeners,
+        Some(texts) => listeners(c, &texts),
+    };
+    BrokerConfig {
+        listeners,
+        max_connections: int(
+            c,
+            "broker.max_connections",
+            raw.max_connections,
+            d.max_connections,
+            1,
+            None,
+        ),
+        max_packet_size: size(
+            c,
+            "broker.max_packet_size",
+            raw.max_packet_size,
+            d.max_packet_size,
+            1,
+            MQTT_MAX_PACKET_SIZE,
+        ),
+        max_inflight: int(
+            c,
+            "broker.max_inflight",
+            raw.max_inflight,
+            d.max_inflight,
+            1,
+            Some(U16_MAX),
+        ),
+        max_inbound_pending: int(
+            c,
+            "broker.max_inbound_pending",
+            raw.max_inbound_pending,
+            d.max_inbound_pending,
+            1,
+            Some(U16_MAX),
+        ),
+        max_queued_messages: int(
+            c,
+            "broker.max_queued_messages",
+            raw.max_queued_messages,
+            d.max_queued_messages,
+            1,
+            None,
+        ),
+        connect_timeout: duration(
+            c,
+            "broker.connect_timeout",
+            raw.connect_timeout,
+            d.connect_timeout,
+            Duration::from_millis(1),
+            None,
+        ),
+    }
+}
+
+fn listeners(c: &mut Collector, texts: &[String]) -> Vec<SocketAddr> {
+    if texts.is_empty() {
+        c.push("broker.listeners", "at least one listener is required");
+    }
+    let mut out: Vec<SocketAddr> = Vec::with_capacity(texts.len());
+    for (i, text) in texts.iter().enumerate() {
+        let path = format!("broker.listeners[{i}]");
+        match text.trim().parse::<SocketAddr>() {
+            Err(_) => c.push(
+                path,
+                format!(
+                    "invalid socket address {text:?}; expected IP:port, e.g. \"0.0.0.0:1883\" or \"[::]:1883\""
+                ),
+            ),
+            // Port 0 asks the OS for a free port each time, so two of them do not collide.
+            Ok(addr) => match out.iter().position(|a| *a == addr && addr.port() != 0) {
+                Some(first) => c.push(
+                    path,
+                    format!("duplicate of broker.listeners[{first}] ({addr})"),
+                ),
+                None => out.push(addr),
+            },
+        }
+    }
+    out
+}
+
+fn storage(c: &mut Collector, raw: RawStorage) -> StorageConfig {
+    let d = StorageConfig::default();
+    let data_dir = match raw.data_dir {
+        Some(dir) if dir.as_os_str().is_empty() => {
+            c.push("storage.data_dir", "must not be empty");
+            d.data_dir
+        }
+        Some(dir) => dir,
+        None => d.data_dir,
+    };
+    let ttl = duration(
+        c,
+        "storage.ttl",
+        raw.ttl,
+        Duration::ZERO,
+        Duration::ZERO,
+        None,
+    );
+    StorageConfig {
+        data_dir,
+        quota: size(c, "storage.quota", raw.quota, d.quota, MIN_QUOTA, u64::MAX),
+        ttl: (!ttl.is_zero()).then_some(ttl),
+        when_full: choice(
+            c,
+            "storage.when_full",
+            raw.when_full,
+            d.when_full,
+            WhenFull::parse,
+        ),
+        commit_batch_records: int(
+            c,
+            "storage.commit_batch_records",
+            raw.commit_batch_records,
+            d.commit_batch_records,
+            1,
+            Some(MAX_COMMIT_BATCH_RECORDS),
+        ),
+        commit_interval: duration(
+            c,
+            "storage.commit_interval",
+            raw.commit_interval,
+            d.commit_interval,
+            Duration::ZERO,
+            Some(MAX_COMMIT_INTERVAL),
+        ),
+        durability: choice(
+            c,
+            "storage.durability",
+            raw.durability,
+            d.durability,
+            Durability::parse,
+        ),
+    }
+}
+
+fn routes(c: &mut Collector, raw: Vec<RawRoute>) -> Vec<Route> {
+    let mut out: Vec<Route> = Vec::with_capacity(raw.len());
+    for (i, r) in raw.into_iter().enumerate() {
+        let path = |key: &str| format!("route[{i}].{key}");
+        let filter = match r.filter.map(TopicFilter::new) {
+            None => {
+                c.push(path("filter"), "required: the topics this route applies to");
+                None
+            }
+            Some(Err(e)) => {
+                c.push(path("filter"), e);
+                None
+            }
+            Some(Ok(filter)) => {
+                // Routes are tried in order, so a repeated filter could never be reached.
+                if let Some(first) = out.iter().position(|r| r.filter == filter) {
+                    c.push(
+                        path("filter"),
+                        format!("same filter as route[{first}]; only the first would ever match"),
+                    );
+                }
+                Some(filter)
+            }
+        };
+        let target = choice(
+            c,
+            &path("target"),
+            r.target,
+            RouteTarget::Cloud,
+            RouteTarget::parse,
+        );
+        if target == RouteTarget::Local {
+            // Local messages are neither stored nor sent: these keys would be silently ignored.
+            for (key, set) in [
+                ("priority", r.priority.is_some()),
+                ("upstream_topic", r.upstream_topic.is_some()),
+            ] {
+                if set {
+                    c.push(path(key), "has no effect on a route with target \"local\"");
+                }
+            }
+        }
+        let priority = choice(
+            c,
+            &path("priority"),
+            r.priority,
+            Priority::Normal,
+            Priority::parse,
+        );
+        let upstream_topic = match r.upstream_topic {
+            None => TopicTemplate::default_upstream(),
+            Some(text) => TopicTemplate::new(text).unwrap_or_else(|e| {
+                c.push(path("upstream_topic"), e);
+                TopicTemplate::default_upstream()
+            }),
+        };
+        if let Some(filter) = filter {
+            out.push(Route {
+                filter,
+                target,
+                priority,
+                upstream_topic,
+            });
+        }
+    }
+    out
+}
+
+fn upstream(
+    c: &mut Collector,
+    raw: RawUpstream,
+    node: &NodeName,
+    env: &dyn Env,
+) -> Option<UpstreamConfig> {
+    let url = match raw.url.as_deref().map(UpstreamUrl::parse) {
+        None => {
+            c.push(
+                "upstream.url",
+                "required in an [upstream] section, e.g. \"mqtts://broker.example.com\"",
+            );
+            None
+        }
+        Some(Err(e)) => {
+            c.push("upstream.url", e);
+            None
+        }
+        Some(Ok(url)) => Some(url),
+    };
+    // Validate everything else against a placeholder url so its problems are reported too.
+    let placeholder = UpstreamUrl {
+        tls: true,
+        host: String::new(),
+        port: UpstreamUrl::MQTTS_PORT,
+    };
+    let tls = url.as_ref().is_none_or(|u| u.tls);
+    let d = UpstreamConfig::with_url(placeholder, node);
+
+    let client_id = match raw.client_id {
+        None => d.client_id,
+        Some(id) => {
+            if id.is_empty() {
+                c.push("upstream.client_id", "must not be empty");
+            }
+            mqtt_string(c, "upstream.client_id", &id);
+            id
+        }
+    };
+    if let Some(username) = &raw.username {
+        mqtt_string(c, "upstream.username", username);
+    }
+    let password = match (raw.password, raw.password_env) {
+        (Some(_), Some(_)) => {
+            c.push(
+                "upstream.password",
+                "set either password or password_env, not both",
+            );
+            None
+        }
+        (Some(password), None) => Some(password),
+        (None, Some(var)) => {
+            if var.is_empty() {
+                c.push("upstream.password_env", "must name an environment variable");
+                None
+            } else {
+                let value = env.var(&var);
+                if value.is_none() {
+                    c.push(
+                        "upstream.password_env",
+                        format!("environment variable {var:?} is not set"),
+                    );
+                }
+                value
+            }
+        }
+        (None, None) => None,
+    };
+    if let Some(password) = &password
+        && password.len() > MQTT_MAX_STRING_BYTES
+    {
+        c.push("upstream.password", "longer than MQTT's 65535 bytes");
+    }
+    let protocol = choice(
+        c,
+        "upstream.protocol",
+        raw.protocol,
+        d.protocol,
+        MqttVersion::parse,
+    );
+    if password.is_some() && raw.username.is_none() && protocol == MqttVersion::V311 {
+        // MQTT 3.1.1 section 3.1.2.9: the password flag requires the username flag.
+        c.push(
+            "upstream.username",
+            "MQTT 3.1.1 requires a username when a password is set",
+        );
+    }
+    if let Some(ca) = &raw.ca_file {
+        if !tls {
+            c.push(
+                "upstream.ca_file",
+                "set, but the url is mqtt:// (no TLS); use mqtts://",
+            );
+        } else if !ca.is_file() {
+            c.push(
+                "upstream.ca_file",
+                format!("{} does not exist or is not a file", ca.display()),
+            );
+        }
+    }
+    let keep_alive = duration(
+        c,
+        "upstream.keep_alive",
+        raw.keep_alive,
+        d.keep_alive,
+        MIN_KEEP_ALIVE,
+        Some(MAX_KEEP_ALIVE),
+    );
+    if keep_alive.subsec_nanos() != 0 {
+        c.push(
+            "upstream.keep_alive",
+            "must be a whole number of seconds (MQTT counts keep-alive in seconds)",
+        );
+    }
+    let topic_prefix = match raw.topic_prefix {
+        None => d.topic_prefix,
+        Some(prefix) => {
+            topic_prefix(c, &prefix);
+            prefix
+        }
+    };
+    url.map(|url| UpstreamConfig {
+        url,
+        client_id,
+        username: raw.username,
+        password: password.map(Secret::new),
+        ca_file: raw.ca_file,
+        keep_alive,
+        protocol,
+        topic_prefix,
+        command_topic: raw.command_topic.unwrap_or(d.command_topic),
+        clean_session: raw.clean_session.unwrap_or(d.clean_session),
+    })
+}
+
+fn topic_prefix(c: &mut Collector, prefix: &str) {
+    let path = "upstream.topic_prefix";
+    if prefix.is_empty() {
+        c.push(path, "must not be empty");
+    } else if prefix.contains(['+', '#']) {
+        c.push(path, "must not contain the wildcards '+' or '#'");
+    } else if prefix.starts_with('/') || prefix.ends_with('/') {
+        c.push(path, "must not start or end with '/'");
+    }
+    mqtt_string(c, path, prefix);
+}
+
+/// MQTT strings: at most 65535 bytes, no NUL.
+fn mqtt_string(c: &mut Collector, path: &str, text: &str) {
+    if text.len() > MQTT_MAX_STRING_BYTES {
+        c.push(
+            path,
+            format!("is {} bytes; MQTT allows at most 65535", text.len()),
+        );
+    }
+    if text.contains('\0') {
+        c.push(path, "must not contain NUL");
+    }
+}
+
+fn sync(c: &mut Collector, raw: RawSync) -> SyncConfig {
+    let d = SyncConfig::default();
+    let backoff_min = duration(
+        c,
+        "sync.backoff_min",
+        raw.backoff_min,
+        d.backoff_min,
+        Duration::from_millis(1),
+        None,
+    );
+    let backoff_max = duration(
+        c,
+        "sync.backoff_max",
+        raw.backoff_max,
+        d.backoff_max,
+        Duration::ZERO,
+        None,
+    );
+    if backoff_max < backoff_min {
+        c.push(
+            "sync.backoff_max",
+            format!(
+                "{} is less than sync.backoff_min ({})",
+                show(backoff_max),
+                show(backoff_min)
+            ),
+        );
+    }
+    SyncConfig {
+        inflight_window: int(
+            c,
+            "sync.inflight_window",
+            raw.inflight_window,
+            d.inflight_window,
+            1,
+            Some(U16_MAX),
+        ),
+        read_batch: int(c, "sync.read_batch", raw.read_batch, d.read_batch, 1, None),
+        backoff_min,
+        backoff_max,
+    }
+}
+
+fn log(c: &mut Collector, raw: RawLog) -> LogConfig {
+    let d = LogConfig::default();
+    match raw.level {
+        None => d,
+        Some(level) if LogConfig::LEVELS.contains(&level.as_str()) => LogConfig { level },
+        Some(level) => {
+            c.push(
+                "log.level",
+                format!(
+                    "unknown value {level:?}; expected {}",
+                    crate::types::one_of(LogConfig::LEVELS)
+                ),
+            );
+            d
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scalar helpers: each returns `default` after reporting a problem, so validation continues.
+
+/// An integer in `min..=max` (`max` `None`: as large as the target type holds).
+fn int<T>(
+    c: &mut Collector,
+    path: &str,
+    raw: Option<i64>,
+    default: T,
+    min: i64,
+    max: Option<i64>,
+) -> T
+where
+    T: TryFrom<i64> + Copy,
+{
+    let Some(value) = raw else { return default };
+    if value < min || max.is_some_and(|m| value > m) {
+        let message = match max {
+            Some(max) => format!("must be between {min} and {max}, got {value}"),
+            None => format!("must be at least {min}, got {value}"),
+        };
+        c.push(path, message);
+        return default;
+    }
+    T::try_from(value).unwrap_or_else(|_| {
+        c.push(path, format!("{value} is too large"));
+        default
+    })
+}
+
+/// A byte size in `min..=max`.
+fn size(
+    c: &mut Collector,
+    path: &str,
+    raw: Option<RawSize>,
+    default: u64,
+    min: u64,
+    max: u64,
+) -> u64 {
+    let bytes = match raw {
+        None => return default,
+        Some(RawSize::Text(text)) => match parse_size(&text) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                c.push(path, e);
+                return default;
+            }
+        },
+        Some(RawSize::Bytes(n)) if n < 0 => {
+            c.push(path, format!("must not be negative, got {n}"));
+            return default;
+        }
+        Some(RawSize::Bytes(n)) => match u64::try_from(n) {
+            Ok(bytes) => bytes,
+            Err(_) => {
+                c.push(path, format!("{n} is too large"));
+                return default;
+            }
+        },
+    };
+    if bytes < min || bytes > max {
+        let range = if max == u64::MAX {
+            format!("at least {min} bytes")
+        } else {
+            format!("between {min} and {max} bytes")
+        };
+        c.push(path, format!("must be {range}, got {bytes}"));
+        return default;
+    }
+    bytes
+}
+
+/// A duration in `min..=max` (`max` `None`: unbounded).
+fn duration(
+    c: &mut Collector,
+    path: &str,
+    raw: Option<RawDuration>,
+    default: Duration,
+    min: Duration,
+    max: Option<Duration>,
+) -> Duration {
+    let Some(RawDuration(text)) = raw else {
+        return default;
+    };
+    let value = match parse_duration(&text) {
+        Ok(value) => value,
+        Err(e) => {
+            c.push(path, e);
+            return default;
+        }
+    };
+    if value < min || max.is_some_and(|m| value > m) {
+        let message = match max {
+            Some(max) => format!(
+                "must be between {} and {}, got {text:?}",
+                show(min),
+                show(max)
+            ),
+            None => format!("must be at least {}, got {text:?}", show(min)),
+        };
+        c.push(path, message);
+        return default;
+    }
+    value
+}
+
+/// A duration the way a person would write it: `100ms`, `10m`, but `65535s` rather than
+/// `18h 12m 15s` when the bound is a count of seconds.
+fn show(d: Duration) -> String {
+    if d.subsec_nanos() == 0 && d.as_secs() > 60 && !d.as_secs().is_multiple_of(60) {
+        format!("{}s", d.as_secs())
+    } else {
+        humantime::format_duration(d).to_string()
+    }
+}
+
+/// One of an enum's spellings.
+fn choice<T: Copy>(
+    c: &mut Collector,
+    path: &str,
+    raw: Option<String>,
+    default: T,
+    parse: fn(&str) -> Result<T, String>,
+) -> T {
+    match raw.as_deref().map(parse) {
+        None => default,
+        Some(Ok(value)) => value,
+        Some(Err(message)) => {
+            c.push(path, message);
+            default
+        }
+    }
+}

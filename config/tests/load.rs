@@ -1,0 +1,890 @@
+//! `Config::load` through the public API: defaults, the default file, every validation rule,
+//! error collection, overrides and the environment seam.
+
+// Tests may unwrap: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use outpost_config::{
+    Config, ConfigErrors, Durability, Env, MqttVersion, Overrides, Priority, RouteTarget, Secret,
+    UpstreamUrl, WhenFull, default_config_toml,
+};
+
+/// An environment with nothing set.
+fn no_env() -> BTreeMap<String, String> {
+    BTreeMap::new()
+}
+
+fn load(text: &str) -> Result<Config, ConfigErrors> {
+    Config::load(Some(text), &Overrides::default(), &no_env())
+}
+
+fn load_ok(text: &str) -> Config {
+    load(text).unwrap_or_else(|e| panic!("expected a valid config, got:\n{e}"))
+}
+
+/// Loads `text`, expects failure, and returns `(path, message)` pairs.
+fn errors(text: &str) -> Vec<(String, String)> {
+    match load(text) {
+        Ok(config) => panic!("expected errors, got {config:#?}"),
+        Err(e) => e.0.into_iter().map(|e| (e.path, e.message)).collect(),
+    }
+}
+
+/// Expects exactly one error, at `path`, whose message contains `needle`.
+fn assert_one_error(text: &str, path: &str, needle: &str) {
+    let errs = errors(text);
+    assert_eq!(errs.len(), 1, "{text}\n=> {errs:#?}");
+    assert_eq!(errs[0].0, path, "{text}\n=> {errs:#?}");
+    assert!(
+        errs[0].1.contains(needle),
+        "{text}\n=> {:?} lacks {needle:?}",
+        errs[0].1
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Defaults
+
+#[test]
+fn no_file_gives_documented_defaults() {
+    let c = Config::load(None, &Overrides::default(), &no_env()).unwrap();
+    assert_eq!(c, Config::default());
+    assert_eq!(c.node.name.as_str(), "outpost");
+    assert!(c.node.labels.is_empty());
+    assert_eq!(c.node.capabilities, ["mqtt", "store-and-forward"]);
+    assert_eq!(
+        c.broker.listeners,
+        ["0.0.0.0:1883".parse::<SocketAddr>().unwrap()]
+    );
+    assert_eq!(c.broker.max_connections, 1000);
+    assert_eq!(c.broker.max_packet_size, 256 * 1024);
+    assert_eq!(c.broker.max_inflight, 32);
+    assert_eq!(c.broker.max_inbound_pending, 64);
+    assert_eq!(c.broker.max_queued_messages, 1000);
+    assert_eq!(c.broker.connect_timeout, Duration::from_secs(10));
+    assert_eq!(c.storage.data_dir, PathBuf::from("outpost-data"));
+    assert_eq!(
+        c.storage.db_path(),
+        PathBuf::from("outpost-data").join("outpost.db")
+    );
+    assert_eq!(c.storage.quota, 1 << 30);
+    assert_eq!(c.storage.ttl, None);
+    assert_eq!(c.storage.when_full, WhenFull::EvictLowestOldest);
+    assert_eq!(c.storage.commit_batch_records, 512);
+    assert_eq!(c.storage.commit_interval, Duration::from_millis(5));
+    assert_eq!(c.storage.durability, Durability::Full);
+    assert!(c.routes.is_empty());
+    assert_eq!(c.default_route, RouteTarget::Cloud);
+    assert_eq!(c.upstream, None);
+    assert_eq!(c.sync.inflight_window, 100);
+    assert_eq!(c.sync.read_batch, 256);
+    assert_eq!(c.sync.backoff_min, Duration::from_millis(100));
+    assert_eq!(c.sync.backoff_max, Duration::from_secs(1));
+    assert_eq!(c.log.level, "info");
+}
+
+#[test]
+fn empty_file_equals_no_file() {
+    assert_eq!(load_ok(""), Config::default());
+    assert_eq!(load_ok("# only a comment\n"), Config::default());
+}
+
+#[test]
+fn default_toml_parses_to_exactly_the_defaults() {
+    let from_text = load_ok(default_config_toml());
+    let from_none = Config::load(None, &Overrides::default(), &no_env()).unwrap();
+    assert_eq!(from_text, from_none);
+}
+
+/// Strips one leading `#` (and a space after it) from each line of the commented-out block that
+/// starts with `start` and runs to the next blank line.
+fn uncomment_block(text: &str, start: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let first = lines.iter().position(|l| *l == start).expect("block start");
+    lines[first..]
+        .iter()
+        .take_while(|l| !l.trim().is_empty())
+        .map(|l| {
+            l.strip_prefix("# ")
+                .or_else(|| l.strip_prefix('#'))
+                .unwrap_or(l)
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn default_toml_examples_are_valid() {
+    let defaults = default_config_toml();
+    let routes = uncomment_block(defaults, "# [[route]]");
+    let upstream = uncomment_block(defaults, "# [upstream]");
+    let text = format!("{routes}\n\n{upstream}\n");
+    let env = BTreeMap::from([("OUTPOST_UPSTREAM_PASSWORD".to_owned(), "pw".to_owned())]);
+    let c = Config::load(Some(&text), &Overrides::default(), &env)
+        .unwrap_or_else(|e| panic!("{text}\n=> {e}"));
+    assert_eq!(c.routes.len(), 2);
+    assert_eq!(c.routes[0].priority, Priority::High);
+    assert_eq!(c.routes[1].target, RouteTarget::Local);
+    let up = c.upstream.expect("upstream");
+    assert_eq!(up.url.to_string(), "mqtts://broker.example.com:8883");
+    assert_eq!(up.password.as_ref().map(Secret::expose), Some("pw"));
+    // The example lists the defaults of the keys it shows.
+    let by_url = Config::load(
+        Some("[upstream]\nurl = \"mqtts://broker.example.com\"\nusername = \"gateway\"\npassword = \"pw\""),
+        &Overrides::default(),
+        &no_env(),
+    )
+    .unwrap();
+    assert_eq!(Some(up), by_url.upstream);
+}
+
+#[test]
+fn default_toml_mentions_every_key() {
+    let text = default_config_toml();
+    for key in [
+        "default_route",
+        "name",
+        "labels",
+        "capabilities",
+        "listeners",
+        "max_connections",
+        "max_packet_size",
+        "max_inflight",
+        "max_inbound_pending",
+        "max_queued_messages",
+        "connect_timeout",
+        "data_dir",
+        "quota",
+        "ttl",
+        "when_full",
+        "commit_batch_records",
+        "commit_interval",
+        "durability",
+        "filter",
+        "target",
+        "priority",
+        "upstream_topic",
+        "url",
+        "client_id",
+        "username",
+        "password",
+        "password_env",
+        "ca_file",
+        "keep_alive",
+        "protocol",
+        "topic_prefix",
+        "command_topic",
+        "clean_session",
+        "inflight_window",
+        "read_batch",
+        "backoff_min",
+        "backoff_max",
+        "level",
+    ] {
+        assert!(
+            text.contains(&format!("{key} =")) || text.contains(&format!("{key}]")),
+            "{key}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A full file
+
+#[test]
+fn full_file_is_typed() {
+    let c = load_ok(
+        r##"
+        default_route = "local"
+        [node]
+        name = "gw-7"
+        labels = { location = "plant-3", zone = "a" }
+        capabilities = ["mqtt"]
+        [broker]
+        listeners = ["127.0.0.1:1883", "[::1]:1884"]
+        max_packet_size = 1048576
+        max_inflight = 65535
+        [storage]
+        data_dir = "/var/lib/outpost"
+        quota = "512MiB"
+        ttl = "7d"
+        when_full = "reject-new"
+        commit_interval = "1s"
+        durability = "normal"
+        [[route]]
+        filter = "sensors/+/temp"
+        priority = "low"
+        upstream_topic = "plant/{node}/{level2}"
+        [[route]]
+        filter = "#"
+        target = "local"
+        [upstream]
+        url = "mqtt://10.0.0.5:1884"
+        client_id = "gw"
+        username = "u"
+        keep_alive = "1m"
+        protocol = "5"
+        topic_prefix = "factory/eu"
+        command_topic = false
+        clean_session = true
+        [sync]
+        backoff_min = "1s"
+        backoff_max = "1s"
+        [log]
+        level = "trace"
+        "##,
+    );
+    assert_eq!(c.default_route, RouteTarget::Local);
+    assert_eq!(c.node.labels["location"], "plant-3");
+    assert_eq!(c.broker.listeners.len(), 2);
+    assert_eq!(c.broker.max_packet_size, 1 << 20);
+    assert_eq!(c.storage.quota, 512 << 20);
+    assert_eq!(c.storage.ttl, Some(Duration::from_secs(7 * 86_400)));
+    assert_eq!(c.storage.when_full, WhenFull::RejectNew);
+    assert_eq!(c.storage.durability, Durability::Normal);
+    assert_eq!(
+        c.storage.db_path(),
+        PathBuf::from("/var/lib/outpost/outpost.db")
+    );
+    let r = &c.routes[0];
+    assert_eq!((r.target, r.priority), (RouteTarget::Cloud, Priority::Low));
+    assert_eq!(
+        r.upstream_topic.render("p", "gw-7", "sensors/s1/temp"),
+        "plant/gw-7/s1"
+    );
+    assert!(r.filter.matches("sensors/x/temp"));
+    let up = c.upstream.unwrap();
+    assert_eq!(
+        up.url,
+        UpstreamUrl {
+            tls: false,
+            host: "10.0.0.5".into(),
+            port: 1884
+        }
+    );
+    assert_eq!(up.keep_alive, Duration::from_secs(60));
+    assert_eq!(up.protocol, MqttVersion::V5);
+    assert_eq!(up.password, None);
+    assert_eq!(up.topic_prefix, "factory/eu");
+    assert!(!up.command_topic && up.clean_session);
+    assert_eq!(c.log.level, "trace");
+}
+
+#[test]
+fn upstream_defaults_follow_the_node_name() {
+    let c = load_ok("[node]\nname = \"gw-2\"\n[upstream]\nurl = \"mqtts://cloud\"\n");
+    let up = c.upstream.unwrap();
+    assert_eq!(up.client_id, "outpost-gw-2");
+    assert_eq!((up.url.tls, up.url.port), (true, 8883));
+    assert_eq!(up.keep_alive, Duration::from_secs(30));
+    assert_eq!(up.protocol, MqttVersion::V311);
+    assert_eq!(up.topic_prefix, "outpost");
+    assert!(up.command_topic && !up.clean_session);
+    assert_eq!((up.username, up.password, up.ca_file), (None, None, None));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shape errors: one error, with path and line
+
+#[test]
+fn syntax_error_is_one_error_with_its_line() {
+    let errs = errors("[broker]\nmax_inflight = = 3\n");
+    assert_eq!(errs.len(), 1);
+    assert!(errs[0].1.contains("line 2"), "{errs:?}");
+}
+
+#[test]
+fn unknown_key_is_refused_with_its_path_and_line() {
+    let errs = errors("[storage]\nquota = \"1GiB\"\nqouta = \"2GiB\"\n");
+    assert_eq!(errs.len(), 1);
+    assert_eq!(errs[0].0, "storage.qouta");
+    assert!(
+        errs[0].1.contains("qouta") && errs[0].1.contains("line 3"),
+        "{errs:?}"
+    );
+    let errs = errors("colour = \"blue\"\n");
+    assert!(errs[0].1.contains("colour"), "{errs:?}");
+    let errs = errors("[[route]]\nfilter = \"a\"\ntargte = \"local\"\n");
+    assert_eq!(errs[0].0, "route[0].targte");
+}
+
+#[test]
+fn wrong_toml_type_names_its_key() {
+    assert_one_error(
+        "[broker]\nmax_connections = \"many\"\n",
+        "broker.max_connections",
+        "line 2",
+    );
+    assert_one_error("[sync]\nbackoff_min = 5\n", "sync.backoff_min", "unit");
+    assert_one_error("[storage]\nquota = true\n", "storage.quota", "byte size");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Each validation rule
+
+#[test]
+fn node_rules() {
+    assert_one_error("[node]\nname = \"\"", "node.name", "empty");
+    assert_one_error("[node]\nname = \"gw/1\"", "node.name", "'/'");
+    assert_one_error(
+        &format!("[node]\nname = \"{}\"", "n".repeat(65)),
+        "node.name",
+        "64",
+    );
+    assert_one_error(
+        "[node]\ncapabilities = [\"a\", \"a\"]",
+        "node.capabilities[1]",
+        "duplicate",
+    );
+    assert_one_error(
+        "[node]\ncapabilities = [\"\"]",
+        "node.capabilities[0]",
+        "empty",
+    );
+    assert_one_error("[node.labels]\n\"\" = \"x\"", "node.labels", "empty");
+    assert_one_error(
+        "[node.labels]\nzone = \"a\\nb\"",
+        "node.labels.zone",
+        "control",
+    );
+}
+
+#[test]
+fn listener_rules() {
+    assert_one_error(
+        "[broker]\nlisteners = []",
+        "broker.listeners",
+        "at least one",
+    );
+    assert_one_error(
+        "[broker]\nlisteners = [\"0.0.0.0:1883\", \"localhost:1883\"]",
+        "broker.listeners[1]",
+        "invalid socket address \"localhost:1883\"",
+    );
+    assert_one_error(
+        "[broker]\nlisteners = [\"0.0.0.0:1883\", \"[::]:1883\", \"0.0.0.0:1883\"]",
+        "broker.listeners[2]",
+        "duplicate of broker.listeners[0]",
+    );
+    // Port 0 means "any free port": two of them are fine (tests use this).
+    let c = load_ok("[broker]\nlisteners = [\"127.0.0.1:0\", \"127.0.0.1:0\"]");
+    assert_eq!(c.broker.listeners.len(), 2);
+}
+
+#[test]
+fn broker_limits() {
+    for (key, bad, needle) in [
+        ("max_connections", "0", "at least 1"),
+        ("max_inflight", "0", "between 1 and 65535"),
+        ("max_inflight", "65536", "between 1 and 65535"),
+        ("max_inbound_pending", "-1", "between 1 and 65535"),
+        ("max_queued_messages", "0", "at least 1"),
+        ("max_packet_size", "0", "between 1 and 268435455"),
+        ("max_packet_size", "\"256MiB\"", "between 1 and 268435455"),
+        ("max_packet_size", "-5", "negative"),
+        ("max_packet_size", "\"12XB\"", "invalid size \"12XB\""),
+        ("connect_timeout", "\"0s\"", "at least"),
+        ("connect_timeout", "\"soon\"", "invalid duration \"soon\""),
+    ] {
+        assert_one_error(
+            &format!("[broker]\n{key} = {bad}"),
+            &format!("broker.{key}"),
+            needle,
+        );
+    }
+    assert_eq!(
+        load_ok("[broker]\nmax_packet_size = 268435455")
+            .broker
+            .max_packet_size,
+        268_435_455
+    );
+}
+
+#[test]
+fn storage_rules() {
+    for (key, bad, needle) in [
+        ("data_dir", "\"\"", "empty"),
+        ("quota", "\"12XB\"", "invalid size \"12XB\""),
+        ("quota", "\"4095\"", "at least 4096"),
+        ("ttl", "\"1 fortnight\"", "invalid duration"),
+        (
+            "when_full",
+            "\"drop\"",
+            "\"evict-lowest-oldest\" or \"reject-new\"",
+        ),
+        ("commit_batch_records", "0", "between 1 and 100000"),
+        ("commit_batch_records", "100001", "between 1 and 100000"),
+        ("commit_interval", "\"2s\"", "between 0s and 1s"),
+        ("durability", "\"paranoid\"", "\"full\" or \"normal\""),
+    ] {
+        assert_one_error(
+            &format!("[storage]\n{key} = {bad}"),
+            &format!("storage.{key}"),
+            needle,
+        );
+    }
+    assert_eq!(load_ok("[storage]\nquota = \"4KiB\"").storage.quota, 4096);
+    // An integer beyond i64 is either refused by TOML or reported, never clamped.
+    assert!(load("[storage]\nquota = 18446744073709551616").is_err());
+    assert_eq!(load_ok("[storage]\nttl = \"0s\"").storage.ttl, None);
+    assert_eq!(
+        load_ok("[storage]\ncommit_interval = \"0ms\"")
+            .storage
+            .commit_interval,
+        Duration::ZERO
+    );
+}
+
+#[test]
+fn route_rules() {
+    assert_one_error(
+        "[[route]]\ntarget = \"cloud\"",
+        "route[0].filter",
+        "required",
+    );
+    assert_one_error(
+        "[[route]]\nfilter = \"a\"\n[[route]]\nfilter = \"b\"\n[[route]]\nfilter = \"a/#/b\"",
+        "route[2].filter",
+        "\"#\" must be the last level",
+    );
+    assert_one_error(
+        "[[route]]\nfilter = \"a/b+\"",
+        "route[0].filter",
+        "\"+\" must be a whole level",
+    );
+    assert_one_error("[[route]]\nfilter = \"\"", "route[0].filter", "empty");
+    assert_one_error(
+        "[[route]]\nfilter = \"a\"\ntarget = \"edge\"",
+        "route[0].target",
+        "\"cloud\" or \"local\"",
+    );
+    assert_one_error(
+        "[[route]]\nfilter = \"a\"\npriority = \"urgent\"",
+        "route[0].priority",
+        "\"high\"",
+    );
+    assert_one_error(
+        "[[route]]\nfilter = \"a/#\"\n[[route]]\nfilter = \"a/#\"",
+        "route[1].filter",
+        "same filter as route[0]",
+    );
+    assert_one_error(
+        "[[route]]\nfilter = \"a\"\ntarget = \"local\"\nupstream_topic = \"x/{topic}\"",
+        "route[0].upstream_topic",
+        "no effect",
+    );
+    assert_one_error(
+        "[[route]]\nfilter = \"a\"\ntarget = \"local\"\npriority = \"high\"",
+        "route[0].priority",
+        "no effect",
+    );
+    for (template, needle) in [
+        ("x/{host}", "unknown placeholder {host}"),
+        ("x/{topic", "unbalanced"),
+        ("x/}", "unbalanced"),
+        ("x/+/{topic}", "'+'"),
+        ("x/#", "'#'"),
+        ("", "empty"),
+    ] {
+        assert_one_error(
+            &format!("[[route]]\nfilter = \"a\"\nupstream_topic = \"{template}\""),
+            "route[0].upstream_topic",
+            needle,
+        );
+    }
+    assert_one_error(
+        "default_route = \"nowhere\"",
+        "default_route",
+        "\"cloud\" or \"local\"",
+    );
+}
+
+#[test]
+fn upstream_url_rules() {
+    assert_one_error("[upstream]\nclient_id = \"x\"", "upstream.url", "required");
+    assert_one_error(
+        "[upstream]\nurl = \"http://broker\"",
+        "upstream.url",
+        "unsupported scheme \"http\"; expected mqtt or mqtts",
+    );
+    assert_one_error(
+        "[upstream]\nurl = \"broker:1883\"",
+        "upstream.url",
+        "expected mqtt://host",
+    );
+    assert_one_error(
+        "[upstream]\nurl = \"mqtt://broker:99999\"",
+        "upstream.url",
+        "invalid port",
+    );
+    assert_one_error(
+        "[upstream]\nurl = \"mqtt://u:p@broker\"",
+        "upstream.url",
+        "credentials",
+    );
+}
+
+#[test]
+fn upstream_field_rules() {
+    let up = |rest: &str| format!("[upstream]\nurl = \"mqtts://b\"\n{rest}");
+    assert_one_error(&up("client_id = \"\""), "upstream.client_id", "empty");
+    assert_one_error(
+        &up(&format!("client_id = \"{}\"", "c".repeat(65_536))),
+        "upstream.client_id",
+        "65535",
+    );
+    assert_one_error(
+        &up("keep_alive = \"4s\""),
+        "upstream.keep_alive",
+        "between 5s and",
+    );
+    assert_one_error(
+        &up("keep_alive = \"65536s\""),
+        "upstream.keep_alive",
+        "between 5s and 65535s",
+    );
+    assert_one_error(
+        &up("keep_alive = \"5500ms\""),
+        "upstream.keep_alive",
+        "whole number of seconds",
+    );
+    assert_one_error(
+        &up("protocol = \"4\""),
+        "upstream.protocol",
+        "\"3.1.1\" or \"5\"",
+    );
+    assert_one_error(&up("topic_prefix = \"\""), "upstream.topic_prefix", "empty");
+    assert_one_error(
+        &up("topic_prefix = \"a/+\""),
+        "upstream.topic_prefix",
+        "wildcards",
+    );
+    assert_one_error(&up("topic_prefix = \"a/\""), "upstream.topic_prefix", "'/'");
+    assert_one_error(&up("topic_prefix = \"/a\""), "upstream.topic_prefix", "'/'");
+    assert_one_error(
+        &up("ca_file = \"/nonexistent/ca.pem\""),
+        "upstream.ca_file",
+        "does not exist",
+    );
+    assert_one_error(
+        "[upstream]\nurl = \"mqtt://b\"\nca_file = \"/nonexistent/ca.pem\"",
+        "upstream.ca_file",
+        "no TLS",
+    );
+    // MQTT 3.1.1 forbids a password without a username; MQTT 5 allows it.
+    assert_one_error(
+        &up("password = \"p\""),
+        "upstream.username",
+        "requires a username",
+    );
+    assert!(
+        load_ok(&up("password = \"p\"\nprotocol = \"5\""))
+            .upstream
+            .unwrap()
+            .password
+            .is_some()
+    );
+    // The system roots are used when mqtts has no ca_file.
+    assert_eq!(load_ok(&up("")).upstream.unwrap().ca_file, None);
+}
+
+#[test]
+fn ca_file_that_exists_is_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").unwrap();
+    let text = format!(
+        "[upstream]\nurl = \"mqtts://b\"\nca_file = {:?}\n",
+        ca.to_str().unwrap()
+    );
+    assert_eq!(load_ok(&text).upstream.unwrap().ca_file, Some(ca.clone()));
+    // A directory is not a CA file.
+    let text = format!(
+        "[upstream]\nurl = \"mqtts://b\"\nca_file = {:?}\n",
+        dir.path().to_str().unwrap()
+    );
+    assert_one_error(&text, "upstream.ca_file", "not a file");
+}
+
+#[test]
+fn sync_and_log_rules() {
+    assert_one_error(
+        "[sync]\ninflight_window = 0",
+        "sync.inflight_window",
+        "between 1 and 65535",
+    );
+    assert_one_error(
+        "[sync]\ninflight_window = 65536",
+        "sync.inflight_window",
+        "between 1 and 65535",
+    );
+    assert_one_error("[sync]\nread_batch = 0", "sync.read_batch", "at least 1");
+    assert_one_error(
+        "[sync]\nbackoff_min = \"0s\"",
+        "sync.backoff_min",
+        "at least",
+    );
+    assert_one_error(
+        "[sync]\nbackoff_min = \"2s\"\nbackoff_max = \"1s\"",
+        "sync.backoff_max",
+        "less than sync.backoff_min",
+    );
+    assert_one_error(
+        "[log]\nlevel = \"verbose\"",
+        "log.level",
+        "\"error\", \"warn\", \"info\", \"debug\" or \"trace\"",
+    );
+    assert_one_error("[log]\nlevel = \"INFO\"", "log.level", "unknown value");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Every problem at once
+
+#[test]
+fn several_errors_are_all_reported_with_paths() {
+    let text = r#"
+        [node]
+        name = "bad name"
+        [broker]
+        listeners = ["0.0.0.0:1883", "nope"]
+        max_inflight = 0
+        [storage]
+        quota = "12XB"
+        when_full = "panic"
+        [[route]]
+        filter = "ok/#"
+        [[route]]
+        filter = "x"
+        [[route]]
+        filter = "a/#/b"
+        upstream_topic = "{oops}"
+        [upstream]
+        url = "http://example.com"
+        password = "p"
+        password_env = "PW"
+        keep_alive = "1s"
+        [sync]
+        backoff_min = "5s"
+        [log]
+        level = "loud"
+    "#;
+    let err = load(text).unwrap_err();
+    let paths: Vec<&str> = err.0.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "node.name",
+            "broker.listeners[1]",
+            "broker.max_inflight",
+            "storage.quota",
+            "storage.when_full",
+            "route[2].filter",
+            "route[2].upstream_topic",
+            "upstream.url",
+            "upstream.password",
+            "upstream.keep_alive",
+            "sync.backoff_max",
+            "log.level",
+        ],
+        "{err}"
+    );
+    let display = err.to_string();
+    assert_eq!(display.lines().count(), paths.len());
+    assert!(
+        display.contains("storage.quota: invalid size \"12XB\""),
+        "{display}"
+    );
+    assert!(
+        display.contains("route[2].filter: \"#\" must be the last level"),
+        "{display}"
+    );
+    assert!(
+        display.contains("upstream.url: unsupported scheme \"http\"; expected mqtt or mqtts"),
+        "{display}"
+    );
+}
+
+#[test]
+fn three_wrong_fields_give_three_errors() {
+    let errs =
+        errors("[broker]\nmax_connections = 0\n[sync]\nread_batch = 0\n[log]\nlevel = \"x\"\n");
+    assert_eq!(errs.len(), 3, "{errs:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Overrides
+
+#[test]
+fn listen_override_replaces_the_listener_list() {
+    let overrides = Overrides {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        ..Overrides::default()
+    };
+    let text = "[broker]\nlisteners = [\"0.0.0.0:1883\", \"[::]:1883\"]\n";
+    let c = Config::load(Some(text), &overrides, &no_env()).unwrap();
+    assert_eq!(
+        c.broker.listeners,
+        ["127.0.0.1:0".parse::<SocketAddr>().unwrap()]
+    );
+    // It also fixes a file whose listeners are invalid.
+    let c = Config::load(Some("[broker]\nlisteners = []"), &overrides, &no_env()).unwrap();
+    assert_eq!(c.broker.listeners.len(), 1);
+}
+
+#[test]
+fn upstream_override_creates_or_sets_the_section() {
+    let overrides = Overrides {
+        upstream_url: Some("mqtt://127.0.0.1:18830".into()),
+        ..Overrides::default()
+    };
+    let created = Config::load(None, &overrides, &no_env())
+        .unwrap()
+        .upstream
+        .unwrap();
+    assert_eq!(created.url.to_string(), "mqtt://127.0.0.1:18830");
+    assert_eq!(created.client_id, "outpost-outpost");
+
+    let text = "[upstream]\nurl = \"mqtts://cloud\"\nclient_id = \"keep-me\"\n";
+    let set = Config::load(Some(text), &overrides, &no_env())
+        .unwrap()
+        .upstream
+        .unwrap();
+    assert_eq!((set.url.port, set.client_id.as_str()), (18830, "keep-me"));
+
+    let bad = Overrides {
+        upstream_url: Some("http://x".into()),
+        ..Overrides::default()
+    };
+    let err = Config::load(None, &bad, &no_env()).unwrap_err();
+    assert!(err.has_path("upstream.url"), "{err}");
+}
+
+#[test]
+fn data_dir_override_sets_the_store_location() {
+    let overrides = Overrides {
+        data_dir: Some(PathBuf::from("/tmp/x")),
+        ..Overrides::default()
+    };
+    let c = Config::load(
+        Some("[storage]\ndata_dir = \"/var/lib/outpost\""),
+        &overrides,
+        &no_env(),
+    )
+    .unwrap();
+    assert_eq!(c.storage.db_path(), PathBuf::from("/tmp/x/outpost.db"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Environment seam and secrets
+
+/// Records which variables were asked for, to prove the seam is the only way in.
+struct RecordingEnv(std::cell::RefCell<Vec<String>>, BTreeMap<String, String>);
+
+impl Env for RecordingEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        self.0.borrow_mut().push(name.to_owned());
+        self.1.get(name).cloned()
+    }
+}
+
+#[test]
+fn password_env_is_read_through_the_seam() {
+    let env = RecordingEnv(
+        Default::default(),
+        BTreeMap::from([("OUTPOST_PW".to_owned(), "s3cret".to_owned())]),
+    );
+    let text = "[upstream]\nurl = \"mqtts://b\"\nusername = \"u\"\npassword_env = \"OUTPOST_PW\"\n";
+    let c = Config::load(Some(text), &Overrides::default(), &env).unwrap();
+    assert_eq!(c.upstream.unwrap().password.unwrap().expose(), "s3cret");
+    assert_eq!(*env.0.borrow(), ["OUTPOST_PW"]);
+}
+
+#[test]
+fn missing_password_env_is_an_error_at_that_key() {
+    let text =
+        "[upstream]\nurl = \"mqtts://b\"\nusername = \"u\"\npassword_env = \"OUTPOST_PW_UNSET\"\n";
+    assert_one_error(
+        text,
+        "upstream.password_env",
+        "\"OUTPOST_PW_UNSET\" is not set",
+    );
+    assert_one_error(
+        "[upstream]\nurl = \"mqtts://b\"\nusername = \"u\"\npassword_env = \"\"\n",
+        "upstream.password_env",
+        "must name",
+    );
+}
+
+#[test]
+fn password_and_password_env_together_is_an_error() {
+    let env = BTreeMap::from([("PW".to_owned(), "x".to_owned())]);
+    let text = "[upstream]\nurl = \"mqtts://b\"\nusername = \"u\"\npassword = \"p\"\npassword_env = \"PW\"\n";
+    let err = Config::load(Some(text), &Overrides::default(), &env).unwrap_err();
+    assert_eq!(err.0.len(), 1, "{err}");
+    assert_eq!(err.0[0].path, "upstream.password");
+}
+
+#[test]
+fn secret_never_printed_by_debug() {
+    let text =
+        "[upstream]\nurl = \"mqtts://b\"\nusername = \"u\"\npassword = \"hunter2-very-secret\"\n";
+    let c = load_ok(text);
+    assert_eq!(
+        c.upstream
+            .as_ref()
+            .unwrap()
+            .password
+            .as_ref()
+            .unwrap()
+            .expose(),
+        "hunter2-very-secret"
+    );
+    for printed in [format!("{c:?}"), format!("{c:#?}")] {
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(printed.contains("***"));
+    }
+}
+
+#[test]
+fn process_env_reads_the_real_environment() {
+    // PATH is set in every environment these tests run in; nothing is written.
+    assert!(outpost_config::ProcessEnv.var("PATH").is_some());
+    assert_eq!(
+        outpost_config::ProcessEnv.var("OUTPOST_SURELY_UNSET_VARIABLE_3141"),
+        None
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Never panic
+
+#[test]
+fn hostile_inputs_never_panic() {
+    for text in [
+        "\u{0}",
+        "[",
+        "[[route]]\n[[route]]\n",
+        "route = 5",
+        "[node]\nname = \"é\"",
+        "[broker]\nmax_connections = 9223372036854775807",
+        "[broker]\nmax_connections = -9223372036854775808",
+        "[storage]\nquota = 18446744073709551615",
+        "[storage]\nquota = \"99999999999999999999TiB\"",
+        "[storage]\nttl = \"99999999999999999999999d\"",
+        "[upstream]\nurl = \"mqtt://[\"",
+        "[upstream]\nurl = \"mqtt://[::1\"",
+        "[upstream]\nurl = \"mqtt://[::1]x\"",
+        "[upstream]\nurl = \"://\"",
+        "[[route]]\nfilter = \"a\"\nupstream_topic = \"{\"",
+        "[[route]]\nfilter = \"a\"\nupstream_topic = \"{level}\"",
+        "\u{feff}[log]\nlevel = \"info\"",
+        "[log]\nlevel = \"\u{1F600}\"",
+    ] {
+        let _ = load(text);
+    }
+}

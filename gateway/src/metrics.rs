@@ -1,0 +1,124 @@
+//! Counters and runtime state shared by the gateway's components.
+//!
+//! Everything here is a plain atomic or a small mutex-guarded value so that the hot paths (ingest,
+//! sync) never wait on each other to count. A snapshot is serialised to the store's state table by
+//! the status reporter so that `outpost status` can read it from another process.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// Where the upstream connection stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UplinkState {
+    /// No upstream is configured: readings are kept until one is.
+    NotConfigured,
+    /// Trying to connect (or waiting out the backoff before the next attempt).
+    Connecting,
+    /// CONNACK received; records are flowing.
+    Connected,
+    /// Shutting down.
+    Stopped,
+}
+
+impl UplinkState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Connecting,
+            2 => Self::Connected,
+            3 => Self::Stopped,
+            _ => Self::NotConfigured,
+        }
+    }
+    fn as_u8(self) -> u8 {
+        match self {
+            Self::NotConfigured => 0,
+            Self::Connecting => 1,
+            Self::Connected => 2,
+            Self::Stopped => 3,
+        }
+    }
+}
+
+/// Gateway-level counters. Broker and store keep their own; the status snapshot joins them.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Messages handed over by the broker (any QoS).
+    pub ingested: AtomicU64,
+    /// Messages whose route says local-only: delivered to local subscribers, not stored.
+    pub ingested_local_only: AtomicU64,
+    /// Messages committed to the store.
+    pub stored: AtomicU64,
+    /// Messages the store refused (full, poisoned, closed): the publisher was not acknowledged.
+    pub ingest_refused: AtomicU64,
+    /// QoS 0 messages and wills the store refused: nobody could be told to send them again.
+    pub unacknowledged_lost: AtomicU64,
+    /// Records handed to the upstream client.
+    pub sync_published: AtomicU64,
+    /// Records the upstream acknowledged (and that were then deleted).
+    pub sync_acked: AtomicU64,
+    /// Upstream PUBACKs with a failure reason code (MQTT 5): the record stays and is sent again.
+    pub sync_rejected: AtomicU64,
+    /// Successful upstream connections after the first one.
+    pub reconnects: AtomicU64,
+    /// Failed connection attempts and dropped connections.
+    pub connection_errors: AtomicU64,
+    /// Commands received from the cloud and published on the local broker.
+    pub commands_forwarded: AtomicU64,
+    /// Commands that could not be published locally.
+    pub commands_failed: AtomicU64,
+    /// Batches of acknowledgements that could not be written to the store.
+    pub ack_write_failures: AtomicU64,
+    uplink_state: AtomicU8,
+    /// Unix milliseconds when the current uplink state began.
+    uplink_since_ms: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Metrics {
+    pub fn uplink_state(&self) -> UplinkState {
+        UplinkState::from_u8(self.uplink_state.load(Ordering::Relaxed))
+    }
+
+    pub fn set_uplink_state(&self, state: UplinkState) {
+        let previous = self.uplink_state.swap(state.as_u8(), Ordering::Relaxed);
+        if previous != state.as_u8() {
+            self.uplink_since_ms.store(now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    pub fn uplink_since_ms(&self) -> u64 {
+        self.uplink_since_ms.load(Ordering::Relaxed)
+    }
+
+    pub fn set_last_error(&self, error: String) {
+        if let Ok(mut slot) = self.last_error.lock() {
+            *slot = Some(error);
+        }
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|slot| slot.clone())
+    }
+}
+
+/// Increment a counter by one.
+pub fn inc(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Read a counter.
+pub fn get(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
+/// Milliseconds since the Unix epoch; 0 if the clock is before 1970 (a board without RTC at boot).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}

@@ -1,0 +1,319 @@
+//! The status snapshot: what `outpost status` prints.
+//!
+//! The running gateway writes a [`RuntimeStatus`] into the store's state table every second;
+//! `outpost status` opens the database read-only (no writer, safe while the gateway runs) and joins
+//! it with the store's own counters. Reading through SQLite keeps the status working when the
+//! gateway is wedged or stopped: the last snapshot says when it was written.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use outpost_protocols::BrokerHandle;
+use outpost_storage::{Store, StoreStats};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::metrics::{Metrics, UplinkState, get, now_ms};
+
+/// The key under which the runtime snapshot is stored.
+pub const STATE_KEY: &str = "runtime-status";
+/// How often the snapshot is written.
+pub const INTERVAL: Duration = Duration::from_secs(1);
+
+/// Runtime counters of a running gateway, as written to the state table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RuntimeStatus {
+    pub version: String,
+    pub node: String,
+    pub pid: u32,
+    pub started_at_ms: u64,
+    pub written_at_ms: u64,
+    pub listeners: Vec<String>,
+    pub upstream: Option<String>,
+    pub uplink_state: UplinkState,
+    pub uplink_since_ms: u64,
+    pub uplink_last_error: Option<String>,
+    pub reconnects: u64,
+    pub connection_errors: u64,
+    pub ingested: u64,
+    pub ingested_local_only: u64,
+    pub stored: u64,
+    pub ingest_refused: u64,
+    pub unacknowledged_lost: u64,
+    pub sync_published: u64,
+    pub sync_acked: u64,
+    pub sync_rejected: u64,
+    pub commands_forwarded: u64,
+    pub commands_failed: u64,
+    pub ack_write_failures: u64,
+    pub broker_connections: u64,
+    pub broker_connections_total: u64,
+    pub broker_connections_refused: u64,
+    pub broker_malformed_packets: u64,
+    pub broker_oversized_packets: u64,
+    pub broker_invalid_topics: u64,
+    pub broker_dropped_queue_full: u64,
+    pub broker_keepalive_timeouts: u64,
+}
+
+/// Identity of the running process that goes into every snapshot.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub node: String,
+    pub started_at_ms: u64,
+    pub listeners: Vec<String>,
+    pub upstream: Option<String>,
+}
+
+pub fn snapshot(identity: &Identity, metrics: &Metrics, broker: &BrokerHandle) -> RuntimeStatus {
+    let b = broker.stats();
+    RuntimeStatus {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        node: identity.node.clone(),
+        pid: std::process::id(),
+        started_at_ms: identity.started_at_ms,
+        written_at_ms: now_ms(),
+        listeners: identity.listeners.clone(),
+        upstream: identity.upstream.clone(),
+        uplink_state: metrics.uplink_state(),
+        uplink_since_ms: metrics.uplink_since_ms(),
+        uplink_last_error: metrics.last_error(),
+        reconnects: get(&metrics.reconnects),
+        connection_errors: get(&metrics.connection_errors),
+        ingested: get(&metrics.ingested),
+        ingested_local_only: get(&metrics.ingested_local_only),
+        stored: metrics.stored.load(Ordering::Relaxed),
+        ingest_refused: get(&metrics.ingest_refused),
+        unacknowledged_lost: get(&metrics.unacknowledged_lost),
+        sync_published: get(&metrics.sync_published),
+        sync_acked: get(&metrics.sync_acked),
+        sync_rejected: get(&metrics.sync_rejected),
+        commands_forwarded: get(&metrics.commands_forwarded),
+        commands_failed: get(&metrics.commands_failed),
+        ack_write_failures: get(&metrics.ack_write_failures),
+        broker_connections: b.connections_current,
+        broker_connections_total: b.connections_total,
+        broker_connections_refused: b.connections_refused,
+        broker_malformed_packets: b.malformed_packets,
+        broker_oversized_packets: b.oversized_packets,
+        broker_invalid_topics: b.invalid_topics,
+        broker_dropped_queue_full: b.dropped_queue_full,
+        broker_keepalive_timeouts: b.keepalive_timeouts,
+    }
+}
+
+/// Writes the snapshot every [`INTERVAL`] until `stop`, and once more on the way out.
+pub async fn report(
+    store: Store,
+    identity: Identity,
+    metrics: Arc<Metrics>,
+    broker: BrokerHandle,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let stopping = tokio::select! {
+            () = stop.cancelled() => true,
+            _ = tick.tick() => false,
+        };
+        let status = snapshot(&identity, &metrics, &broker);
+        match serde_json::to_vec(&status) {
+            Ok(bytes) => {
+                if let Err(e) = store.put_state(STATE_KEY, bytes).await {
+                    warn!(error = %e, "could not write the status snapshot");
+                }
+            }
+            Err(e) => warn!(error = %e, "could not encode the status snapshot"),
+        }
+        if stopping {
+            break;
+        }
+    }
+}
+
+/// What `outpost status` prints.
+#[derive(Debug, Serialize)]
+pub struct StatusReport {
+    pub database: String,
+    pub buffered_records: u64,
+    pub buffered_bytes: u64,
+    pub buffered_by_priority: BufferedByPriority,
+    pub oldest_unsynced_age_ms: Option<u64>,
+    pub store: StoreCounters,
+    pub runtime: Option<RuntimeStatus>,
+    /// Whether the runtime snapshot is recent enough to say the gateway is running.
+    pub gateway_running: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BufferedByPriority {
+    pub high: u64,
+    pub normal: u64,
+    pub low: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StoreCounters {
+    pub last_seq: u64,
+    pub appended_total: u64,
+    pub acked_total: u64,
+    pub evicted_total: u64,
+    pub evicted_high: u64,
+    pub evicted_normal: u64,
+    pub evicted_low: u64,
+    pub expired_total: u64,
+    pub rejected_full_total: u64,
+    pub commits_total: u64,
+    pub poisoned: bool,
+}
+
+pub fn read_report(db: &Path) -> anyhow::Result<StatusReport> {
+    use anyhow::Context;
+    let stats: StoreStats = outpost_storage::read_stats(db)
+        .with_context(|| format!("reading the store at {}", db.display()))?;
+    let runtime = outpost_storage::read_state(db, STATE_KEY)
+        .with_context(|| format!("reading the runtime status at {}", db.display()))?
+        .and_then(|bytes| serde_json::from_slice::<RuntimeStatus>(&bytes).ok());
+    let now = now_ms();
+    let gateway_running = runtime.as_ref().is_some_and(|r| {
+        r.uplink_state != UplinkState::Stopped
+            && now.saturating_sub(r.written_at_ms) < 5 * INTERVAL.as_millis() as u64
+    });
+    Ok(StatusReport {
+        database: db.display().to_string(),
+        buffered_records: stats.records,
+        buffered_bytes: stats.bytes,
+        buffered_by_priority: BufferedByPriority {
+            high: stats.records_by_priority[0],
+            normal: stats.records_by_priority[1],
+            low: stats.records_by_priority[2],
+        },
+        oldest_unsynced_age_ms: stats.oldest_ingested_at_ms.map(|t| now.saturating_sub(t)),
+        store: StoreCounters {
+            last_seq: stats.last_seq,
+            appended_total: stats.appended_total,
+            acked_total: stats.acked_total,
+            evicted_total: stats.evicted_total,
+            evicted_high: stats.evicted_by_priority[0],
+            evicted_normal: stats.evicted_by_priority[1],
+            evicted_low: stats.evicted_by_priority[2],
+            expired_total: stats.expired_total,
+            rejected_full_total: stats.rejected_full_total,
+            commits_total: stats.commits_total,
+            poisoned: stats.poisoned,
+        },
+        runtime,
+        gateway_running,
+    })
+}
+
+/// Human-readable rendering of the report.
+pub fn render(report: &StatusReport) -> String {
+    let mut out = String::new();
+    let line = |out: &mut String, k: &str, v: String| {
+        out.push_str(&format!("{k:<26} {v}\n"));
+    };
+    line(&mut out, "database", report.database.clone());
+    line(
+        &mut out,
+        "gateway",
+        if report.gateway_running {
+            "running"
+        } else {
+            "not running"
+        }
+        .to_owned(),
+    );
+    line(
+        &mut out,
+        "buffered records",
+        format!(
+            "{} (high {}, normal {}, low {})",
+            report.buffered_records,
+            report.buffered_by_priority.high,
+            report.buffered_by_priority.normal,
+            report.buffered_by_priority.low
+        ),
+    );
+    line(
+        &mut out,
+        "buffered bytes",
+        report.buffered_bytes.to_string(),
+    );
+    line(
+        &mut out,
+        "oldest unsynced age",
+        report
+            .oldest_unsynced_age_ms
+            .map_or("-".to_owned(), |ms| format!("{:.1} s", ms as f64 / 1000.0)),
+    );
+    let s = &report.store;
+    line(&mut out, "last seq", s.last_seq.to_string());
+    line(
+        &mut out,
+        "appended / acked",
+        format!("{} / {}", s.appended_total, s.acked_total),
+    );
+    line(
+        &mut out,
+        "evicted",
+        format!(
+            "{} (high {}, normal {}, low {})",
+            s.evicted_total, s.evicted_high, s.evicted_normal, s.evicted_low
+        ),
+    );
+    line(&mut out, "expired", s.expired_total.to_string());
+    line(
+        &mut out,
+        "rejected (full)",
+        s.rejected_full_total.to_string(),
+    );
+    line(&mut out, "store poisoned", s.poisoned.to_string());
+    if let Some(r) = &report.runtime {
+        line(&mut out, "node", r.node.clone());
+        line(
+            &mut out,
+            "upstream",
+            r.upstream.clone().unwrap_or_else(|| "(none)".into()),
+        );
+        line(&mut out, "uplink state", format!("{:?}", r.uplink_state));
+        line(
+            &mut out,
+            "uplink last error",
+            r.uplink_last_error.clone().unwrap_or_else(|| "-".into()),
+        );
+        line(&mut out, "reconnects", r.reconnects.to_string());
+        line(
+            &mut out,
+            "ingested / stored",
+            format!("{} / {}", r.ingested, r.stored),
+        );
+        line(&mut out, "ingest refused", r.ingest_refused.to_string());
+        line(
+            &mut out,
+            "synced (published/acked)",
+            format!("{} / {}", r.sync_published, r.sync_acked),
+        );
+        line(
+            &mut out,
+            "broker connections",
+            format!(
+                "{} now, {} total, {} refused",
+                r.broker_connections, r.broker_connections_total, r.broker_connections_refused
+            ),
+        );
+        line(
+            &mut out,
+            "broker bad input",
+            format!(
+                "{} malformed, {} oversized, {} invalid topics",
+                r.broker_malformed_packets, r.broker_oversized_packets, r.broker_invalid_topics
+            ),
+        );
+    }
+    out
+}

@@ -1,0 +1,852 @@
+//! One task per TCP connection: handshake, then a loop that reads packets, hands publishes to
+//! the gateway, writes acks in order as the gateway's replies arrive, and writes what the
+//! session has queued for this client.
+//!
+//! The loop keeps reading while replies are outstanding and stops only at
+//! `max_inbound_pending`: that is the backpressure from the store to the publishers.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::codec::{
+    self, AckReason, ConnAckCode, ConnectIn, DisconnectReason, FrameError, Handshake, Incoming,
+    Outgoing, Protocol, PublishIn, SubscriptionRequest,
+};
+use super::router::Link;
+use super::session::{Send, Subscription};
+use super::{Inbound, IngestRefusal, IngestReply, QoS, Shared, bump};
+use crate::topic::{TopicFilter, TopicName};
+
+/// A write that makes no progress for this long closes the connection (a peer that stopped
+/// reading must not pin its task forever).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on the last writes of a closing connection (v5 DISCONNECT) and on handing a will over.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Why a connection ended; decides whether the will is published.
+#[derive(Debug)]
+enum End {
+    /// DISCONNECT from the client (MQTT 5 may ask for the will anyway).
+    Disconnect {
+        with_will: bool,
+    },
+    /// The peer closed the socket without DISCONNECT.
+    PeerClosed,
+    /// Read or write failed or timed out.
+    Io(String),
+    KeepAlive,
+    Takeover,
+    Malformed(String),
+    Oversized {
+        size: usize,
+        max: usize,
+    },
+    InvalidTopic(String),
+    ProtocolViolation(&'static str),
+    /// MQTT 3.1.1 publish refused by the gateway: closed without ack, the client resends later.
+    Refused(IngestRefusal),
+    /// Broker shutdown.
+    Shutdown,
+}
+
+impl End {
+    fn publishes_will(&self) -> bool {
+        match self {
+            End::Disconnect { with_will } => *with_will,
+            End::Shutdown => false,
+            _ => true,
+        }
+    }
+
+    fn v5_reason(&self) -> Option<DisconnectReason> {
+        Some(match self {
+            End::Takeover => DisconnectReason::SessionTakenOver,
+            End::KeepAlive => DisconnectReason::KeepAliveTimeout,
+            End::Oversized { .. } => DisconnectReason::PacketTooLarge,
+            End::Malformed(_) => DisconnectReason::MalformedPacket,
+            End::InvalidTopic(_) => DisconnectReason::TopicNameInvalid,
+            End::ProtocolViolation(_) => DisconnectReason::ProtocolError,
+            End::Shutdown => DisconnectReason::ServerShuttingDown,
+            End::Disconnect { .. } | End::PeerClosed | End::Io(_) | End::Refused(_) => {
+                return None;
+            }
+        })
+    }
+}
+
+/// A will, validated at CONNECT.
+#[derive(Debug)]
+struct Will {
+    topic: Arc<str>,
+    payload: Bytes,
+    qos: QoS,
+    retain: bool,
+}
+
+/// An inbound QoS 1/2 publish whose ack has not been written yet.
+#[derive(Debug)]
+struct Pending {
+    pkid: u16,
+    qos: QoS,
+    /// The gateway's reply; `None` for a duplicate QoS 2 publish that is only re-acknowledged.
+    wait: Option<oneshot::Receiver<IngestReply>>,
+    /// Delivered to local subscribers once the gateway accepted it.
+    message: Option<(Arc<str>, Bytes, bool)>,
+}
+
+/// Releases the connection slot when the task ends, however it ends.
+struct SlotGuard<'a>(&'a Shared);
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        self.0
+            .counters
+            .connections_current
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Serves one accepted socket until it closes.
+pub(crate) async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    ingest: mpsc::Sender<Inbound>,
+    shutdown: CancellationToken,
+    hard_stop: CancellationToken,
+) {
+    let (mut rd, mut wr) = stream.into_split();
+    let mut read_buf = BytesMut::with_capacity(4096);
+    let in_handshake = shared
+        .handshaking
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+            (usize::try_from(c).unwrap_or(usize::MAX) < shared.settings.max_connections)
+                .then_some(c + 1)
+        })
+        .is_ok();
+    if !in_handshake {
+        bump(&shared.counters.connections_refused);
+        tracing::warn!(%peer, "MQTT connection refused: too many connections waiting for CONNECT");
+        return;
+    }
+    let connect = handshake(&mut rd, &mut wr, &mut read_buf, peer, &shared, &shutdown).await;
+    shared.handshaking.fetch_sub(1, Ordering::AcqRel);
+    let Some(connect) = connect else {
+        return;
+    };
+    let settings = &shared.settings;
+    let protocol = connect.protocol;
+
+    // Admission: the limit counts connected clients.
+    let admitted = shared
+        .counters
+        .connections_current
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+            (usize::try_from(c).unwrap_or(usize::MAX) < settings.max_connections).then_some(c + 1)
+        })
+        .is_ok();
+    if !admitted {
+        bump(&shared.counters.connections_refused);
+        tracing::warn!(%peer, client_id = %connect.client_id, max = settings.max_connections,
+            "MQTT connection refused: max_connections reached");
+        refuse(&mut wr, protocol, ConnAckCode::ServerUnavailable).await;
+        return;
+    }
+    let _slot = SlotGuard(&shared);
+
+    let mut assigned = None;
+    let client_id: Arc<str> = if connect.client_id.is_empty() {
+        if protocol == Protocol::V4 && !connect.clean_start {
+            bump(&shared.counters.connections_refused);
+            tracing::warn!(%peer, "MQTT connection refused: empty client id with a persistent session");
+            refuse(&mut wr, protocol, ConnAckCode::IdentifierRejected).await;
+            return;
+        }
+        let id = format!(
+            "outpost-auto-{}",
+            shared.next_id.fetch_add(1, Ordering::Relaxed)
+        );
+        assigned = Some(id.clone());
+        Arc::from(id)
+    } else {
+        Arc::from(connect.client_id.as_str())
+    };
+
+    let will = match connect.will.as_ref().map(|w| {
+        std::str::from_utf8(&w.topic)
+            .map_err(|_| "will topic is not UTF-8".to_string())
+            .and_then(|t| TopicName::new(t).map_err(|e| format!("will topic {t:?}: {e}")))
+            .map(|t| Will {
+                topic: Arc::from(t.into_string()),
+                payload: w.payload.clone(),
+                qos: w.qos,
+                retain: w.retain,
+            })
+    }) {
+        None => None,
+        Some(Ok(w)) => Some(w),
+        Some(Err(why)) => {
+            bump(&shared.counters.invalid_topics);
+            tracing::warn!(%peer, %client_id, %why, "MQTT connection refused: invalid will");
+            return;
+        }
+    };
+
+    let persistent = match protocol {
+        Protocol::V4 => !connect.clean_start,
+        Protocol::V5 => connect.session_expiry.unwrap_or(0) > 0,
+    };
+    let conn_id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let notify = Arc::new(Notify::new());
+    let kick = hard_stop.child_token();
+    let inflight_limit = connect.receive_maximum.unwrap_or(u16::MAX).max(1);
+    let attached = shared.router().attach(
+        &client_id,
+        connect.clean_start,
+        persistent,
+        inflight_limit,
+        Link {
+            conn_id,
+            notify: notify.clone(),
+            kick: kick.clone(),
+        },
+    );
+    bump(&shared.counters.connections_total);
+    tracing::debug!(%peer, %client_id, ?protocol, keep_alive = connect.keep_alive,
+        clean = connect.clean_start, session_present = attached.session_present, "MQTT client connected");
+
+    let keep_alive = (connect.keep_alive > 0)
+        .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
+    let mut conn = Conn {
+        shared: shared.clone(),
+        ingest,
+        peer,
+        protocol,
+        client_id: client_id.clone(),
+        conn_id,
+        rd,
+        wr,
+        read_buf,
+        write_buf: BytesMut::new(),
+        pending: VecDeque::new(),
+        max_pending: usize::from(settings.max_inbound_pending.max(1)),
+        keep_alive,
+        deadline: keep_alive.map(|k| Instant::now() + k),
+        peer_max_packet: connect
+            .max_packet_size
+            .and_then(|m| usize::try_from(m).ok())
+            .unwrap_or(usize::MAX),
+        kick,
+        notify,
+    };
+    conn.queue(&Outgoing::ConnAck {
+        session_present: attached.session_present,
+        code: ConnAckCode::Accepted,
+        assigned_client_id: assigned,
+        receive_maximum: settings.max_inbound_pending.max(1),
+        max_packet_size: u32::try_from(settings.max_packet_size).unwrap_or(u32::MAX),
+    });
+    for s in attached.resend {
+        conn.queue_send(s);
+    }
+
+    let end = conn.run(&shutdown).await;
+    conn.finish(end, will).await;
+}
+
+/// Reads the CONNECT (within `connect_timeout`) and answers the refusals that need no session.
+async fn handshake(
+    rd: &mut OwnedReadHalf,
+    wr: &mut OwnedWriteHalf,
+    buf: &mut BytesMut,
+    peer: SocketAddr,
+    shared: &Shared,
+    shutdown: &CancellationToken,
+) -> Option<Box<ConnectIn>> {
+    let settings = &shared.settings;
+    let deadline = Instant::now() + settings.connect_timeout;
+    loop {
+        match codec::read_handshake(buf, settings.max_packet_size) {
+            Ok(Some(Handshake::Connect(c))) => return Some(c),
+            Ok(Some(Handshake::UnsupportedLevel(level))) => {
+                bump(&shared.counters.connections_refused);
+                tracing::warn!(%peer, level, "MQTT connection refused: unacceptable protocol version");
+                let mut out = BytesMut::new();
+                if codec::write_unsupported_protocol(&mut out).is_ok() {
+                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, wr.write_all(&out)).await;
+                }
+                return None;
+            }
+            Ok(Some(Handshake::NotConnect(kind))) => {
+                bump(&shared.counters.malformed_packets);
+                tracing::warn!(%peer, packet_type = kind, "MQTT connection closed: first packet is not CONNECT");
+                return None;
+            }
+            Err(FrameError::TooLarge { size, max }) => {
+                bump(&shared.counters.oversized_packets);
+                tracing::warn!(%peer, size, max, "MQTT connection closed: CONNECT too large");
+                return None;
+            }
+            Err(FrameError::Malformed(why)) => {
+                bump(&shared.counters.malformed_packets);
+                tracing::warn!(%peer, %why, "MQTT connection closed: malformed CONNECT");
+                return None;
+            }
+            Ok(None) => {}
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep_until(deadline) => {
+                bump(&shared.counters.connections_refused);
+                tracing::warn!(%peer, timeout = ?settings.connect_timeout,
+                    "MQTT connection closed: no CONNECT in time");
+                return None;
+            }
+            r = rd.read_buf(buf) => match r {
+                Ok(0) => {
+                    tracing::debug!(%peer, "MQTT peer closed before CONNECT");
+                    return None;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "MQTT read failed before CONNECT");
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// Writes a refusing CONNACK and lets the socket close.
+async fn refuse(wr: &mut OwnedWriteHalf, protocol: Protocol, code: ConnAckCode) {
+    let mut out = BytesMut::new();
+    let connack = Outgoing::ConnAck {
+        session_present: false,
+        code,
+        assigned_client_id: None,
+        receive_maximum: 0,
+        max_packet_size: 0,
+    };
+    if codec::write_packet(protocol, &connack, &mut out, usize::MAX).is_ok() {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            let _ = wr.write_all(&out).await;
+            let _ = wr.shutdown().await;
+        })
+        .await;
+    }
+}
+
+/// Waits for the reply at the front of the queue (acks leave in order, so only the front
+/// matters). Never resolves when the front needs no reply or the queue is empty.
+async fn front_reply(
+    pending: &mut VecDeque<Pending>,
+) -> Result<IngestReply, oneshot::error::RecvError> {
+    match pending.front_mut().and_then(|p| p.wait.as_mut()) {
+        Some(rx) => rx.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The state of an established connection.
+struct Conn {
+    shared: Arc<Shared>,
+    ingest: mpsc::Sender<Inbound>,
+    peer: SocketAddr,
+    protocol: Protocol,
+    client_id: Arc<str>,
+    /// Identifies this connection to the router (a takeover gets a new id).
+    conn_id: u64,
+    rd: OwnedReadHalf,
+    wr: OwnedWriteHalf,
+    read_buf: BytesMut,
+    /// Packets encoded but not yet written; flushed once per loop turn.
+    write_buf: BytesMut,
+    /// Inbound QoS 1/2 publishes awaiting their ack, in arrival order.
+    pending: VecDeque<Pending>,
+    max_pending: usize,
+    /// 1.5x the client's keep-alive; `None` for keep-alive 0 (no timeout).
+    keep_alive: Option<Duration>,
+    deadline: Option<Instant>,
+    /// MQTT 5: the largest packet the client accepts; larger messages are not sent to it.
+    peer_max_packet: usize,
+    /// Cancelled on takeover; a child of the broker's hard stop.
+    kick: CancellationToken,
+    /// Woken by the router when the session has messages to send.
+    notify: Arc<Notify>,
+}
+
+impl Conn {
+    async fn run(&mut self, shutdown: &CancellationToken) -> End {
+        let mut draining = false;
+        loop {
+            if !draining && let Err(end) = self.process_buffer().await {
+                return end;
+            }
+            self.ack_ready();
+            if let Err(end) = self.flush().await {
+                return end;
+            }
+            if draining && self.pending.is_empty() {
+                return End::Shutdown;
+            }
+            let can_read = !draining && self.pending.len() < self.max_pending;
+            let deadline = self.deadline.filter(|_| can_read);
+            let front_waits = self.pending.front().is_some_and(|p| p.wait.is_some());
+            tokio::select! {
+                _ = self.kick.cancelled() => return End::Takeover,
+                _ = shutdown.cancelled(), if !draining => draining = true,
+                reply = front_reply(&mut self.pending), if front_waits => {
+                    if let Some(p) = self.pending.pop_front() {
+                        self.touch();
+                        if let Err(end) = self.resolve(p, reply) {
+                            return end;
+                        }
+                    }
+                }
+                r = self.rd.read_buf(&mut self.read_buf), if can_read => match r {
+                    Ok(0) => return End::PeerClosed,
+                    Ok(_) => {}
+                    Err(e) => return End::Io(e.to_string()),
+                },
+                _ = self.notify.notified() => self.drain_outbound(),
+                _ = async { if let Some(d) = deadline { tokio::time::sleep_until(d).await } },
+                    if deadline.is_some() => return End::KeepAlive,
+            }
+        }
+    }
+
+    fn touch(&mut self) {
+        if let Some(k) = self.keep_alive {
+            self.deadline = Some(Instant::now() + k);
+        }
+    }
+
+    /// Handles every complete packet in the read buffer, stopping at the pending bound.
+    async fn process_buffer(&mut self) -> Result<(), End> {
+        while self.pending.len() < self.max_pending {
+            let packet = codec::read_packet(
+                self.protocol,
+                &mut self.read_buf,
+                self.shared.settings.max_packet_size,
+            )
+            .map_err(|e| match e {
+                FrameError::TooLarge { size, max } => End::Oversized { size, max },
+                FrameError::Malformed(why) => End::Malformed(why),
+            })?;
+            let Some(packet) = packet else {
+                return Ok(());
+            };
+            self.touch();
+            self.handle(packet).await?;
+        }
+        Ok(())
+    }
+
+    async fn handle(&mut self, packet: Incoming) -> Result<(), End> {
+        match packet {
+            Incoming::Publish(p) => self.on_publish(p).await?,
+            Incoming::PubAck(pkid) => {
+                let known = self.with_session(|s| s.outbound.on_puback(pkid));
+                if known != Some(true) {
+                    tracing::debug!(peer = %self.peer, client_id = %self.client_id, pkid, "PUBACK for unknown packet id");
+                }
+                self.drain_outbound();
+            }
+            Incoming::PubRec(pkid) => {
+                self.with_session(|s| s.outbound.on_pubrec(pkid));
+                self.queue(&Outgoing::PubRel { pkid });
+            }
+            Incoming::PubComp(pkid) => {
+                self.with_session(|s| s.outbound.on_pubcomp(pkid));
+                self.drain_outbound();
+            }
+            Incoming::PubRel(pkid) => {
+                self.with_session(|s| s.awaiting_rel.remove(&pkid));
+                self.queue(&Outgoing::PubComp { pkid });
+            }
+            Incoming::Subscribe { pkid, filters } => self.on_subscribe(pkid, filters)?,
+            Incoming::Unsubscribe { pkid, filters } => {
+                let existed = self
+                    .with_session(|s| filters.iter().map(|f| s.unsubscribe(f)).collect())
+                    .unwrap_or_else(|| vec![false; filters.len()]);
+                self.queue(&Outgoing::UnsubAck { pkid, existed });
+            }
+            Incoming::PingReq => self.queue(&Outgoing::PingResp),
+            Incoming::Disconnect { with_will } => return Err(End::Disconnect { with_will }),
+            Incoming::Connect => return Err(End::ProtocolViolation("second CONNECT")),
+            Incoming::Unexpected(kind) => return Err(End::ProtocolViolation(kind)),
+        }
+        Ok(())
+    }
+
+    async fn on_publish(&mut self, p: PublishIn) -> Result<(), End> {
+        let topic = match std::str::from_utf8(&p.topic) {
+            Ok(t) => TopicName::new(t).map_err(|e| format!("{t:?}: {e}")),
+            Err(_) => Err("topic is not UTF-8".to_string()),
+        };
+        let topic = match topic {
+            Ok(t) => t.into_string(),
+            Err(why) => {
+                bump(&self.shared.counters.invalid_topics);
+                return Err(End::InvalidTopic(why));
+            }
+        };
+        bump(&self.shared.counters.publishes_received);
+        let shared_topic: Arc<str> = Arc::from(topic.as_str());
+        match p.qos {
+            QoS::AtMostOnce => {
+                let inbound = Inbound {
+                    client_id: self.client_id.clone(),
+                    topic,
+                    payload: p.payload.clone(),
+                    qos: p.qos,
+                    retain: p.retain,
+                    reply: None,
+                };
+                if !self.hand_over(inbound).await? {
+                    tracing::warn!(peer = %self.peer, client_id = %self.client_id,
+                        "ingest channel closed, QoS 0 message not stored");
+                }
+                self.shared.route(
+                    &shared_topic,
+                    &p.payload,
+                    p.qos,
+                    p.retain,
+                    Some(&self.client_id),
+                );
+            }
+            QoS::AtLeastOnce | QoS::ExactlyOnce => {
+                if p.qos == QoS::ExactlyOnce && self.is_qos2_duplicate(p.pkid) {
+                    self.pending.push_back(Pending {
+                        pkid: p.pkid,
+                        qos: p.qos,
+                        wait: None,
+                        message: None,
+                    });
+                    return Ok(());
+                }
+                let (tx, rx) = oneshot::channel();
+                let inbound = Inbound {
+                    client_id: self.client_id.clone(),
+                    topic,
+                    payload: p.payload.clone(),
+                    qos: p.qos,
+                    retain: p.retain,
+                    reply: Some(tx),
+                };
+                // If the channel is closed the sender is dropped with it, and `rx` resolves as
+                // a refusal: no ack for what was not stored.
+                self.hand_over(inbound).await?;
+                self.pending.push_back(Pending {
+                    pkid: p.pkid,
+                    qos: p.qos,
+                    wait: Some(rx),
+                    message: Some((shared_topic, p.payload, p.retain)),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// A QoS 2 publish whose id is already being handled or awaiting PUBREL.
+    fn is_qos2_duplicate(&mut self, pkid: u16) -> bool {
+        self.pending
+            .iter()
+            .any(|q| q.qos == QoS::ExactlyOnce && q.pkid == pkid)
+            || self.with_session(|s| s.awaiting_rel.contains(&pkid)) == Some(true)
+    }
+
+    /// Sends to the gateway; the bounded channel is the backpressure. `Ok(false)`: channel closed.
+    async fn hand_over(&self, inbound: Inbound) -> Result<bool, End> {
+        tokio::select! {
+            r = self.ingest.send(inbound) => Ok(r.is_ok()),
+            _ = self.kick.cancelled() => Err(End::Takeover),
+        }
+    }
+
+    /// Acks for duplicates at the front, which need no reply.
+    fn ack_ready(&mut self) {
+        while self.pending.front().is_some_and(|p| p.wait.is_none()) {
+            if let Some(p) = self.pending.pop_front() {
+                self.queue_ack(p.pkid, p.qos, AckReason::Success);
+            }
+        }
+    }
+
+    /// The gateway answered for the front message.
+    fn resolve(
+        &mut self,
+        p: Pending,
+        reply: Result<IngestReply, oneshot::error::RecvError>,
+    ) -> Result<(), End> {
+        let reply = reply.unwrap_or(Err(IngestRefusal::StoreUnavailable));
+        match reply {
+            Ok(()) => {
+                if p.qos == QoS::ExactlyOnce {
+                    self.with_session(|s| s.awaiting_rel.insert(p.pkid));
+                }
+                if let Some((topic, payload, retain)) = &p.message {
+                    self.shared
+                        .route(topic, payload, p.qos, *retain, Some(&self.client_id));
+                }
+                self.queue_ack(p.pkid, p.qos, AckReason::Success);
+                Ok(())
+            }
+            Err(refusal) => {
+                bump(&self.shared.counters.ingest_refused);
+                let topic = p.message.as_ref().map(|m| m.0.clone());
+                tracing::warn!(peer = %self.peer, client_id = %self.client_id, ?topic, pkid = p.pkid,
+                    ?refusal, "publish refused by the gateway");
+                match self.protocol {
+                    Protocol::V4 => Err(End::Refused(refusal)),
+                    Protocol::V5 => {
+                        let reason = match refusal {
+                            IngestRefusal::QuotaExceeded => AckReason::QuotaExceeded,
+                            IngestRefusal::StoreUnavailable => AckReason::Unspecified,
+                        };
+                        self.queue_ack(p.pkid, p.qos, reason);
+                        Ok(())
+                    }
+                }
+            }
+        }
+    }
+
+    fn queue_ack(&mut self, pkid: u16, qos: QoS, reason: AckReason) {
+        match qos {
+            QoS::AtLeastOnce => self.queue(&Outgoing::PubAck { pkid, reason }),
+            QoS::ExactlyOnce => self.queue(&Outgoing::PubRec { pkid, reason }),
+            QoS::AtMostOnce => {}
+        }
+    }
+
+    fn on_subscribe(&mut self, pkid: u16, filters: Vec<SubscriptionRequest>) -> Result<(), End> {
+        if filters.is_empty() {
+            return Err(End::ProtocolViolation("SUBSCRIBE without filters"));
+        }
+        let mut codes = Vec::with_capacity(filters.len());
+        let mut subs = Vec::with_capacity(filters.len());
+        for req in filters {
+            match TopicFilter::new(req.filter.as_str()) {
+                Ok(filter) => {
+                    codes.push(Some(req.qos));
+                    subs.push((
+                        Subscription {
+                            filter,
+                            qos: req.qos,
+                            no_local: req.no_local,
+                            retain_as_published: req.retain_as_published,
+                        },
+                        req.retain_handling,
+                    ));
+                }
+                Err(e) => {
+                    tracing::warn!(peer = %self.peer, client_id = %self.client_id,
+                        filter = %req.filter, error = %e, "subscription refused: invalid filter");
+                    codes.push(None);
+                }
+            }
+        }
+        let (_, routed) = self
+            .shared
+            .router()
+            .subscribe(&self.client_id, self.conn_id, subs);
+        if routed.dropped > 0 {
+            self.shared
+                .counters
+                .dropped_queue_full
+                .fetch_add(routed.dropped, Ordering::Relaxed);
+        }
+        // SUBACK first, then the retained messages the subscription selected.
+        self.queue(&Outgoing::SubAck { pkid, codes });
+        self.drain_outbound();
+        Ok(())
+    }
+
+    fn with_session<R>(&self, f: impl FnOnce(&mut super::session::Session) -> R) -> Option<R> {
+        self.shared
+            .router()
+            .with_session(&self.client_id, self.conn_id, f)
+    }
+
+    /// Moves whatever the session may send now into the write buffer.
+    fn drain_outbound(&mut self) {
+        loop {
+            let next = self.with_session(|s| s.outbound.next_send()).flatten();
+            let Some(send) = next else {
+                return;
+            };
+            self.queue_send(send);
+        }
+    }
+
+    fn queue_send(&mut self, send: Send) {
+        match send {
+            Send::Publish { msg, pkid, dup } => {
+                let packet = Outgoing::Publish {
+                    topic: msg.topic.clone(),
+                    payload: msg.payload,
+                    qos: msg.qos,
+                    retain: msg.retain,
+                    dup,
+                    pkid,
+                };
+                if self.try_queue(&packet) {
+                    if !dup {
+                        bump(&self.shared.counters.publishes_delivered);
+                    }
+                } else if pkid != 0 {
+                    // Cannot ever be written to this client (over its maximum packet size).
+                    self.with_session(|s| s.outbound.abandon(pkid));
+                }
+            }
+            Send::PubRel(pkid) => {
+                self.queue(&Outgoing::PubRel { pkid });
+            }
+        }
+    }
+
+    /// Encodes a packet into the write buffer (a failure is logged in `try_queue`).
+    fn queue(&mut self, packet: &Outgoing) {
+        self.try_queue(packet);
+    }
+
+    /// Encodes a packet into the write buffer; false (and logged) if it cannot be encoded.
+    fn try_queue(&mut self, packet: &Outgoing) -> bool {
+        match codec::write_packet(
+            self.protocol,
+            packet,
+            &mut self.write_buf,
+            self.peer_max_packet,
+        ) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(peer = %self.peer, client_id = %self.client_id, error = %e,
+                    "packet not sent to client");
+                false
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), End> {
+        if self.write_buf.is_empty() {
+            return Ok(());
+        }
+        let buf = self.write_buf.split().freeze();
+        tokio::select! {
+            r = tokio::time::timeout(WRITE_TIMEOUT, self.wr.write_all(&buf)) => match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(End::Io(e.to_string())),
+                Err(_) => Err(End::Io(format!("write stalled for {WRITE_TIMEOUT:?}"))),
+            },
+            _ = self.kick.cancelled() => Err(End::Takeover),
+        }
+    }
+
+    /// Logs and counts the end, tells an MQTT 5 client why, publishes the will if due, and
+    /// releases the session.
+    async fn finish(mut self, end: End, will: Option<Will>) {
+        // A kick while the broker shuts down is the shutdown, not a takeover.
+        let end = match end {
+            End::Takeover if self.kick.is_cancelled() && !self.shared_kick_is_takeover() => {
+                End::Shutdown
+            }
+            other => other,
+        };
+        let counters = &self.shared.counters;
+        let (peer, client_id) = (self.peer, self.client_id.clone());
+        match &end {
+            End::Disconnect { .. } => {
+                tracing::debug!(%peer, %client_id, "MQTT client disconnected")
+            }
+            End::PeerClosed => {
+                tracing::info!(%peer, %client_id, "MQTT connection closed by peer without DISCONNECT")
+            }
+            End::Io(e) => tracing::info!(%peer, %client_id, error = %e, "MQTT connection failed"),
+            End::KeepAlive => {
+                bump(&counters.keepalive_timeouts);
+                tracing::warn!(%peer, %client_id, "MQTT connection closed: keep-alive expired");
+            }
+            End::Takeover => {
+                tracing::info!(%peer, %client_id, "MQTT session taken over by a new connection")
+            }
+            End::Malformed(why) => {
+                bump(&counters.malformed_packets);
+                tracing::warn!(%peer, %client_id, %why, "MQTT connection closed: malformed packet");
+            }
+            End::Oversized { size, max } => {
+                bump(&counters.oversized_packets);
+                tracing::warn!(%peer, %client_id, size, max, "MQTT connection closed: packet too large");
+            }
+            End::InvalidTopic(why) => {
+                tracing::warn!(%peer, %client_id, %why, "MQTT connection closed: invalid topic name");
+            }
+            End::ProtocolViolation(what) => {
+                bump(&counters.malformed_packets);
+                tracing::warn!(%peer, %client_id, what, "MQTT connection closed: protocol violation");
+            }
+            End::Refused(r) => tracing::warn!(%peer, %client_id, refusal = ?r,
+                "MQTT 3.1.1 connection closed without ack: gateway refused a publish"),
+            End::Shutdown => {
+                tracing::debug!(%peer, %client_id, "MQTT connection closed for shutdown")
+            }
+        }
+        if self.protocol == Protocol::V5
+            && let Some(reason) = end.v5_reason()
+        {
+            self.queue(&Outgoing::Disconnect { reason });
+        }
+        let buf = self.write_buf.split().freeze();
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            if !buf.is_empty() {
+                let _ = self.wr.write_all(&buf).await;
+            }
+            let _ = self.wr.shutdown().await;
+        })
+        .await;
+        self.shared.router().detach(&self.client_id, self.conn_id);
+        if end.publishes_will()
+            && let Some(w) = will
+        {
+            {
+                tracing::debug!(%peer, %client_id, topic = %w.topic, "publishing will");
+                self.shared
+                    .route(&w.topic, &w.payload, w.qos, w.retain, None);
+                let inbound = Inbound {
+                    client_id: self.client_id.clone(),
+                    topic: w.topic.to_string(),
+                    payload: w.payload,
+                    qos: w.qos,
+                    retain: w.retain,
+                    reply: None,
+                };
+                if tokio::time::timeout(CLOSE_TIMEOUT, self.ingest.send(inbound))
+                    .await
+                    .map_or(true, |r| r.is_err())
+                {
+                    tracing::warn!(%peer, %client_id, "will not handed to ingest (channel full or closed)");
+                }
+            }
+        }
+    }
+
+    /// True when our kick token was cancelled by a takeover rather than by the broker's hard
+    /// stop (the kick is a child of the hard stop, so both look the same from the child).
+    fn shared_kick_is_takeover(&self) -> bool {
+        self.shared
+            .router()
+            .with_session(&self.client_id, self.conn_id, |_| ())
+            .is_none()
+    }
+}

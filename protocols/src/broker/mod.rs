@@ -1,0 +1,399 @@
+//! The embedded MQTT broker (3.1.1 and 5) that local sensors publish to.
+//!
+//! Every accepted PUBLISH is handed to the gateway as an [`Inbound`] over a bounded channel. For
+//! QoS 1/2 the broker waits for the gateway's [`IngestReply`] before it writes PUBACK / PUBREC:
+//! *acknowledged means stored*. While a connection waits it keeps reading, up to
+//! [`BrokerSettings::max_inbound_pending`] unanswered messages; acks go out in arrival order. At
+//! that bound the connection stops reading, so a slow store slows publishers through their
+//! in-flight windows instead of dropping anything acknowledged.
+//!
+//! Layout: `codec` adapts rumqttc's v4/v5 codecs to one internal packet set; `session` is the
+//! sans-IO per-client state (queues, in-flight window, packet ids); `router` holds sessions and
+//! retained messages; `connection` is the per-socket task that drives them.
+//!
+//! Policies worth knowing:
+//! - Wills are published (to local subscribers, and to ingest with `reply: None`) on every end
+//!   except DISCONNECT and broker shutdown: network error, keep-alive expiry, protocol
+//!   violation, takeover, and a 3.1.1 connection closed because the gateway refused a publish.
+//! - Offline persistent sessions queue QoS 1/2 only (mosquitto's default); QoS 0 to an offline
+//!   client is not a counted drop.
+//! - MQTT 5: a session outlives its connection when the client sets session expiry > 0; the
+//!   interval itself is not enforced yet (kept until restart). Properties other than receive
+//!   maximum, maximum packet size, no-local, retain-as-published and retain handling are
+//!   ignored; topic aliases are announced as unsupported (maximum 0).
+//! - Sessions and retained messages live in memory only for now; `session::Session` is plain
+//!   data so it can be persisted later.
+
+mod codec;
+mod connection;
+mod router;
+mod session;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::topic::{TopicError, TopicName};
+use router::Router;
+
+/// How long connections get, after shutdown is requested, to finish the acks for messages they
+/// already handed to the gateway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Broker limits and listeners.
+#[derive(Debug, Clone)]
+pub struct BrokerSettings {
+    /// Addresses to listen on (port 0 picks a free port; see [`Broker::local_addrs`]).
+    pub listeners: Vec<SocketAddr>,
+    /// Connected clients allowed at once; the next one gets CONNACK "server unavailable".
+    pub max_connections: usize,
+    /// Largest packet accepted (whole packet, bytes); larger closes the connection. Also the
+    /// MQTT 5 maximum packet size announced.
+    pub max_packet_size: usize,
+    /// Outbound QoS 1/2 messages in flight (unacknowledged) per client.
+    pub max_inflight: u16,
+    /// Inbound QoS 1/2 messages awaiting the gateway's reply per client; at the bound the
+    /// connection stops reading. Also the MQTT 5 receive maximum announced.
+    pub max_inbound_pending: u16,
+    /// Per-client outbound queue (online backlog beyond the in-flight window, and a persistent
+    /// session's offline queue). When full QoS 0 is dropped first; every drop is counted.
+    pub max_queued_messages: usize,
+    /// Time allowed between TCP accept and CONNECT.
+    pub connect_timeout: Duration,
+}
+
+/// MQTT quality of service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum QoS {
+    /// QoS 0.
+    AtMostOnce,
+    /// QoS 1.
+    AtLeastOnce,
+    /// QoS 2.
+    ExactlyOnce,
+}
+
+/// A message accepted from a local client, handed to the gateway.
+#[derive(Debug)]
+pub struct Inbound {
+    /// The publishing client.
+    pub client_id: Arc<str>,
+    /// Validated topic name.
+    pub topic: String,
+    /// The bytes the client sent, unchanged.
+    pub payload: Bytes,
+    /// QoS the client published with.
+    pub qos: QoS,
+    /// Retain flag as published.
+    pub retain: bool,
+    /// Some for QoS 1/2 (the broker waits for it before acking); None for QoS 0 and for wills.
+    /// The gateway MUST answer or drop; a dropped sender counts as a refusal.
+    pub reply: Option<oneshot::Sender<IngestReply>>,
+}
+
+/// The gateway's answer for an inbound QoS 1/2 message: `Ok` once it is committed.
+pub type IngestReply = Result<(), IngestRefusal>;
+
+/// Why the gateway did not take a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IngestRefusal {
+    /// The store is at its quota (MQTT 5 reason 0x97).
+    QuotaExceeded,
+    /// The store cannot write (poisoned, closed); MQTT 5 reason 0x80.
+    StoreUnavailable,
+}
+
+/// Errors of the broker's public operations.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address that failed.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// [`BrokerSettings::listeners`] is empty.
+    #[error("no MQTT listener configured")]
+    NoListeners,
+    /// [`BrokerHandle::publish`] with an invalid topic name.
+    #[error("invalid topic name {topic:?}: {source}")]
+    InvalidTopic {
+        /// The topic as given.
+        topic: String,
+        /// What is wrong with it.
+        #[source]
+        source: TopicError,
+    },
+}
+
+/// A snapshot of the broker's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BrokerStats {
+    /// Clients connected now (past CONNACK).
+    pub connections_current: u64,
+    /// Clients accepted since start.
+    pub connections_total: u64,
+    /// CONNECTs refused (limit, protocol version, client id) or never sent in time.
+    pub connections_refused: u64,
+    /// Connections closed for malformed packets or protocol violations.
+    pub malformed_packets: u64,
+    /// Connections closed for a packet over `max_packet_size`.
+    pub oversized_packets: u64,
+    /// Valid PUBLISH packets received from clients.
+    pub publishes_received: u64,
+    /// PUBLISH packets written to subscribers (first transmissions).
+    pub publishes_delivered: u64,
+    /// Inbound QoS 1/2 messages the gateway refused (or never answered).
+    pub ingest_refused: u64,
+    /// Messages dropped because a subscriber's queue was full.
+    pub dropped_queue_full: u64,
+    /// Connections closed after 1.5x keep-alive without a packet.
+    pub keepalive_timeouts: u64,
+    /// Connections closed for an invalid PUBLISH topic.
+    pub invalid_topics: u64,
+}
+
+/// Live counters behind [`BrokerStats`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub connections_current: AtomicU64,
+    pub connections_total: AtomicU64,
+    pub connections_refused: AtomicU64,
+    pub malformed_packets: AtomicU64,
+    pub oversized_packets: AtomicU64,
+    pub publishes_received: AtomicU64,
+    pub publishes_delivered: AtomicU64,
+    pub ingest_refused: AtomicU64,
+    pub dropped_queue_full: AtomicU64,
+    pub keepalive_timeouts: AtomicU64,
+    pub invalid_topics: AtomicU64,
+}
+
+pub(crate) fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Counters {
+    fn snapshot(&self) -> BrokerStats {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        BrokerStats {
+            connections_current: g(&self.connections_current),
+            connections_total: g(&self.connections_total),
+            connections_refused: g(&self.connections_refused),
+            malformed_packets: g(&self.malformed_packets),
+            oversized_packets: g(&self.oversized_packets),
+            publishes_received: g(&self.publishes_received),
+            publishes_delivered: g(&self.publishes_delivered),
+            ingest_refused: g(&self.ingest_refused),
+            dropped_queue_full: g(&self.dropped_queue_full),
+            keepalive_timeouts: g(&self.keepalive_timeouts),
+            invalid_topics: g(&self.invalid_topics),
+        }
+    }
+}
+
+/// State shared by the accept loops, every connection and every handle.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub settings: BrokerSettings,
+    pub router: Mutex<Router>,
+    pub counters: Counters,
+    /// Source of connection ids (see `router::Link::conn_id`) and assigned client ids.
+    pub next_id: AtomicU64,
+    /// Sockets accepted but not yet past CONNECT; bounded by `max_connections` so a flood of
+    /// idle sockets cannot exhaust memory or descriptors before `connect_timeout` reaps them.
+    pub handshaking: AtomicU64,
+}
+
+impl Shared {
+    /// Locks the router. A panic while holding the lock cannot leave it half-updated in a way
+    /// worse than losing the broker, so a poisoned lock is used as is.
+    pub(crate) fn router(&self) -> MutexGuard<'_, Router> {
+        self.router.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Routes a message to local subscribers, counting drops.
+    pub(crate) fn route(
+        &self,
+        topic: &Arc<str>,
+        payload: &Bytes,
+        qos: QoS,
+        retain: bool,
+        origin: Option<&str>,
+    ) {
+        let routed = self.router().route(topic, payload, qos, retain, origin);
+        if routed.dropped > 0 {
+            self.counters
+                .dropped_queue_full
+                .fetch_add(routed.dropped, Ordering::Relaxed);
+            tracing::warn!(%topic, dropped = routed.dropped, "subscriber queue full, message dropped");
+        }
+    }
+}
+
+/// A bound, not yet running, broker.
+#[derive(Debug)]
+pub struct Broker {
+    listeners: Vec<TcpListener>,
+    shared: Arc<Shared>,
+}
+
+/// A cheap handle for publishing into the broker and reading its counters.
+#[derive(Clone, Debug)]
+pub struct BrokerHandle {
+    shared: Arc<Shared>,
+}
+
+impl Broker {
+    /// Binds every listener now (a failed bind is an error naming the address, not a log line).
+    pub async fn bind(settings: BrokerSettings) -> Result<Broker, BrokerError> {
+        if settings.listeners.is_empty() {
+            return Err(BrokerError::NoListeners);
+        }
+        let mut listeners = Vec::with_capacity(settings.listeners.len());
+        for addr in &settings.listeners {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| BrokerError::Bind {
+                    addr: *addr,
+                    source,
+                })?;
+            listeners.push(l);
+        }
+        let router = Router::new(settings.max_queued_messages, settings.max_inflight);
+        Ok(Broker {
+            listeners,
+            shared: Arc::new(Shared {
+                settings,
+                router: Mutex::new(router),
+                counters: Counters::default(),
+                next_id: AtomicU64::new(1),
+                handshaking: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The bound addresses (real ports when bound to port 0).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    /// A handle for publishing and stats; usable before, during and after `run`.
+    pub fn handle(&self) -> BrokerHandle {
+        BrokerHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Serves until `shutdown` is cancelled; then stops accepting, lets every connection finish
+    /// the acks for what it already handed over (bounded by a few seconds), closes connections,
+    /// returns.
+    pub async fn run(
+        self,
+        ingest: mpsc::Sender<Inbound>,
+        shutdown: CancellationToken,
+    ) -> Result<(), BrokerError> {
+        let tracker = TaskTracker::new();
+        // Cancelled after the grace period: connections still busy are closed at once.
+        let hard_stop = CancellationToken::new();
+        for listener in self.listeners {
+            let ctx = AcceptCtx {
+                shared: self.shared.clone(),
+                ingest: ingest.clone(),
+                shutdown: shutdown.clone(),
+                hard_stop: hard_stop.clone(),
+                tracker: tracker.clone(),
+            };
+            tracker.spawn(accept_loop(listener, ctx));
+        }
+        drop(ingest);
+        shutdown.cancelled().await;
+        tracker.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("MQTT connections still busy after {SHUTDOWN_GRACE:?}, closing them");
+            hard_stop.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(1), tracker.wait()).await;
+        }
+        hard_stop.cancel();
+        Ok(())
+    }
+}
+
+struct AcceptCtx {
+    shared: Arc<Shared>,
+    ingest: mpsc::Sender<Inbound>,
+    shutdown: CancellationToken,
+    hard_stop: CancellationToken,
+    tracker: TaskTracker,
+}
+
+async fn accept_loop(listener: TcpListener, ctx: AcceptCtx) {
+    let local = listener.local_addr().ok();
+    loop {
+        let accepted = tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                ctx.tracker.spawn(connection::serve(
+                    stream,
+                    peer,
+                    ctx.shared.clone(),
+                    ctx.ingest.clone(),
+                    ctx.shutdown.clone(),
+                    ctx.hard_stop.clone(),
+                ));
+            }
+            Err(e) => {
+                // Typically EMFILE: back off instead of spinning; the listener stays.
+                tracing::warn!(listener = ?local, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    tracing::debug!(listener = ?local, "MQTT listener stopped");
+}
+
+impl BrokerHandle {
+    /// Publish into the local broker as the gateway itself (commands from the cloud): delivered
+    /// to matching local subscribers (and stored as retained if `retain`), NOT handed to ingest.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
+    ) -> Result<(), BrokerError> {
+        let name = TopicName::new(topic).map_err(|source| BrokerError::InvalidTopic {
+            topic: topic.to_owned(),
+            source,
+        })?;
+        let topic: Arc<str> = Arc::from(name.into_string());
+        self.shared.route(&topic, &payload, qos, retain, None);
+        Ok(())
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> BrokerStats {
+        self.shared.counters.snapshot()
+    }
+}

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The project's test command (the README names it; CI runs it on a clean clone):
+# installs the test peers, checks formatting and lints, runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/install-test-deps.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo build --workspace --locked
+cargo test --workspace --locked

@@ -1,0 +1,330 @@
+//! Opening the database, telling our file from others, migrations, the counters row and the read
+//! queries shared by the writer thread and the read-only entry points.
+
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+
+use crate::{Durability, Priority, Record, StoreError, StoreSettings, StoreStats};
+
+/// `PRAGMA application_id` of our files: "OUTP".
+pub(crate) const APPLICATION_ID: i64 = 0x4F55_5450;
+/// `PRAGMA user_version` this build writes and understands.
+pub(crate) const SCHEMA_VERSION: i64 = 1;
+/// How long a statement waits for a lock held by another connection (e.g. a checkpoint while
+/// `outpost status` reads) before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+const SCHEMA_V1: &str = "
+CREATE TABLE records (
+    seq            INTEGER PRIMARY KEY,
+    stream         TEXT    NOT NULL,
+    priority       INTEGER NOT NULL,
+    ingested_at_ms INTEGER NOT NULL,
+    size           INTEGER NOT NULL,
+    payload        BLOB    NOT NULL
+);
+CREATE INDEX records_by_priority ON records (priority, seq);
+CREATE INDEX records_by_ingested ON records (ingested_at_ms);
+CREATE TABLE counters (
+    id                  INTEGER PRIMARY KEY CHECK (id = 1),
+    records             INTEGER NOT NULL,
+    bytes               INTEGER NOT NULL,
+    records_high        INTEGER NOT NULL,
+    records_normal      INTEGER NOT NULL,
+    records_low         INTEGER NOT NULL,
+    last_seq            INTEGER NOT NULL,
+    appended_total      INTEGER NOT NULL,
+    acked_total         INTEGER NOT NULL,
+    evicted_total       INTEGER NOT NULL,
+    evicted_high        INTEGER NOT NULL,
+    evicted_normal      INTEGER NOT NULL,
+    evicted_low         INTEGER NOT NULL,
+    expired_total       INTEGER NOT NULL,
+    rejected_full_total INTEGER NOT NULL,
+    commits_total       INTEGER NOT NULL
+);
+INSERT INTO counters VALUES (1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+CREATE TABLE state (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
+";
+
+/// In-memory copy of the counters row; the writer changes it alongside the SQL and writes it back
+/// in the same transaction.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Counters {
+    pub records: u64,
+    pub bytes: u64,
+    pub records_by_priority: [u64; 3],
+    pub last_seq: u64,
+    pub appended_total: u64,
+    pub acked_total: u64,
+    pub evicted_total: u64,
+    pub evicted_by_priority: [u64; 3],
+    pub expired_total: u64,
+    pub rejected_full_total: u64,
+    pub commits_total: u64,
+}
+
+impl Counters {
+    /// Accounts for one stored record going away.
+    pub fn remove(&mut self, priority: usize, size: u64) {
+        self.records = self.records.saturating_sub(1);
+        self.bytes = self.bytes.saturating_sub(size);
+        if let Some(n) = self.records_by_priority.get_mut(priority) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
+    pub fn to_stats(&self, oldest_ingested_at_ms: Option<u64>, poisoned: bool) -> StoreStats {
+        StoreStats {
+            records: self.records,
+            bytes: self.bytes,
+            records_by_priority: self.records_by_priority,
+            oldest_ingested_at_ms,
+            last_seq: self.last_seq,
+            appended_total: self.appended_total,
+            acked_total: self.acked_total,
+            evicted_total: self.evicted_total,
+            evicted_by_priority: self.evicted_by_priority,
+            expired_total: self.expired_total,
+            rejected_full_total: self.rejected_full_total,
+            commits_total: self.commits_total,
+            poisoned,
+        }
+    }
+}
+
+/// SQLite integers are signed; our values never come near `i64::MAX`, and saturating keeps a
+/// corrupt value from wrapping.
+pub(crate) fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+pub(crate) struct Opened {
+    pub conn: Connection,
+    pub counters: Counters,
+}
+
+/// Opens (creating if needed) the database for the writer: checks it is ours, sets WAL and the
+/// durability, migrates, and loads the counters row (no scan of the records).
+pub(crate) fn open_read_write(settings: &StoreSettings) -> Result<Opened, StoreError> {
+    let path = settings.path.as_path();
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|source| StoreError::Io {
+            path: parent.to_path_buf(),
+            source,
+        })?;
+    }
+    let open_err = |source| StoreError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let mut conn = Connection::open_with_flags(path, flags).map_err(open_err)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+    // Identity first, before anything changes in the file.
+    let version = check_identity(&conn, path, true)?;
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+        .map_err(open_err)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        tracing::warn!(path = %path.display(), mode, "store could not switch to WAL mode");
+    }
+    let synchronous = match settings.durability {
+        Durability::Full => "FULL",
+        Durability::Normal => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", synchronous)
+        .map_err(open_err)?;
+    if version < SCHEMA_VERSION {
+        migrate(&mut conn, version).map_err(open_err)?;
+    }
+    let counters = load_counters(&conn).map_err(open_err)?;
+    Ok(Opened { conn, counters })
+}
+
+/// Opens an existing store read-only (SQLITE_OPEN_READ_ONLY), for another process.
+pub(crate) fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
+    let open_err = |source| StoreError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags).map_err(open_err)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+    let version = check_identity(&conn, path, false)?;
+    if version < SCHEMA_VERSION {
+        // Read-only cannot migrate; an older schema does not exist yet, so this is a file that
+        // was created but never initialised.
+        return Err(StoreError::NotAStore {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(conn)
+}
+
+/// Returns the schema version of a file that is ours (0 for a brand-new empty database when
+/// `allow_new`), or the reason it is not usable.
+fn check_identity(conn: &Connection, path: &Path, allow_new: bool) -> Result<i64, StoreError> {
+    let open_err = |source| StoreError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    // Reading the header is what fails with "file is not a database" on a foreign file.
+    let app_id: i64 = conn
+        .pragma_query_value(None, "application_id", |row| row.get(0))
+        .map_err(open_err)?;
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(open_err)?;
+    if app_id == APPLICATION_ID {
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::UnsupportedSchema {
+                path: path.to_path_buf(),
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        return Ok(version);
+    }
+    let objects: i64 = conn
+        .query_row("SELECT count(*) FROM sqlite_schema", [], |row| row.get(0))
+        .map_err(open_err)?;
+    if allow_new && app_id == 0 && version == 0 && objects == 0 {
+        return Ok(0);
+    }
+    Err(StoreError::NotAStore {
+        path: path.to_path_buf(),
+    })
+}
+
+fn migrate(conn: &mut Connection, from: i64) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    if from < 1 {
+        tx.execute_batch(SCHEMA_V1)?;
+        tx.pragma_update(None, "application_id", APPLICATION_ID)?;
+    }
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    tx.commit()
+}
+
+pub(crate) fn load_counters(conn: &Connection) -> rusqlite::Result<Counters> {
+    conn.query_row(
+        "SELECT records, bytes, records_high, records_normal, records_low, last_seq,
+                appended_total, acked_total, evicted_total, evicted_high, evicted_normal,
+                evicted_low, expired_total, rejected_full_total, commits_total
+         FROM counters WHERE id = 1",
+        [],
+        |row| {
+            let get = |i: usize| row.get::<_, i64>(i).map(to_u64);
+            Ok(Counters {
+                records: get(0)?,
+                bytes: get(1)?,
+                records_by_priority: [get(2)?, get(3)?, get(4)?],
+                last_seq: get(5)?,
+                appended_total: get(6)?,
+                acked_total: get(7)?,
+                evicted_total: get(8)?,
+                evicted_by_priority: [get(9)?, get(10)?, get(11)?],
+                expired_total: get(12)?,
+                rejected_full_total: get(13)?,
+                commits_total: get(14)?,
+            })
+        },
+    )
+}
+
+pub(crate) fn write_counters(conn: &Connection, c: &Counters) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare_cached(
+        "UPDATE counters SET records = ?1, bytes = ?2, records_high = ?3, records_normal = ?4,
+            records_low = ?5, last_seq = ?6, appended_total = ?7, acked_total = ?8,
+            evicted_total = ?9, evicted_high = ?10, evicted_normal = ?11, evicted_low = ?12,
+            expired_total = ?13, rejected_full_total = ?14, commits_total = ?15
+         WHERE id = 1",
+    )?;
+    let changed = stmt.execute(params![
+        to_i64(c.records),
+        to_i64(c.bytes),
+        to_i64(c.records_by_priority[0]),
+        to_i64(c.records_by_priority[1]),
+        to_i64(c.records_by_priority[2]),
+        to_i64(c.last_seq),
+        to_i64(c.appended_total),
+        to_i64(c.acked_total),
+        to_i64(c.evicted_total),
+        to_i64(c.evicted_by_priority[0]),
+        to_i64(c.evicted_by_priority[1]),
+        to_i64(c.evicted_by_priority[2]),
+        to_i64(c.expired_total),
+        to_i64(c.rejected_full_total),
+        to_i64(c.commits_total),
+    ])?;
+    if changed != 1 {
+        // The row is created with the schema; without it the counters would silently not persist.
+        return Err(rusqlite::Error::QueryReturnedNoRows);
+    }
+    Ok(())
+}
+
+/// Index lookup on `records_by_ingested`, not a scan.
+pub(crate) fn oldest_ingested_at(conn: &Connection) -> rusqlite::Result<Option<u64>> {
+    let oldest: Option<i64> = conn
+        .prepare_cached("SELECT min(ingested_at_ms) FROM records")?
+        .query_row([], |row| row.get(0))?;
+    Ok(oldest.map(to_u64))
+}
+
+pub(crate) fn read_after(
+    conn: &Connection,
+    priority: Priority,
+    after_seq: u64,
+    limit: usize,
+    not_before_ms: u64,
+) -> Result<Vec<Record>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, stream, priority, payload, ingested_at_ms FROM records
+         WHERE priority = ?1 AND seq > ?2 AND ingested_at_ms >= ?3
+         ORDER BY seq LIMIT ?4",
+    )?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let mut rows = stmt.query(params![
+        to_i64(priority.as_index() as u64),
+        to_i64(after_seq),
+        to_i64(not_before_ms),
+        limit
+    ])?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        let seq = to_u64(row.get(0)?);
+        let stored_priority: i64 = row.get(2)?;
+        let priority = usize::try_from(stored_priority)
+            .ok()
+            .and_then(Priority::from_index)
+            .ok_or(StoreError::Corrupt {
+                seq,
+                what: "priority out of range",
+            })?;
+        out.push(Record {
+            seq,
+            stream: row.get(1)?,
+            priority,
+            payload: Bytes::from(row.get::<_, Vec<u8>>(3)?),
+            ingested_at_ms: to_u64(row.get(4)?),
+        });
+    }
+    Ok(out)
+}
+
+pub(crate) fn get_state(conn: &Connection, key: &str) -> rusqlite::Result<Option<Vec<u8>>> {
+    conn.prepare_cached("SELECT value FROM state WHERE key = ?1")?
+        .query_row([key], |row| row.get(0))
+        .optional()
+}

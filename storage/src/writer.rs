@@ -1,0 +1,624 @@
+//! The writer thread: owns the read-write connection, gathers writes into group commits, applies
+//! quota and TTL, and poisons the store when a commit fails.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, TransactionBehavior, params};
+use tokio::runtime::Runtime;
+use tokio::sync::mpsc::error::TryRecvError;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::schema::{self, Counters, to_i64, to_u64};
+use crate::{
+    EXPIRE_PASS_LIMIT, NewRecord, Priority, Record, StoreError, StoreSettings, StoreStats,
+    WhenFull, accounted_size,
+};
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// How many eviction candidates one query fetches.
+const EVICT_CHUNK: i64 = 256;
+/// Upper bound between two TTL passes.
+const EXPIRE_INTERVAL_MAX: Duration = Duration::from_secs(5);
+/// Lower bound between two TTL passes, for tiny TTLs.
+const EXPIRE_INTERVAL_MIN: Duration = Duration::from_millis(50);
+
+pub(crate) enum Command {
+    Write(Write),
+    Read(Read),
+    Close { reply: Reply<()> },
+}
+
+/// A write waiting for its group commit. The outcome fields are filled while the batch is applied
+/// and sent only once the transaction has committed.
+pub(crate) enum Write {
+    Append {
+        records: Vec<NewRecord>,
+        reply: Reply<Vec<u64>>,
+        /// Seqs, or a refusal (full / too large) that does not fail the batch.
+        result: Result<Vec<u64>, StoreError>,
+    },
+    Ack {
+        seqs: Vec<u64>,
+        reply: Reply<u64>,
+        existed: u64,
+    },
+    PutState {
+        key: String,
+        value: Vec<u8>,
+        reply: Reply<()>,
+    },
+    Expire {
+        /// `None` for the periodic pass the thread schedules itself.
+        reply: Option<Reply<u64>>,
+        expired: u64,
+        /// Loop until nothing expired is left instead of one bounded pass.
+        exhaustive: bool,
+    },
+}
+
+impl Write {
+    /// How much this write counts towards `batch_max_records`.
+    fn weight(&self) -> usize {
+        match self {
+            Write::Append { records, .. } => records.len(),
+            Write::Ack { seqs, .. } => seqs.len(),
+            Write::PutState { .. } => 1,
+            // A TTL pass closes the batch: it is maintenance, not worth waiting for company.
+            Write::Expire { .. } => usize::MAX,
+        }
+    }
+
+    /// Answers the waiter: the outcome after a commit, or the commit failure.
+    fn finish(self, failure: Option<&Arc<rusqlite::Error>>) {
+        let failed = || failure.map(|e| StoreError::CommitFailed(Arc::clone(e)));
+        // A waiter that gave up (dropped its future) is not an error.
+        match self {
+            Write::Append { reply, result, .. } => {
+                let _ = reply.send(failed().map_or(result, Err));
+            }
+            Write::Ack { reply, existed, .. } => {
+                let _ = reply.send(failed().map_or(Ok(existed), Err));
+            }
+            Write::PutState { reply, .. } => {
+                let _ = reply.send(failed().map_or(Ok(()), Err));
+            }
+            Write::Expire { reply, expired, .. } => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(failed().map_or(Ok(expired), Err));
+                }
+            }
+        }
+    }
+
+    /// Refuses the write without touching the database.
+    fn refuse(self, error: impl Fn() -> StoreError) {
+        match self {
+            Write::Append { reply, .. } => {
+                let _ = reply.send(Err(error()));
+            }
+            Write::Ack { reply, .. } => {
+                let _ = reply.send(Err(error()));
+            }
+            Write::PutState { reply, .. } => {
+                let _ = reply.send(Err(error()));
+            }
+            Write::Expire { reply, .. } => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(error()));
+                }
+            }
+        }
+    }
+}
+
+pub(crate) enum Read {
+    After {
+        priority: Priority,
+        after_seq: u64,
+        limit: usize,
+        reply: Reply<Vec<Record>>,
+    },
+    Stats {
+        reply: Reply<StoreStats>,
+    },
+    State {
+        key: String,
+        reply: Reply<Option<Vec<u8>>>,
+    },
+}
+
+pub(crate) struct Writer {
+    conn: Connection,
+    settings: StoreSettings,
+    /// Mirrors the committed counters row between batches.
+    counters: Counters,
+    poisoned: Arc<AtomicBool>,
+    fail_next_commit: Arc<AtomicBool>,
+    committed: watch::Sender<u64>,
+    /// When the next periodic TTL pass is due (only with a TTL).
+    next_expiry: Instant,
+}
+
+/// Why the command loop ended.
+enum Exit {
+    /// Every handle was dropped.
+    Disconnected,
+    /// `close()` was called; answer it once the database is closed.
+    Close(Reply<()>),
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Records ingested before this instant (unix ms) are expired; 0 without a TTL.
+fn expiry_cutoff(settings: &StoreSettings, now_ms: u64) -> u64 {
+    match settings.ttl {
+        Some(ttl) => now_ms.saturating_sub(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
+        None => 0,
+    }
+}
+
+impl Writer {
+    pub(crate) fn new(
+        conn: Connection,
+        settings: StoreSettings,
+        counters: Counters,
+        poisoned: Arc<AtomicBool>,
+        fail_next_commit: Arc<AtomicBool>,
+        committed: watch::Sender<u64>,
+    ) -> Writer {
+        Writer {
+            conn,
+            settings,
+            counters,
+            poisoned,
+            fail_next_commit,
+            committed,
+            next_expiry: Instant::now(),
+        }
+    }
+
+    /// Body of the writer thread.
+    pub(crate) fn run_thread(mut self, mut rx: mpsc::Receiver<Command>, runtime: Runtime) {
+        let exit = self.run(&mut rx, &runtime);
+        let result = self.shutdown();
+        // Commands queued behind close() are answered `Closed` by dropping them with the channel,
+        // before close() is answered, so nothing is accepted after close() returned.
+        drop(rx);
+        match exit {
+            Exit::Close(reply) => {
+                let _ = reply.send(result);
+            }
+            Exit::Disconnected => {
+                if let Err(error) = result {
+                    tracing::warn!(%error, "closing the store after the last handle dropped");
+                }
+            }
+        }
+    }
+
+    fn shutdown(self) -> Result<(), StoreError> {
+        // Readers in other processes may hold the WAL: a partial checkpoint is not an error.
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        self.conn.close().map_err(|(_, e)| StoreError::Sqlite(e))
+    }
+
+    fn expire_interval(&self) -> Option<Duration> {
+        self.settings
+            .ttl
+            .map(|ttl| (ttl / 2).clamp(EXPIRE_INTERVAL_MIN, EXPIRE_INTERVAL_MAX))
+    }
+
+    fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
+    }
+
+    fn run(&mut self, rx: &mut mpsc::Receiver<Command>, runtime: &Runtime) -> Exit {
+        let max_records = self.settings.batch_max_records.max(1);
+        loop {
+            // Periodic TTL pass, as its own small transaction between batches.
+            if let Some(interval) = self.expire_interval()
+                && !self.is_poisoned()
+                && Instant::now() >= self.next_expiry
+            {
+                let mut batch = vec![Write::Expire {
+                    reply: None,
+                    expired: 0,
+                    exhaustive: false,
+                }];
+                let failure = self.commit(&mut batch);
+                let full_pass = matches!(
+                    batch.first(),
+                    Some(Write::Expire { expired, .. }) if *expired >= EXPIRE_PASS_LIMIT as u64
+                );
+                for w in batch {
+                    w.finish(failure.as_ref());
+                }
+                // A full pass means more is expired: come back soon, but after serving commands.
+                self.next_expiry =
+                    Instant::now() + if full_pass { Duration::ZERO } else { interval };
+            }
+
+            // Idle: wait for the first command (waking up for the next TTL pass).
+            let first = match self.expire_interval() {
+                Some(_) if !self.is_poisoned() => {
+                    let wait = self.next_expiry.saturating_duration_since(Instant::now());
+                    match runtime.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
+                        Err(_elapsed) => continue,
+                        Ok(None) => return Exit::Disconnected,
+                        Ok(Some(cmd)) => cmd,
+                    }
+                }
+                _ => match rx.blocking_recv() {
+                    None => return Exit::Disconnected,
+                    Some(cmd) => cmd,
+                },
+            };
+
+            let mut batch = Vec::new();
+            let mut weight = 0usize;
+            match first {
+                Command::Read(read) => {
+                    self.serve(read);
+                    continue;
+                }
+                Command::Close { reply } => return Exit::Close(reply),
+                Command::Write(write) => self.accept(write, &mut batch, &mut weight),
+            }
+            if batch.is_empty() {
+                continue;
+            }
+
+            // Gather more writes until the batch is full or its deadline passed.
+            let deadline = Instant::now() + self.settings.batch_max_delay;
+            let mut exit = None;
+            while weight < max_records {
+                let cmd = match rx.try_recv() {
+                    Ok(cmd) => cmd,
+                    Err(TryRecvError::Disconnected) => {
+                        exit = Some(Exit::Disconnected);
+                        break;
+                    }
+                    Err(TryRecvError::Empty) => {
+                        let wait = deadline.saturating_duration_since(Instant::now());
+                        if wait.is_zero() {
+                            break;
+                        }
+                        match runtime
+                            .block_on(async { tokio::time::timeout(wait, rx.recv()).await })
+                        {
+                            Err(_elapsed) => break,
+                            Ok(None) => {
+                                exit = Some(Exit::Disconnected);
+                                break;
+                            }
+                            Ok(Some(cmd)) => cmd,
+                        }
+                    }
+                };
+                match cmd {
+                    Command::Read(read) => self.serve(read),
+                    Command::Write(write) => self.accept(write, &mut batch, &mut weight),
+                    Command::Close { reply } => {
+                        exit = Some(Exit::Close(reply));
+                        break;
+                    }
+                }
+            }
+            let failure = self.commit(&mut batch);
+            for w in batch {
+                w.finish(failure.as_ref());
+            }
+            if let Some(exit) = exit {
+                return exit;
+            }
+        }
+    }
+
+    fn accept(&self, write: Write, batch: &mut Vec<Write>, weight: &mut usize) {
+        if self.is_poisoned() {
+            write.refuse(|| StoreError::Poisoned);
+            return;
+        }
+        *weight = weight.saturating_add(write.weight());
+        batch.push(write);
+    }
+
+    fn serve(&mut self, read: Read) {
+        match read {
+            Read::After {
+                priority,
+                after_seq,
+                limit,
+                reply,
+            } => {
+                let cutoff = expiry_cutoff(&self.settings, now_ms());
+                let _ = reply.send(schema::read_after(
+                    &self.conn, priority, after_seq, limit, cutoff,
+                ));
+            }
+            Read::Stats { reply } => {
+                let result = schema::oldest_ingested_at(&self.conn)
+                    .map(|oldest| self.counters.to_stats(oldest, self.is_poisoned()))
+                    .map_err(StoreError::from);
+                let _ = reply.send(result);
+            }
+            Read::State { key, reply } => {
+                let _ = reply.send(schema::get_state(&self.conn, &key).map_err(StoreError::from));
+            }
+        }
+    }
+}
+
+impl Writer {
+    /// Applies the batch in one transaction. On success the counters move forward and waiters
+    /// get their outcomes; on any SQL failure the transaction is rolled back, the in-memory
+    /// counters are restored, the store is poisoned, and the failure is returned for every waiter.
+    fn commit(&mut self, batch: &mut [Write]) -> Option<Arc<rusqlite::Error>> {
+        if batch.is_empty() {
+            return None;
+        }
+        let before = self.counters.clone();
+        let inject_fault = self.fail_next_commit.swap(false, Ordering::AcqRel);
+        match apply_batch(
+            &mut self.conn,
+            &self.settings,
+            &mut self.counters,
+            batch,
+            inject_fault,
+        ) {
+            Ok(()) => {
+                let last_seq = self.counters.last_seq;
+                self.committed.send_if_modified(|seq| {
+                    let changed = *seq != last_seq;
+                    *seq = last_seq;
+                    changed
+                });
+                None
+            }
+            Err(error) => {
+                self.counters = before;
+                self.poisoned.store(true, Ordering::Release);
+                tracing::error!(
+                    path = %self.settings.path.display(),
+                    %error,
+                    "store commit failed; refusing further writes"
+                );
+                Some(Arc::new(error))
+            }
+        }
+    }
+}
+
+fn apply_batch(
+    conn: &mut Connection,
+    settings: &StoreSettings,
+    counters: &mut Counters,
+    batch: &mut [Write],
+    inject_fault: bool,
+) -> rusqlite::Result<()> {
+    // IMMEDIATE: take the write lock up front rather than fail upgrading it mid-batch.
+    let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let now = now_ms();
+    let cutoff = expiry_cutoff(settings, now);
+    for write in batch.iter_mut() {
+        match write {
+            Write::Append {
+                records, result, ..
+            } => {
+                *result = append_call(&mut tx, settings, counters, records, cutoff)?;
+            }
+            Write::Ack { seqs, existed, .. } => *existed = ack(&tx, counters, seqs)?,
+            Write::PutState { key, value, .. } => {
+                tx.prepare_cached(
+                    "INSERT INTO state (key, value) VALUES (?1, ?2)
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                )?
+                .execute(params![&*key, &*value])?;
+            }
+            Write::Expire {
+                expired,
+                exhaustive,
+                ..
+            } => {
+                if settings.ttl.is_some() {
+                    loop {
+                        let n = expire(&tx, counters, cutoff, EXPIRE_PASS_LIMIT)?;
+                        *expired += n;
+                        if !*exhaustive || n < EXPIRE_PASS_LIMIT as u64 {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    counters.commits_total += 1;
+    schema::write_counters(&tx, counters)?;
+    if inject_fault {
+        // A real statement failure inside the transaction, so the genuine error path runs.
+        tx.execute_batch("INSERT INTO outpost_injected_fault VALUES (1)")?;
+    }
+    tx.commit()
+}
+
+/// One append call, all-or-nothing inside a savepoint. The outer error is an SQL failure (fails
+/// the batch); the inner one a refusal of this call only (counted, batch goes on).
+fn append_call(
+    tx: &mut rusqlite::Transaction<'_>,
+    settings: &StoreSettings,
+    counters: &mut Counters,
+    records: &[NewRecord],
+    cutoff: u64,
+) -> rusqlite::Result<Result<Vec<u64>, StoreError>> {
+    let quota = settings.quota_bytes;
+    let sizes: Vec<u64> = records
+        .iter()
+        .map(|r| accounted_size(&r.stream, r.payload.len()))
+        .collect();
+    let refused = records.len() as u64;
+    if let Some(&size) = sizes.iter().find(|&&size| size > quota) {
+        counters.rejected_full_total += refused;
+        return Ok(Err(StoreError::TooLarge { size, quota }));
+    }
+    let call_start = counters.clone();
+    let mut sp = tx.savepoint()?;
+    let mut seqs = Vec::with_capacity(records.len());
+    let mut expired_once = false;
+    for (record, &size) in records.iter().zip(&sizes) {
+        if counters.bytes.saturating_add(size) > quota {
+            if settings.ttl.is_some() && !expired_once {
+                // Expired records are dead weight: drop them before refusing or evicting.
+                expired_once = true;
+                expire(&sp, counters, cutoff, EXPIRE_PASS_LIMIT)?;
+            }
+            let fits = match settings.when_full {
+                WhenFull::RejectNew => counters.bytes.saturating_add(size) <= quota,
+                WhenFull::EvictLowestOldest => {
+                    evict_for(&sp, counters, record.priority, size, quota)?
+                }
+            };
+            if !fits {
+                sp.rollback()?;
+                sp.commit()?;
+                *counters = call_start;
+                counters.rejected_full_total += refused;
+                let needed = sizes.iter().fold(0u64, |a, &s| a.saturating_add(s));
+                return Ok(Err(StoreError::Full { needed, quota }));
+            }
+        }
+        let seq = counters.last_seq + 1;
+        sp.prepare_cached(
+            "INSERT INTO records (seq, stream, priority, ingested_at_ms, size, payload)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?
+        .execute(params![
+            to_i64(seq),
+            record.stream,
+            record.priority.as_index() as i64,
+            to_i64(record.ingested_at_ms),
+            to_i64(size),
+            record.payload.as_ref(),
+        ])?;
+        let p = record.priority.as_index();
+        counters.last_seq = seq;
+        counters.records += 1;
+        counters.bytes += size;
+        counters.records_by_priority[p] += 1;
+        counters.appended_total += 1;
+        seqs.push(seq);
+    }
+    sp.commit()?;
+    Ok(Ok(seqs))
+}
+
+/// Evicts the oldest records of the lowest priority, never of a higher priority than `priority`,
+/// until `size` more bytes fit. Returns whether they fit.
+fn evict_for(
+    conn: &Connection,
+    counters: &mut Counters,
+    priority: Priority,
+    size: u64,
+    quota: u64,
+) -> rusqlite::Result<bool> {
+    let fits = |c: &Counters| c.bytes.saturating_add(size) <= quota;
+    for victim in Priority::ALL.iter().rev() {
+        if victim.as_index() < priority.as_index() {
+            break;
+        }
+        let v = victim.as_index();
+        while !fits(counters) && counters.records_by_priority[v] > 0 {
+            let mut candidates = conn.prepare_cached(
+                "SELECT seq, size FROM records WHERE priority = ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            let mut rows = candidates.query(params![v as i64, EVICT_CHUNK])?;
+            let mut last = None;
+            let mut freed = 0u64;
+            while let Some(row) = rows.next()? {
+                last = Some(row.get::<_, i64>(0)?);
+                freed = freed.saturating_add(to_u64(row.get(1)?));
+                if counters.bytes.saturating_sub(freed).saturating_add(size) <= quota {
+                    break;
+                }
+            }
+            drop(rows);
+            let Some(last) = last else {
+                // The counters claim records the table does not have; stop instead of looping.
+                tracing::warn!(
+                    priority = v,
+                    "store counters disagree with the records table"
+                );
+                break;
+            };
+            let deleted = conn
+                .prepare_cached("DELETE FROM records WHERE priority = ?1 AND seq <= ?2")?
+                .execute(params![v as i64, last])? as u64;
+            counters.records = counters.records.saturating_sub(deleted);
+            counters.bytes = counters.bytes.saturating_sub(freed);
+            counters.records_by_priority[v] =
+                counters.records_by_priority[v].saturating_sub(deleted);
+            counters.evicted_total += deleted;
+            counters.evicted_by_priority[v] += deleted;
+        }
+    }
+    Ok(fits(counters))
+}
+
+/// Deletes the given records; returns how many existed.
+fn ack(conn: &Connection, counters: &mut Counters, seqs: &[u64]) -> rusqlite::Result<u64> {
+    let mut stmt =
+        conn.prepare_cached("DELETE FROM records WHERE seq = ?1 RETURNING priority, size")?;
+    let mut existed = 0;
+    for &seq in seqs {
+        let mut rows = stmt.query([to_i64(seq)])?;
+        if let Some(row) = rows.next()? {
+            let priority: i64 = row.get(0)?;
+            let size: i64 = row.get(1)?;
+            counters.remove(
+                usize::try_from(priority).unwrap_or(usize::MAX),
+                to_u64(size),
+            );
+            counters.acked_total += 1;
+            existed += 1;
+        }
+    }
+    Ok(existed)
+}
+
+/// One bounded TTL pass: deletes up to `limit` records ingested before `cutoff`, oldest first.
+fn expire(
+    conn: &Connection,
+    counters: &mut Counters,
+    cutoff: u64,
+    limit: usize,
+) -> rusqlite::Result<u64> {
+    let mut stmt = conn.prepare_cached(
+        "DELETE FROM records WHERE seq IN (
+             SELECT seq FROM records WHERE ingested_at_ms < ?1 ORDER BY ingested_at_ms LIMIT ?2)
+         RETURNING priority, size",
+    )?;
+    let mut rows = stmt.query(params![
+        to_i64(cutoff),
+        i64::try_from(limit).unwrap_or(i64::MAX)
+    ])?;
+    let mut expired = 0;
+    while let Some(row) = rows.next()? {
+        let priority: i64 = row.get(0)?;
+        let size: i64 = row.get(1)?;
+        counters.remove(
+            usize::try_from(priority).unwrap_or(usize::MAX),
+            to_u64(size),
+        );
+        counters.expired_total += 1;
+        expired += 1;
+    }
+    Ok(expired)
+}

@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""QoS 1 sensor publisher for the scenario tests (paho-mqtt 2.x).
+
+Publishes `--count` readings on each of `--topics` (comma separated), either interleaved
+(t0/0, t1/0, ..., t0/1, ...) or sequentially (all of t0, then all of t1, ...). The payload of
+reading `counter` on `topic` is `payload(topic, counter, size)` below; the Rust harness builds the
+same bytes (`outpost_tests::payload`), so a test can check payloads byte for byte.
+
+Every reading the broker acknowledges (PUBACK, paho's on_publish) is appended to `--acked` as
+a line `<topic> <counter>` the moment the ack arrives (line-buffered), so a test that kills the
+broker knows exactly what was acknowledged. On losing the connection the publisher stops (no
+reconnect: a resent message would blur what was acked before the crash), writes a summary to
+stdout and exits 0; it exits 2 if it could not connect at all.
+
+At most `--window` readings are outstanding (published, not yet acked): paho's message ids wrap
+at 65535, and a larger backlog would reuse an id still waiting in paho's queue.
+"""
+import argparse
+import sys
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+
+
+def payload(topic: str, counter: int, size: int) -> bytes:
+    head = f"{topic}|{counter}|".encode()
+    if len(head) >= size:
+        return head
+    return head + b"." * (size - len(head))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--topics", required=True)
+    ap.add_argument("--count", type=int, required=True, help="readings per topic")
+    ap.add_argument("--start", type=int, default=0, help="first counter value")
+    ap.add_argument("--size", type=int, default=100, help="payload bytes")
+    ap.add_argument("--order", choices=["interleave", "sequential"], default="interleave")
+    ap.add_argument("--protocol", choices=["3.1.1", "5"], default="3.1.1")
+    ap.add_argument("--client-id", default="")
+    ap.add_argument("--acked", required=True, help="file receiving '<topic> <counter>' per PUBACK")
+    ap.add_argument("--window", type=int, default=200)
+    ap.add_argument("--inflight", type=int, default=100)
+    ap.add_argument("--connect-timeout", type=float, default=30.0)
+    args = ap.parse_args()
+
+    topics = [t for t in args.topics.split(",") if t]
+    if args.order == "interleave":
+        plan = [(t, c) for c in range(args.start, args.start + args.count) for t in topics]
+    else:
+        plan = [(t, c) for t in topics for c in range(args.start, args.start + args.count)]
+
+    proto = mqtt.MQTTv5 if args.protocol == "5" else mqtt.MQTTv311
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=args.client_id, protocol=proto)
+    client.max_inflight_messages_set(args.inflight)
+    client.max_queued_messages_set(0)
+
+    acked_file = open(args.acked, "w", buffering=1)
+    lock = threading.Condition()
+    state = {"connected": False, "lost": False, "connack": None, "acked": 0, "outstanding": 0}
+    by_mid = {}
+    early = set()
+
+    def record(entry):
+        acked_file.write(f"{entry[0]} {entry[1]}\n")
+        state["acked"] += 1
+        state["outstanding"] -= 1
+
+    def on_connect(client, userdata, flags, reason_code, properties):
+        with lock:
+            state["connack"] = str(reason_code)
+            state["connected"] = not reason_code.is_failure
+            lock.notify_all()
+
+    def on_disconnect(client, userdata, flags, reason_code, properties):
+        with lock:
+            state["lost"] = True
+            state["connected"] = False
+            lock.notify_all()
+
+    def on_publish(client, userdata, mid, reason_code, properties):
+        # Runs on paho's network thread while paho holds its own locks: only touch ours here,
+        # and never call paho while holding ours (see the main loop).
+        with lock:
+            if reason_code is not None and reason_code.is_failure:
+                return
+            entry = by_mid.pop(mid, None)
+            if entry is None:
+                early.add(mid)
+            else:
+                record(entry)
+            lock.notify_all()
+
+    client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
+    client.on_publish = on_publish
+    try:
+        client.connect(args.host, args.port, keepalive=30)
+    except OSError as e:
+        print(f"connect failed: {e}", flush=True)
+        return 2
+    client.loop_start()
+    deadline = time.monotonic() + args.connect_timeout
+    with lock:
+        while not state["connected"] and not state["lost"] and time.monotonic() < deadline:
+            lock.wait(0.1)
+        if not state["connected"]:
+            print(f"not connected: connack={state['connack']}", flush=True)
+            client.loop_stop()
+            return 2
+
+    published = 0
+    for topic, counter in plan:
+        with lock:
+            while state["outstanding"] >= args.window and not state["lost"]:
+                lock.wait(0.5)
+            if state["lost"]:
+                break
+            state["outstanding"] += 1
+        info = client.publish(topic, payload(topic, counter, args.size), qos=1)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS and info.rc != mqtt.MQTT_ERR_NO_CONN:
+            print(f"publish error rc={info.rc}", flush=True)
+        with lock:
+            if info.mid in early:
+                early.discard(info.mid)
+                record((topic, counter))
+            else:
+                by_mid[info.mid] = (topic, counter)
+        published += 1
+
+    with lock:
+        while state["outstanding"] > 0 and not state["lost"]:
+            lock.wait(0.5)
+    lost = state["lost"]
+    if not lost:
+        client.disconnect()
+    client.loop_stop()
+    with lock:
+        acked_file.flush()
+        acked_file.close()
+        print(f"published={published} acked={state['acked']} lost_connection={lost}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
