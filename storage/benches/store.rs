@@ -21,6 +21,11 @@ const PAYLOAD: usize = 100;
 const TASKS: usize = 10;
 const BASELINE_RECORDS: usize = 5_000;
 const BACKLOG: usize = 1_000_000;
+/// Appends in flight per task in the main runs.
+const WINDOW: usize = 100;
+/// Records of the run where each task waits for every append before the next: it is bound by
+/// `TASKS / batch_max_delay` commits, so fewer records keep the run short.
+const SEQUENTIAL_RECORDS: usize = 10_000;
 
 fn settings(path: PathBuf, durability: Durability, batch_max_records: usize) -> StoreSettings {
     StoreSettings {
@@ -60,13 +65,15 @@ impl Row {
     }
 }
 
-/// `records` appends of one record each, spread over `TASKS` concurrent tasks.
+/// `records` appends of one record each, spread over `TASKS` concurrent tasks, each keeping up to
+/// `window` appends in flight (like an MQTT publisher's in-flight window of unacked QoS 1).
 async fn append_run(
     name: &str,
     path: &Path,
     durability: Durability,
     batch_max_records: usize,
     records: usize,
+    window: usize,
 ) -> Row {
     let store = Store::open(settings(path.to_path_buf(), durability, batch_max_records)).unwrap();
     let start = Instant::now();
@@ -75,8 +82,17 @@ async fn append_run(
         let store = store.clone();
         let per_task = records / TASKS;
         tasks.push(tokio::spawn(async move {
+            let mut in_flight = tokio::task::JoinSet::new();
             for i in 0..per_task {
-                store.append(vec![record(t * per_task + i)]).await.unwrap();
+                if in_flight.len() >= window {
+                    in_flight.join_next().await.unwrap().unwrap();
+                }
+                let store = store.clone();
+                let record = record(t * per_task + i);
+                in_flight.spawn(async move { store.append(vec![record]).await.unwrap() });
+            }
+            while let Some(done) = in_flight.join_next().await {
+                done.unwrap();
             }
         }));
     }
@@ -182,56 +198,33 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     runtime.block_on(async {
+        let w = WINDOW;
         let rows = [
-            append_run(
-                "per-record tx, Full",
-                &d.join("base-full.db"),
-                Durability::Full,
-                1,
-                BASELINE_RECORDS,
-            )
-            .await,
-            append_run(
-                "group commit, Full",
-                &d.join("gc-full.db"),
-                Durability::Full,
-                1000,
-                records,
-            )
-            .await,
-            append_run(
-                "per-record tx, Normal",
-                &d.join("base-normal.db"),
-                Durability::Normal,
-                1,
-                BASELINE_RECORDS,
-            )
-            .await,
-            append_run(
-                "group commit, Normal",
-                &d.join("gc-normal.db"),
-                Durability::Normal,
-                1000,
-                records,
-            )
-            .await,
-            drain_run(&d.join("gc-full.db")).await,
+            append_run("per-record tx, Full, window 100", &d.join("b1.db"), Durability::Full, 1, BASELINE_RECORDS, w).await,
+            append_run("group commit, Full, window 100", &d.join("g1.db"), Durability::Full, 1000, records, w).await,
+            append_run("per-record tx, Normal, window 100", &d.join("b2.db"), Durability::Normal, 1, BASELINE_RECORDS, w).await,
+            append_run("group commit, Normal, window 100", &d.join("g2.db"), Durability::Normal, 1000, records, w).await,
+            append_run("per-record tx, Full, window 1", &d.join("b3.db"), Durability::Full, 1, BASELINE_RECORDS, 1).await,
+            append_run("group commit, Full, window 1", &d.join("g3.db"), Durability::Full, 1000, SEQUENTIAL_RECORDS, 1).await,
+            drain_run(&d.join("g1.db")).await,
         ];
         println!(
-            "\nappend: {TASKS} concurrent tasks, one {PAYLOAD}-byte record per call, batch <= 1000 records / 5 ms\n"
+            "\nappend: {TASKS} concurrent tasks, one {PAYLOAD}-byte record per call, each task with \
+             `window` calls in flight; batch <= 1000 records / 5 ms\n"
         );
         println!(
-            "{:<38} {:>9} {:>9} {:>11} {:>9} {:>11}",
+            "{:<40} {:>9} {:>9} {:>11} {:>9} {:>11}",
             "scenario", "records", "seconds", "records/s", "commits", "vs per-rec"
         );
         for (i, row) in rows.iter().enumerate() {
             let baseline = match i {
                 1 => Some(rows[0].rate()),
                 3 => Some(rows[2].rate()),
+                5 => Some(rows[4].rate()),
                 _ => None,
             };
             println!(
-                "{:<38} {:>9} {:>9.2} {:>11.0} {:>9} {:>11}",
+                "{:<40} {:>9} {:>9.2} {:>11.0} {:>9} {:>11}",
                 row.name,
                 row.records,
                 row.elapsed.as_secs_f64(),

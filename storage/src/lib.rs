@@ -266,6 +266,9 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// Another process (or another `Store` in this one) has the store open for writing.
+    #[error("store {path} is in use by another outpost process (lock file {lock} is held)")]
+    Locked { path: PathBuf, lock: PathBuf },
     /// The file is a valid SQLite database, but not an Outpost store: refused rather than
     /// modified.
     #[error("{path} is an SQLite database but not an Outpost store")]
@@ -330,6 +333,10 @@ struct Shared {
     fail_next_commit: Arc<AtomicBool>,
     /// The writer thread, joined by `close()` or when the last handle drops.
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Exclusive lock on `<db>.lock`, held for the store's lifetime: a second gateway on the same
+    /// file would interleave seqs with ours and poison both. Released after the thread is joined
+    /// (fields drop after `Drop::drop`).
+    lock: Mutex<Option<std::fs::File>>,
 }
 
 impl Drop for Shared {
@@ -353,6 +360,7 @@ impl Store {
     /// Opens or creates the store, migrates its schema and starts the writer thread. Blocking:
     /// call it before the runtime starts or from `spawn_blocking`.
     pub fn open(settings: StoreSettings) -> Result<Store, StoreError> {
+        let lock = lock_exclusive(&settings.path)?;
         let opened = schema::open_read_write(&settings)?;
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let (committed_tx, committed) = watch::channel(opened.counters.last_seq);
@@ -388,6 +396,7 @@ impl Store {
                 poisoned,
                 fail_next_commit,
                 thread: Mutex::new(Some(thread)),
+                lock: Mutex::new(Some(lock)),
             }),
         })
     }
@@ -548,7 +557,40 @@ impl Store {
         {
             tracing::error!(path = %self.shared.path.display(), "store writer thread panicked");
         }
+        // The connection is closed: another process may have the file now.
+        match self.shared.lock.lock() {
+            Ok(mut slot) => drop(slot.take()),
+            Err(poisoned) => drop(poisoned.into_inner().take()),
+        }
         result
+    }
+}
+
+/// Takes the exclusive writer lock next to the database (`<db>.lock`), creating the directory.
+fn lock_exclusive(db: &Path) -> Result<std::fs::File, StoreError> {
+    let mut name = db.as_os_str().to_owned();
+    name.push(".lock");
+    let lock_path = PathBuf::from(name);
+    let io = |source| StoreError::Io {
+        path: lock_path.clone(),
+        source,
+    };
+    if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked {
+            path: db.to_path_buf(),
+            lock: lock_path,
+        }),
+        Err(std::fs::TryLockError::Error(source)) => Err(io(source)),
     }
 }
 

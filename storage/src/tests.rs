@@ -688,3 +688,19 @@ fn stats_default_is_empty() {
     assert_eq!(Priority::from_index(2), Some(Priority::Low));
     assert_eq!(Priority::from_index(3), None);
 }
+
+#[tokio::test]
+async fn a_second_writer_on_the_same_file_is_refused_until_the_first_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path(), 1 << 20);
+    let first = Store::open(s.clone()).unwrap();
+    match Store::open(s.clone()) {
+        Err(StoreError::Locked { path, .. }) => assert_eq!(path, s.path),
+        other => panic!("expected Locked, got {other:?}"),
+    }
+    // Status readers are not writers: they still work while the lock is held.
+    read_stats(&s.path).unwrap();
+    first.close().await.unwrap();
+    let second = Store::open(s).unwrap();
+    second.close().await.unwrap();
+}

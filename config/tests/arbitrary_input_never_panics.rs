@@ -1,0 +1,90 @@
+//! The configuration faces a file an integrator edited by hand: whatever it holds, loading gives a
+//! `Config` or a list of errors, never a panic.
+
+use outpost_config::{Config, Overrides};
+use proptest::prelude::*;
+use std::collections::BTreeMap;
+
+fn load(text: &str) -> Result<Config, outpost_config::ConfigErrors> {
+    let env: BTreeMap<String, String> = BTreeMap::new();
+    Config::load(Some(text), &Overrides::default(), &env)
+}
+
+/// Plausible keys and values, so the generator reaches validation and not only the TOML parser.
+fn value() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("\"\"".to_owned()),
+        Just("\"#\"".to_owned()),
+        Just("\"a/+/#\"".to_owned()),
+        Just("\"mqtt://h:0\"".to_owned()),
+        Just("\"mqtts://[::1]:99999\"".to_owned()),
+        Just("\"1GiB\"".to_owned()),
+        Just("\"-5ms\"".to_owned()),
+        Just("-1".to_owned()),
+        Just("9223372036854775807".to_owned()),
+        Just("[\"0.0.0.0:1883\", \"nope\"]".to_owned()),
+        "\"[ -~]{0,12}\"",
+        any::<i64>().prop_map(|n| n.to_string()),
+    ]
+}
+
+fn document() -> impl Strategy<Value = String> {
+    let section = prop_oneof![
+        Just("node"),
+        Just("broker"),
+        Just("storage"),
+        Just("upstream"),
+        Just("sync"),
+        Just("log"),
+        Just("[route]")
+    ];
+    let key = prop_oneof![
+        Just("name"),
+        Just("listeners"),
+        Just("quota"),
+        Just("ttl"),
+        Just("url"),
+        Just("filter"),
+        Just("upstream_topic"),
+        Just("priority"),
+        Just("keep_alive"),
+        Just("backoff_min"),
+        Just("backoff_max"),
+        Just("max_packet_size"),
+        Just("level"),
+        Just("protocol"),
+        Just("password_env")
+    ];
+    prop::collection::vec((section, prop::collection::vec((key, value()), 0..5)), 0..6).prop_map(
+        |sections| {
+            let mut out = String::new();
+            for (name, pairs) in sections {
+                out.push_str(&format!("[{name}]\n"));
+                for (k, v) in pairs {
+                    out.push_str(&format!("{k} = {v}\n"));
+                }
+            }
+            out
+        },
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn arbitrary_text_never_panics(text in "\\PC{0,200}") {
+        let _ = load(&text);
+    }
+
+    #[test]
+    fn structured_documents_never_panic(text in document()) {
+        if let Err(errors) = load(&text) {
+            // Every reported problem says where it is (a syntax error has an empty path but says
+            // "TOML error at line ...").
+            for e in errors.iter() {
+                prop_assert!(!e.message.is_empty());
+            }
+        }
+    }
+}
