@@ -31,10 +31,12 @@
 //! - `raw.rs`: the file's shape for serde, and parse errors with path and line.
 //! - `validate.rs`: raw -> typed, collecting every problem.
 //! - `types.rs`: validated newtypes and enums. `units.rs`: byte sizes and durations.
+//! - `check.rs`: the newtypes of `[[check]]` entries ([`CheckName`], [`HttpUrl`], [`HostPort`]).
 //! - `default.toml`: the annotated default configuration (`outpost print-default-config`).
 
 #![forbid(unsafe_code)]
 
+mod check;
 mod error;
 mod raw;
 mod types;
@@ -46,6 +48,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use check::{AuthorityError, CheckName, CheckNameError, HostPort, HttpUrl, HttpUrlError};
 pub use error::{ConfigError, ConfigErrors};
 pub use types::{
     Durability, MQTT_MAX_STRING_BYTES, MqttVersion, NodeName, NodeNameError, Priority, RouteTarget,
@@ -114,6 +117,11 @@ pub struct Config {
     pub sync: SyncConfig,
     /// Logging.
     pub log: LogConfig,
+    /// `[health]`: the local status endpoint, resource sampling and the upstream heartbeat.
+    pub health: HealthConfig,
+    /// `[[check]]` entries, in file order: health checks of the services around the gateway.
+    /// Names are unique.
+    pub checks: Vec<CheckConfig>,
 }
 
 /// `[node]`: the gateway's identity.
@@ -325,6 +333,118 @@ impl Default for LogConfig {
     fn default() -> Self {
         Self {
             level: String::from("info"),
+        }
+    }
+}
+
+/// `[health]`: how the gateway reports on itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthConfig {
+    /// Address of the local HTTP endpoint (`/healthz`, `/readyz`, `/metrics`, `/status`).
+    /// `None`: written `"off"`, no endpoint. Default `127.0.0.1:9180`: loopback, because the
+    /// endpoint has no authentication and shows the gateway's internals.
+    pub listen: Option<SocketAddr>,
+    /// How often resource usage (CPU, memory, disk, network, own RSS and fds) is sampled and
+    /// stored as the gateway's own stream. At least 1s. Default 30s.
+    pub resource_interval: Duration,
+    /// Priority of the stored resource samples. Default [`Priority::Low`]: they are sent after
+    /// sensor data and evicted before it.
+    pub resource_priority: Priority,
+    /// How often a heartbeat with the key health figures is published upstream. At least 1s.
+    /// Default 60s.
+    pub heartbeat_interval: Duration,
+}
+
+impl HealthConfig {
+    /// Default `listen`.
+    pub const DEFAULT_LISTEN: SocketAddr =
+        SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9180);
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            listen: Some(Self::DEFAULT_LISTEN),
+            resource_interval: Duration::from_secs(30),
+            resource_priority: Priority::Low,
+            heartbeat_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// One `[[check]]`: a probe of a service the gateway's site depends on, run every `interval`.
+///
+/// Its state goes healthy -> degraded (first failure) -> unhealthy (`failure_threshold`
+/// consecutive failures), and back to healthy after `recovery_threshold` consecutive successes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckConfig {
+    /// Unique name: metric label, status key, part of the upstream change message.
+    pub name: CheckName,
+    /// What is probed, and how.
+    pub kind: CheckKind,
+    /// Time between the starts of two runs. At least 100ms. Default 30s.
+    pub interval: Duration,
+    /// A run not finished within this long is a failure (a command is killed). Less than
+    /// `interval`, so runs never overlap. Default 5s.
+    pub timeout: Duration,
+    /// Consecutive failures that make the check unhealthy (at least 1; with 1 the first failure
+    /// does). Default 3.
+    pub failure_threshold: u32,
+    /// Consecutive successes that bring a degraded or unhealthy check back to healthy (at
+    /// least 1). Default 1.
+    pub recovery_threshold: u32,
+}
+
+impl CheckConfig {
+    /// Default `interval`.
+    pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
+    /// Default `timeout`.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Default `failure_threshold`.
+    pub const DEFAULT_FAILURE_THRESHOLD: u32 = 3;
+    /// Default `recovery_threshold`.
+    pub const DEFAULT_RECOVERY_THRESHOLD: u32 = 1;
+    /// Shortest accepted `interval`.
+    pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+}
+
+/// What a check probes (`kind = "http" | "tcp" | "command"`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum CheckKind {
+    /// `GET url`; succeeds when the response status equals `expected_status`.
+    Http {
+        /// Plain `http://` only.
+        url: HttpUrl,
+        /// 100..=599. Default 200.
+        expected_status: u16,
+        /// Extra request headers (tokens, API keys). Names are valid HTTP header names, unique
+        /// regardless of case; values are [`Secret`]s, never logged or printed.
+        headers: BTreeMap<String, Secret>,
+    },
+    /// A TCP connect; succeeds when the connection is established.
+    Tcp {
+        /// Resolved at every run.
+        address: HostPort,
+    },
+    /// A program run without a shell; succeeds on exit code 0.
+    Command {
+        /// Program and arguments; non-empty, no NUL. The program is looked up in `PATH` unless
+        /// it contains a `/`; one that cannot be started is a failed run (with the reason), not
+        /// a configuration error, so a check can name a tool installed later.
+        argv: Vec<String>,
+    },
+}
+
+impl CheckKind {
+    /// Accepted spellings of `kind`.
+    pub const NAMES: &'static [&'static str] = &["http", "tcp", "command"];
+
+    /// The `kind` spelling: `http`, `tcp` or `command`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Http { .. } => "http",
+            Self::Tcp { .. } => "tcp",
+            Self::Command { .. } => "command",
         }
     }
 }

@@ -25,6 +25,9 @@ pub(crate) struct RawConfig {
     pub upstream: Option<RawUpstream>,
     pub sync: Option<RawSync>,
     pub log: Option<RawLog>,
+    pub health: Option<RawHealth>,
+    #[serde(default)]
+    pub check: Vec<RawCheck>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -97,6 +100,33 @@ pub(crate) struct RawSync {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawLog {
     pub level: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawHealth {
+    pub listen: Option<String>,
+    pub resource_interval: Option<RawDuration>,
+    pub resource_priority: Option<String>,
+    pub heartbeat_interval: Option<RawDuration>,
+}
+
+/// One `[[check]]`. Every kind's keys are here; validation refuses those that do not belong to
+/// the entry's `kind`, so a `url` on a tcp check is an error rather than silently ignored.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCheck {
+    pub name: Option<String>,
+    pub kind: Option<String>,
+    pub url: Option<String>,
+    pub expected_status: Option<i64>,
+    pub headers: Option<BTreeMap<String, String>>,
+    pub address: Option<String>,
+    pub command: Option<Vec<String>>,
+    pub interval: Option<RawDuration>,
+    pub timeout: Option<RawDuration>,
+    pub failure_threshold: Option<i64>,
+    pub recovery_threshold: Option<i64>,
 }
 
 /// A byte size as written: `"512MiB"` or a plain integer byte count.

@@ -3,13 +3,15 @@
 //! Each check reports into a [`Collector`] and yields a value anyway (the default when the given
 //! one is bad), so validation always runs to the end and the caller sees all problems at once.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::check::{CheckName, HostPort, HttpUrl};
 use crate::error::{Collector, ConfigErrors};
 use crate::raw::{
-    RawBroker, RawConfig, RawDuration, RawLog, RawNode, RawRoute, RawSize, RawStorage, RawSync,
-    RawUpstream,
+    RawBroker, RawCheck, RawConfig, RawDuration, RawHealth, RawLog, RawNode, RawRoute, RawSize,
+    RawStorage, RawSync, RawUpstream,
 };
 use crate::types::{
     Durability, MQTT_MAX_STRING_BYTES, MqttVersion, NodeName, Priority, RouteTarget, Secret,
@@ -17,8 +19,8 @@ use crate::types::{
 };
 use crate::units::{parse_duration, parse_size};
 use crate::{
-    BrokerConfig, Config, Env, LogConfig, NodeConfig, Overrides, Route, StorageConfig, SyncConfig,
-    UpstreamConfig,
+    BrokerConfig, CheckConfig, CheckKind, Config, Env, HealthConfig, LogConfig, NodeConfig,
+    Overrides, Route, StorageConfig, SyncConfig, UpstreamConfig,
 };
 
 /// MQTT's "Remaining Length" can encode at most this many bytes.
@@ -29,6 +31,18 @@ const MAX_COMMIT_BATCH_RECORDS: i64 = 100_000;
 const MAX_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 const MIN_KEEP_ALIVE: Duration = Duration::from_secs(5);
 const MAX_KEEP_ALIVE: Duration = Duration::from_secs(65_535);
+const MIN_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+const U32_MAX: i64 = u32::MAX as i64;
+/// Headers an HTTP check sets itself (framing and connection handling of a bodiless GET on a
+/// fresh connection); a configured value would break the request.
+const RESERVED_HEADERS: &[&str] = &[
+    "connection",
+    "content-length",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
 
 pub(crate) fn apply_overrides(raw: &mut RawConfig, overrides: &Overrides) {
     if let Some(listen) = overrides.listen {
@@ -58,6 +72,8 @@ pub(crate) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
     let upstream = raw.upstream.map(|u| upstream(&mut c, u, &node.name, env));
     let sync = sync(&mut c, raw.sync.unwrap_or_default());
     let log = log(&mut c, raw.log.unwrap_or_default());
+    let health = health(&mut c, raw.health.unwrap_or_default(), &broker.listeners);
+    let checks = checks(&mut c, raw.check);
     c.finish(Config {
         node,
         broker,
@@ -67,6 +83,8 @@ pub(crate) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
         upstream: upstream.flatten(),
         sync,
         log,
+        health,
+        checks,
     })
 }
 
@@ -535,6 +553,307 @@ fn log(c: &mut Collector, raw: RawLog) -> LogConfig {
             d
         }
     }
+}
+
+fn health(c: &mut Collector, raw: RawHealth, broker: &[SocketAddr]) -> HealthConfig {
+    let d = HealthConfig::default();
+    let listen = match raw.listen.as_deref().map(str::trim) {
+        None => d.listen,
+        Some("off") => None,
+        Some(text) => match text.parse::<SocketAddr>() {
+            Err(_) => {
+                c.push(
+                    "health.listen",
+                    format!(
+                        "invalid socket address {text:?}; expected IP:port, e.g. \"127.0.0.1:9180\", or \"off\""
+                    ),
+                );
+                d.listen
+            }
+            Ok(addr) => {
+                // The same port on the same (or an unspecified) IP as a broker listener could
+                // never be bound by both.
+                let clash = broker.iter().position(|b| {
+                    addr.port() != 0
+                        && b.port() == addr.port()
+                        && (b.ip() == addr.ip()
+                            || b.ip().is_unspecified()
+                            || addr.ip().is_unspecified())
+                });
+                if let Some(i) = clash {
+                    c.push(
+                        "health.listen",
+                        format!("{addr} overlaps broker.listeners[{i}] ({})", broker[i]),
+                    );
+                }
+                Some(addr)
+            }
+        },
+    };
+    HealthConfig {
+        listen,
+        resource_interval: duration(
+            c,
+            "health.resource_interval",
+            raw.resource_interval,
+            d.resource_interval,
+            MIN_HEALTH_INTERVAL,
+            None,
+        ),
+        resource_priority: choice(
+            c,
+            "health.resource_priority",
+            raw.resource_priority,
+            d.resource_priority,
+            Priority::parse,
+        ),
+        heartbeat_interval: duration(
+            c,
+            "health.heartbeat_interval",
+            raw.heartbeat_interval,
+            d.heartbeat_interval,
+            MIN_HEALTH_INTERVAL,
+            None,
+        ),
+    }
+}
+
+fn checks(c: &mut Collector, raw: Vec<RawCheck>) -> Vec<CheckConfig> {
+    let mut out: Vec<CheckConfig> = Vec::with_capacity(raw.len());
+    // Names of every entry so far, valid or not, so a duplicate is reported once per repeat.
+    let mut names: Vec<Option<CheckName>> = Vec::with_capacity(raw.len());
+    for (i, r) in raw.into_iter().enumerate() {
+        let path = |key: &str| format!("check[{i}].{key}");
+        let name = match r.name.as_deref().map(CheckName::new) {
+            None => {
+                c.push(path("name"), "required: a unique name for this check");
+                None
+            }
+            Some(Err(e)) => {
+                c.push(path("name"), e);
+                None
+            }
+            Some(Ok(name)) => {
+                if let Some(first) = names.iter().position(|n| n.as_ref() == Some(&name)) {
+                    c.push(path("name"), format!("same name as check[{first}]"));
+                }
+                Some(name)
+            }
+        };
+        names.push(name.clone());
+        let kind = check_kind(c, i, &r);
+        let interval = duration(
+            c,
+            &path("interval"),
+            r.interval,
+            CheckConfig::DEFAULT_INTERVAL,
+            CheckConfig::MIN_INTERVAL,
+            None,
+        );
+        let timeout = duration(
+            c,
+            &path("timeout"),
+            r.timeout,
+            CheckConfig::DEFAULT_TIMEOUT,
+            Duration::from_millis(1),
+            None,
+        );
+        if timeout >= interval {
+            c.push(
+                path("timeout"),
+                format!(
+                    "{} must be less than interval ({}), so runs never overlap",
+                    show(timeout),
+                    show(interval)
+                ),
+            );
+        }
+        let failure_threshold = int(
+            c,
+            &path("failure_threshold"),
+            r.failure_threshold,
+            CheckConfig::DEFAULT_FAILURE_THRESHOLD,
+            1,
+            Some(U32_MAX),
+        );
+        let recovery_threshold = int(
+            c,
+            &path("recovery_threshold"),
+            r.recovery_threshold,
+            CheckConfig::DEFAULT_RECOVERY_THRESHOLD,
+            1,
+            Some(U32_MAX),
+        );
+        if let (Some(name), Some(kind)) = (name, kind) {
+            out.push(CheckConfig {
+                name,
+                kind,
+                interval,
+                timeout,
+                failure_threshold,
+                recovery_threshold,
+            });
+        }
+    }
+    out
+}
+
+/// The kind and its keys. Keys of another kind are refused; when `kind` itself is missing or
+/// unknown, the keys present are still checked for their own format.
+fn check_kind(c: &mut Collector, i: usize, r: &RawCheck) -> Option<CheckKind> {
+    let path = |key: &str| format!("check[{i}].{key}");
+    let kind = match r.kind.as_deref() {
+        None => {
+            c.push(
+                path("kind"),
+                format!("required: {}", crate::types::one_of(CheckKind::NAMES)),
+            );
+            None
+        }
+        Some(k) if CheckKind::NAMES.contains(&k) => Some(k),
+        Some(k) => {
+            c.push(
+                path("kind"),
+                format!(
+                    "unknown value {k:?}; expected {}",
+                    crate::types::one_of(CheckKind::NAMES)
+                ),
+            );
+            None
+        }
+    };
+    // Which kind each key belongs to, and whether it is set.
+    let keys = [
+        ("url", "http", r.url.is_some()),
+        ("expected_status", "http", r.expected_status.is_some()),
+        ("headers", "http", r.headers.is_some()),
+        ("address", "tcp", r.address.is_some()),
+        ("command", "command", r.command.is_some()),
+    ];
+    if let Some(kind) = kind {
+        for (key, owner, set) in keys {
+            if set && owner != kind {
+                c.push(
+                    path(key),
+                    format!("applies only to kind = {owner:?}, not {kind:?}"),
+                );
+            }
+        }
+    }
+    let url = r
+        .url
+        .as_deref()
+        .and_then(|u| HttpUrl::parse(u).map_err(|e| c.push(path("url"), e)).ok());
+    let expected_status = int(
+        c,
+        &path("expected_status"),
+        r.expected_status,
+        200u16,
+        100,
+        Some(599),
+    );
+    let headers = r
+        .headers
+        .as_ref()
+        .map(|h| headers(c, &path("headers"), h))
+        .unwrap_or_default();
+    let address = r.address.as_deref().and_then(|a| {
+        HostPort::parse(a)
+            .map_err(|e| c.push(path("address"), e))
+            .ok()
+    });
+    let argv = r.command.as_ref().map(|argv| {
+        if argv.is_empty() {
+            c.push(path("command"), "must not be empty: [program, args...]");
+        } else if argv[0].trim().is_empty() {
+            c.push(path("command[0]"), "the program must not be empty");
+        }
+        for (j, arg) in argv.iter().enumerate() {
+            if arg.contains('\0') {
+                c.push(path(&format!("command[{j}]")), "must not contain NUL");
+            }
+        }
+        argv.clone()
+    });
+    match kind? {
+        "http" => match (&r.url, url) {
+            (None, _) => {
+                c.push(
+                    path("url"),
+                    "required for kind = \"http\", e.g. \"http://127.0.0.1:8080/health\"",
+                );
+                None
+            }
+            (Some(_), url) => url.map(|url| CheckKind::Http {
+                url,
+                expected_status,
+                headers,
+            }),
+        },
+        "tcp" => match (&r.address, address) {
+            (None, _) => {
+                c.push(
+                    path("address"),
+                    "required for kind = \"tcp\", e.g. \"127.0.0.1:502\"",
+                );
+                None
+            }
+            (Some(_), address) => address.map(|address| CheckKind::Tcp { address }),
+        },
+        _ => match argv {
+            None => {
+                c.push(
+                    path("command"),
+                    "required for kind = \"command\", e.g. [\"/usr/bin/test\", \"-f\", \"/tmp/ok\"]",
+                );
+                None
+            }
+            Some(argv) => Some(CheckKind::Command { argv }),
+        },
+    }
+}
+
+/// Header names must be HTTP tokens, unique regardless of case and not ones the check sets
+/// itself; values must hold no control characters. Values are never quoted in a message.
+fn headers(
+    c: &mut Collector,
+    path: &str,
+    raw: &BTreeMap<String, String>,
+) -> BTreeMap<String, Secret> {
+    let token_char = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    let mut out = BTreeMap::new();
+    let mut seen: Vec<String> = Vec::new();
+    for (name, value) in raw {
+        let lower = name.to_ascii_lowercase();
+        if name.is_empty() || !name.bytes().all(token_char) {
+            c.push(path, format!("invalid header name {name:?}"));
+            continue;
+        }
+        if RESERVED_HEADERS.contains(&lower.as_str()) {
+            c.push(
+                format!("{path}.{name}"),
+                "is set by the check itself and cannot be configured",
+            );
+            continue;
+        }
+        if seen.contains(&lower) {
+            c.push(
+                format!("{path}.{name}"),
+                "duplicate header (names are case-insensitive)",
+            );
+            continue;
+        }
+        seen.push(lower);
+        if value.chars().any(char::is_control) {
+            c.push(
+                format!("{path}.{name}"),
+                "value must not contain control characters (the value is not shown: it may be a secret)",
+            );
+            continue;
+        }
+        out.insert(name.clone(), Secret::new(value.clone()));
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -19,6 +19,13 @@ fn value() -> impl Strategy<Value = String> {
         Just("\"mqtt://h:0\"".to_owned()),
         Just("\"mqtts://[::1]:99999\"".to_owned()),
         Just("\"1GiB\"".to_owned()),
+        Just("\"http://[::1]:8080/h%2\"".to_owned()),
+        Just("\"https://h\"".to_owned()),
+        Just("\"tcp\"".to_owned()),
+        Just("\"command\"".to_owned()),
+        Just("\"off\"".to_owned()),
+        Just("[]".to_owned()),
+        Just("{ \"X Y\" = \"\\u0000\", Connection = \"x\" }".to_owned()),
         Just("\"-5ms\"".to_owned()),
         Just("-1".to_owned()),
         Just("9223372036854775807".to_owned()),
@@ -36,7 +43,9 @@ fn document() -> impl Strategy<Value = String> {
         Just("upstream"),
         Just("sync"),
         Just("log"),
-        Just("[route]")
+        Just("[route]"),
+        Just("health"),
+        Just("[check]")
     ];
     let key = prop_oneof![
         Just("name"),
@@ -53,7 +62,17 @@ fn document() -> impl Strategy<Value = String> {
         Just("max_packet_size"),
         Just("level"),
         Just("protocol"),
-        Just("password_env")
+        Just("password_env"),
+        Just("kind"),
+        Just("address"),
+        Just("command"),
+        Just("headers"),
+        Just("expected_status"),
+        Just("interval"),
+        Just("timeout"),
+        Just("failure_threshold"),
+        Just("listen"),
+        Just("resource_interval")
     ];
     prop::collection::vec((section, prop::collection::vec((key, value()), 0..5)), 0..6).prop_map(
         |sections| {

@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use outpost_config::{
-    Config, ConfigErrors, Durability, Env, MqttVersion, Overrides, Priority, RouteTarget, Secret,
-    UpstreamUrl, WhenFull, default_config_toml,
+    CheckKind, Config, ConfigErrors, Durability, Env, HealthConfig, MqttVersion, Overrides,
+    Priority, RouteTarget, Secret, UpstreamUrl, WhenFull, default_config_toml,
 };
 
 /// An environment with nothing set.
@@ -86,6 +86,14 @@ fn no_file_gives_documented_defaults() {
     assert_eq!(c.sync.backoff_min, Duration::from_millis(100));
     assert_eq!(c.sync.backoff_max, Duration::from_secs(1));
     assert_eq!(c.log.level, "info");
+    assert_eq!(
+        c.health.listen,
+        Some("127.0.0.1:9180".parse::<SocketAddr>().unwrap())
+    );
+    assert_eq!(c.health.resource_interval, Duration::from_secs(30));
+    assert_eq!(c.health.resource_priority, Priority::Low);
+    assert_eq!(c.health.heartbeat_interval, Duration::from_secs(60));
+    assert!(c.checks.is_empty());
 }
 
 #[test]
@@ -144,6 +152,38 @@ fn default_toml_examples_are_valid() {
 }
 
 #[test]
+fn default_toml_check_examples_are_valid() {
+    let text = uncomment_block(default_config_toml(), "# [[check]]");
+    let c = load(&text).unwrap_or_else(|e| panic!("{text}\n=> {e}"));
+    let kinds: Vec<&str> = c.checks.iter().map(|c| c.kind.as_str()).collect();
+    assert_eq!(kinds, ["http", "tcp", "command"]);
+    // The first example lists the defaults of the keys it shows.
+    let http = &c.checks[0];
+    assert_eq!(http.interval, Duration::from_secs(30));
+    assert_eq!(http.timeout, Duration::from_secs(5));
+    assert_eq!((http.failure_threshold, http.recovery_threshold), (3, 1));
+    let CheckKind::Http {
+        url,
+        expected_status,
+        headers,
+    } = &http.kind
+    else {
+        panic!("{http:?}")
+    };
+    assert_eq!(url.to_string(), "http://127.0.0.1:8080/health");
+    assert_eq!(*expected_status, 200);
+    assert_eq!(headers["Authorization"].expose(), "Bearer change-me");
+    let minimal = load_ok(
+        "[[check]]\nname = \"x\"\nkind = \"http\"\nurl = \"http://127.0.0.1:8080/health\"\nheaders = { Authorization = \"Bearer change-me\" }",
+    );
+    assert_eq!(minimal.checks[0].kind, http.kind);
+    assert_eq!(
+        (minimal.checks[0].interval, minimal.checks[0].timeout),
+        (http.interval, http.timeout)
+    );
+}
+
+#[test]
 fn default_toml_mentions_every_key() {
     let text = default_config_toml();
     for key in [
@@ -185,6 +225,19 @@ fn default_toml_mentions_every_key() {
         "backoff_min",
         "backoff_max",
         "level",
+        "listen",
+        "resource_interval",
+        "resource_priority",
+        "heartbeat_interval",
+        "kind",
+        "expected_status",
+        "headers",
+        "address",
+        "command",
+        "interval",
+        "timeout",
+        "failure_threshold",
+        "recovery_threshold",
     ] {
         assert!(
             text.contains(&format!("{key} =")) || text.contains(&format!("{key}]")),
@@ -640,6 +693,322 @@ fn sync_and_log_rules() {
         "\"error\", \"warn\", \"info\", \"debug\" or \"trace\"",
     );
     assert_one_error("[log]\nlevel = \"INFO\"", "log.level", "unknown value");
+}
+
+#[test]
+fn health_section_is_typed() {
+    let c = load_ok(
+        "[health]\nlisten = \"[::1]:0\"\nresource_interval = \"1s\"\nresource_priority = \"high\"\nheartbeat_interval = \"5m\"\n",
+    );
+    assert_eq!(
+        c.health,
+        HealthConfig {
+            listen: Some("[::1]:0".parse().unwrap()),
+            resource_interval: Duration::from_secs(1),
+            resource_priority: Priority::High,
+            heartbeat_interval: Duration::from_secs(300),
+        }
+    );
+    assert_eq!(load_ok("[health]\nlisten = \"off\"").health.listen, None);
+}
+
+#[test]
+fn health_section_rules() {
+    assert_one_error(
+        "[health]\nlisten = \"localhost:9180\"",
+        "health.listen",
+        "or \"off\"",
+    );
+    assert_one_error(
+        "[health]\nresource_interval = \"500ms\"",
+        "health.resource_interval",
+        "at least 1s",
+    );
+    assert_one_error(
+        "[health]\nheartbeat_interval = \"0s\"",
+        "health.heartbeat_interval",
+        "at least 1s",
+    );
+    assert_one_error(
+        "[health]\nresource_priority = \"lowest\"",
+        "health.resource_priority",
+        "\"high\", \"normal\" or \"low\"",
+    );
+    assert_one_error("[health]\nlistne = \"off\"", "health.listne", "listne");
+    // The endpoint and the broker cannot share a port on overlapping addresses.
+    assert_one_error(
+        "[broker]\nlisteners = [\"0.0.0.0:1883\"]\n[health]\nlisten = \"127.0.0.1:1883\"",
+        "health.listen",
+        "overlaps broker.listeners[0]",
+    );
+    load_ok("[broker]\nlisteners = [\"127.0.0.1:1883\"]\n[health]\nlisten = \"127.0.0.2:1883\"");
+    load_ok("[broker]\nlisteners = [\"127.0.0.1:0\"]\n[health]\nlisten = \"127.0.0.1:0\"");
+}
+
+#[test]
+fn checks_of_every_kind_are_typed() {
+    let c = load_ok(
+        r#"
+        [[check]]
+        name = "plc"
+        kind = "http"
+        url = "http://plc.local:8080/health?deep=1"
+        expected_status = 204
+        headers = { "X-Token" = "t0ken", Host = "plc" }
+        interval = "10s"
+        timeout = "2s"
+        failure_threshold = 1
+        recovery_threshold = 2
+        [[check]]
+        name = "modbus"
+        kind = "tcp"
+        address = "[::1]:502"
+        interval = "100ms"
+        timeout = "50ms"
+        [[check]]
+        name = "ok-file"
+        kind = "command"
+        command = ["/usr/bin/test", "-f", "/tmp/ok"]
+        "#,
+    );
+    assert_eq!(c.checks.len(), 3);
+    let plc = &c.checks[0];
+    assert_eq!(plc.name.as_str(), "plc");
+    assert_eq!(
+        (plc.interval, plc.timeout),
+        (Duration::from_secs(10), Duration::from_secs(2))
+    );
+    assert_eq!((plc.failure_threshold, plc.recovery_threshold), (1, 2));
+    let CheckKind::Http {
+        url,
+        expected_status,
+        headers,
+    } = &plc.kind
+    else {
+        panic!("{plc:?}")
+    };
+    assert_eq!(
+        (url.host.as_str(), url.port, url.path_and_query.as_str()),
+        ("plc.local", 8080, "/health?deep=1")
+    );
+    assert_eq!(*expected_status, 204);
+    assert_eq!(headers["X-Token"].expose(), "t0ken");
+    assert_eq!(headers["Host"].expose(), "plc");
+    let CheckKind::Tcp { address } = &c.checks[1].kind else {
+        panic!()
+    };
+    assert_eq!((address.host.as_str(), address.port), ("::1", 502));
+    assert_eq!(c.checks[1].interval, Duration::from_millis(100));
+    let cmd = &c.checks[2];
+    assert_eq!(
+        cmd.kind,
+        CheckKind::Command {
+            argv: vec!["/usr/bin/test".into(), "-f".into(), "/tmp/ok".into()]
+        }
+    );
+    assert_eq!(
+        (
+            cmd.interval,
+            cmd.timeout,
+            cmd.failure_threshold,
+            cmd.recovery_threshold
+        ),
+        (Duration::from_secs(30), Duration::from_secs(5), 3, 1)
+    );
+}
+
+#[test]
+fn check_rules() {
+    let http = |rest: &str| format!("[[check]]\nname = \"h\"\nkind = \"http\"\n{rest}");
+    let url = "url = \"http://127.0.0.1/\"\n";
+    assert_one_error(
+        "[[check]]\nkind = \"tcp\"\naddress = \"h:1\"",
+        "check[0].name",
+        "required",
+    );
+    assert_one_error(
+        "[[check]]\nname = \"a b\"\nkind = \"tcp\"\naddress = \"h:1\"",
+        "check[0].name",
+        "' '",
+    );
+    assert_one_error(
+        "[[check]]\nname = \"a\"\naddress = \"h:1\"",
+        "check[0].kind",
+        "required: \"http\", \"tcp\" or \"command\"",
+    );
+    assert_one_error(
+        "[[check]]\nname = \"a\"\nkind = \"ping\"",
+        "check[0].kind",
+        "unknown value \"ping\"",
+    );
+    assert_one_error(&http(""), "check[0].url", "required for kind = \"http\"");
+    assert_one_error(
+        &http("url = \"https://plc/health\""),
+        "check[0].url",
+        "https is not supported",
+    );
+    assert_one_error(
+        &http("url = \"http://plc/a b\""),
+        "check[0].url",
+        "percent-encoded",
+    );
+    assert_one_error(
+        &http(&format!("{url}expected_status = 99")),
+        "check[0].expected_status",
+        "between 100 and 599",
+    );
+    assert_one_error(
+        &http(&format!("{url}headers = {{ \"X Y\" = \"v\" }}")),
+        "check[0].headers",
+        "invalid header name \"X Y\"",
+    );
+    assert_one_error(
+        &http(&format!("{url}headers = {{ Connection = \"close\" }}")),
+        "check[0].headers.Connection",
+        "set by the check itself",
+    );
+    assert_one_error(
+        &http(&format!("{url}headers = {{ X-A = \"1\", x-a = \"2\" }}")),
+        "check[0].headers.x-a",
+        "duplicate header",
+    );
+    assert_one_error(
+        "[[check]]\nname = \"t\"\nkind = \"tcp\"",
+        "check[0].address",
+        "required for kind = \"tcp\"",
+    );
+    assert_one_error(
+        "[[check]]\nname = \"t\"\nkind = \"tcp\"\naddress = \"plc\"",
+        "check[0].address",
+        "no port",
+    );
+    assert_one_error(
+        "[[check]]\nname = \"c\"\nkind = \"command\"",
+        "check[0].command",
+        "required for kind = \"command\"",
+    );
+    assert_one_error(
+        "[[check]]\nname = \"c\"\nkind = \"command\"\ncommand = []",
+        "check[0].command",
+        "must not be empty",
+    );
+    assert_one_error(
+        "[[check]]\nname = \"c\"\nkind = \"command\"\ncommand = [\"\"]",
+        "check[0].command[0]",
+        "must not be empty",
+    );
+    assert_one_error(
+        "[[check]]\nname = \"c\"\nkind = \"command\"\ncommand = [\"true\", \"a\\u0000b\"]",
+        "check[0].command[1]",
+        "NUL",
+    );
+    // Keys of another kind are refused, not ignored.
+    assert_one_error(
+        "[[check]]\nname = \"t\"\nkind = \"tcp\"\naddress = \"h:1\"\nurl = \"http://h/\"",
+        "check[0].url",
+        "applies only to kind = \"http\", not \"tcp\"",
+    );
+    assert_one_error(
+        &http(&format!("{url}command = [\"true\"]")),
+        "check[0].command",
+        "applies only to kind = \"command\"",
+    );
+    // Timing.
+    assert_one_error(
+        &http(&format!("{url}interval = \"50ms\"\ntimeout = \"10ms\"")),
+        "check[0].interval",
+        "at least 100ms",
+    );
+    assert_one_error(
+        &http(&format!("{url}interval = \"1s\"")),
+        "check[0].timeout",
+        "5s must be less than interval (1s)",
+    );
+    assert_one_error(
+        &http(&format!("{url}timeout = \"30s\"")),
+        "check[0].timeout",
+        "less than interval",
+    );
+    assert_one_error(
+        &http(&format!("{url}timeout = \"0s\"")),
+        "check[0].timeout",
+        "at least 1ms",
+    );
+    assert_one_error(
+        &http(&format!("{url}failure_threshold = 0")),
+        "check[0].failure_threshold",
+        "between 1 and 4294967295",
+    );
+    assert_one_error(
+        &http(&format!("{url}recovery_threshold = -1")),
+        "check[0].recovery_threshold",
+        "between 1",
+    );
+    assert_one_error(
+        &format!(
+            "{}\n[[check]]\nname = \"h\"\nkind = \"tcp\"\naddress = \"h:1\"",
+            http(url)
+        ),
+        "check[1].name",
+        "same name as check[0]",
+    );
+    assert_one_error(&http(&format!("{url}urll = 1")), "check[0].urll", "urll");
+}
+
+#[test]
+fn every_check_problem_is_reported_with_its_path() {
+    let text = r#"
+        [health]
+        listen = "nowhere"
+        [[check]]
+        name = "a"
+        kind = "http"
+        url = "https://x"
+        headers = { "bad name" = "v" }
+        [[check]]
+        name = "a"
+        kind = "tcp"
+        address = "x"
+        timeout = "1m"
+        [[check]]
+        name = "c"
+        kind = "command"
+        command = []
+        failure_threshold = 0
+    "#;
+    let err = load(text).unwrap_err();
+    let paths: Vec<&str> = err.0.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "health.listen",
+            "check[0].url",
+            "check[0].headers",
+            "check[1].name",
+            "check[1].address",
+            "check[1].timeout",
+            "check[2].command",
+            "check[2].failure_threshold",
+        ],
+        "{err}"
+    );
+}
+
+#[test]
+fn header_values_are_secrets() {
+    let c = load_ok(
+        "[[check]]\nname = \"h\"\nkind = \"http\"\nurl = \"http://h/\"\nheaders = { Authorization = \"Bearer hunter2-token\" }",
+    );
+    for printed in [format!("{c:?}"), format!("{c:#?}")] {
+        assert!(!printed.contains("hunter2"), "{printed}");
+    }
+    // A bad value is reported without echoing it.
+    let errs = errors(
+        "[[check]]\nname = \"h\"\nkind = \"http\"\nurl = \"http://h/\"\nheaders = { X-Token = \"hunter2\\n\" }",
+    );
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0].0, "check[0].headers.X-Token");
+    assert!(!errs[0].1.contains("hunter2"), "{errs:?}");
 }
 
 // ---------------------------------------------------------------------------------------------

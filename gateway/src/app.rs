@@ -15,11 +15,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::http::{self, HttpState, NoExtra};
 use crate::ingest::Ingest;
+use crate::lifecycle::{Heartbeat, NodeIdentity};
 use crate::metrics::{Metrics, UplinkState, now_ms};
 use crate::route::Router;
 use crate::status::{self, Identity};
-use crate::sync::Sync;
+use crate::sync::{Lifecycle, Sync};
 
 /// Bound of the broker -> ingest channel. When full, the broker stops reading from publishers
 /// (their in-flight windows fill up): backpressure, never a drop.
@@ -88,19 +90,28 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .run(),
     );
 
+    let identity = NodeIdentity {
+        node: config.node.name.as_str().to_owned(),
+        labels: config.node.labels.clone(),
+        capabilities: config.node.capabilities.clone(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        started_at_ms: now_ms(),
+    };
+
     // Sync runs until ingest has drained, then gets its own grace period inside `Sync::run`.
     let sync_stop = CancellationToken::new();
     let sync_task = match &config.upstream {
         Some(upstream) => {
-            let sync = Sync::new(
-                upstream.clone(),
-                config.sync.clone(),
-                config.node.name.as_str().to_owned(),
-                store.clone(),
-                Arc::clone(&router),
-                broker_handle.clone(),
-                Arc::clone(&metrics),
-            );
+            let sync = Sync {
+                upstream: upstream.clone(),
+                settings: config.sync.clone(),
+                node: config.node.name.as_str().to_owned(),
+                store: store.clone(),
+                router: Arc::clone(&router),
+                broker: broker_handle.clone(),
+                metrics: Arc::clone(&metrics),
+                lifecycle: Arc::new(lifecycle(&config, &identity, Arc::clone(&metrics))),
+            };
             Some(tokio::spawn(sync.run(sync_stop.clone())))
         }
         None => {
@@ -110,13 +121,35 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
     };
 
+    // The local status endpoint: bound now so a bad address is a start-up error.
+    let http_stop = CancellationToken::new();
+    let http_listener = match config.health.listen {
+        Some(addr) => Some(
+            http::bind(addr)
+                .await
+                .with_context(|| format!("binding the status endpoint on {addr}"))?,
+        ),
+        None => None,
+    };
+
     let report_stop = CancellationToken::new();
     let identity = Identity {
-        node: config.node.name.as_str().to_owned(),
-        started_at_ms: now_ms(),
+        node: identity.node.clone(),
+        started_at_ms: identity.started_at_ms,
         listeners,
         upstream: config.upstream.as_ref().map(|u| u.url.to_string()),
     };
+    let http_task = http_listener.map(|listener| {
+        let state = HttpState {
+            store: store.clone(),
+            db: db.clone(),
+            metrics: Arc::clone(&metrics),
+            broker: broker_handle.clone(),
+            identity: identity.clone(),
+            extra: Arc::new(NoExtra),
+        };
+        tokio::spawn(http::serve(listener, state, http_stop.clone()))
+    });
     let report_task = tokio::spawn(status::report(
         store.clone(),
         identity,
@@ -134,8 +167,43 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     report_stop.cancel();
     report_task.await.context("status task")?;
+    http_stop.cancel();
+    if let Some(task) = http_task {
+        task.await.context("status endpoint task")?;
+    }
     store.close().await.context("closing the store")?;
     info!("outpost stopped cleanly");
     broker_result.context("MQTT broker")?;
     Ok(())
+}
+
+/// The gateway's own messages upstream: identity for birth, and the heartbeat's figures.
+fn lifecycle(config: &Config, identity: &NodeIdentity, metrics: Arc<Metrics>) -> Lifecycle {
+    let node = identity.node.clone();
+    let started_at_ms = identity.started_at_ms;
+    Lifecycle {
+        identity: identity.clone(),
+        heartbeat_interval: config.health.heartbeat_interval,
+        heartbeat: Box::new(move |stats| {
+            let now = now_ms();
+            Heartbeat {
+                node: node.clone(),
+                at_ms: now,
+                uptime_s: now.saturating_sub(started_at_ms) / 1000,
+                backlog_records: stats.records,
+                backlog_bytes: stats.bytes,
+                oldest_unsynced_age_ms: stats.oldest_ingested_at_ms.map(|t| now.saturating_sub(t)),
+                drain_eta_s: metrics.drain_eta(stats.records),
+                uplink_rtt_ms: metrics.uplink_rtt().map(|d| d.as_secs_f64() * 1000.0),
+                reconnects: crate::metrics::get(&metrics.reconnects),
+                ingested: crate::metrics::get(&metrics.ingested),
+                synced: crate::metrics::get(&metrics.sync_acked),
+                store_poisoned: stats.poisoned,
+                checks: Default::default(),
+                cpu_percent: None,
+                memory_used: None,
+                disk_available: None,
+            }
+        }),
+    }
 }

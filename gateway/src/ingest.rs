@@ -138,7 +138,7 @@ fn answer(metrics: &Metrics, result: Result<(), StoreError>, replies: Vec<Waiter
                 inc(&metrics.ingest_refused);
                 match reply {
                     Some(reply) => {
-                        let _ = reply.send(Err(why));
+                        let _ = reply.send(Err(why.clone()));
                     }
                     // QoS 0 and wills: nobody can be told to send again, so it is counted as lost.
                     None => inc(&metrics.unacknowledged_lost),

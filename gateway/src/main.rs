@@ -5,7 +5,9 @@
 #![forbid(unsafe_code)]
 
 mod app;
+mod http;
 mod ingest;
+mod lifecycle;
 mod metrics;
 mod route;
 mod status;

@@ -6,7 +6,7 @@
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -72,6 +72,12 @@ pub struct Metrics {
     pub commands_failed: AtomicU64,
     /// Batches of acknowledgements that could not be written to the store.
     pub ack_write_failures: AtomicU64,
+    /// Topic + payload bytes handed to the upstream client.
+    pub sync_bytes: AtomicU64,
+    /// Smoothed upstream round-trip time (publish on the wire -> PUBACK), microseconds; 0 = none yet.
+    uplink_rtt_us: AtomicU64,
+    /// Upstream acks per second over the last status interval, times 1000.
+    ack_rate_milli: AtomicU64,
     uplink_state: AtomicU8,
     /// Unix milliseconds when the current uplink state began.
     uplink_since_ms: AtomicU64,
@@ -102,6 +108,50 @@ impl Metrics {
 
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().ok().and_then(|slot| slot.clone())
+    }
+
+    /// Folds one PUBACK latency into the smoothed RTT (EWMA, 1/8 weight like TCP's SRTT).
+    pub fn observe_rtt(&self, rtt: Duration) {
+        let sample = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX).max(1);
+        let _ = self
+            .uplink_rtt_us
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                Some(if old == 0 {
+                    sample
+                } else {
+                    old - old / 8 + sample / 8
+                })
+            });
+    }
+
+    /// Smoothed upstream RTT, if any PUBACK was seen.
+    pub fn uplink_rtt(&self) -> Option<Duration> {
+        match self.uplink_rtt_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
+    pub fn set_ack_rate(&self, per_second: f64) {
+        let milli = (per_second.max(0.0) * 1000.0) as u64;
+        self.ack_rate_milli.store(milli, Ordering::Relaxed);
+    }
+
+    /// Upstream acks per second over the last status interval.
+    pub fn ack_rate(&self) -> f64 {
+        self.ack_rate_milli.load(Ordering::Relaxed) as f64 / 1000.0
+    }
+
+    /// Seconds until `backlog` records are drained at the current ack rate; None when not draining.
+    pub fn drain_eta(&self, backlog: u64) -> Option<f64> {
+        let rate = self.ack_rate();
+        if backlog == 0 {
+            Some(0.0)
+        } else if rate > 0.0 {
+            Some(backlog as f64 / rate)
+        } else {
+            None
+        }
     }
 }
 

@@ -49,6 +49,9 @@ pub struct RuntimeStatus {
     pub commands_forwarded: u64,
     pub commands_failed: u64,
     pub ack_write_failures: u64,
+    pub sync_bytes: u64,
+    pub uplink_rtt_ms: Option<f64>,
+    pub ack_rate_per_s: f64,
     pub broker_connections: u64,
     pub broker_connections_total: u64,
     pub broker_connections_refused: u64,
@@ -94,6 +97,9 @@ pub fn snapshot(identity: &Identity, metrics: &Metrics, broker: &BrokerHandle) -
         commands_forwarded: get(&metrics.commands_forwarded),
         commands_failed: get(&metrics.commands_failed),
         ack_write_failures: get(&metrics.ack_write_failures),
+        sync_bytes: get(&metrics.sync_bytes),
+        uplink_rtt_ms: metrics.uplink_rtt().map(|d| d.as_secs_f64() * 1000.0),
+        ack_rate_per_s: metrics.ack_rate(),
         broker_connections: b.connections_current,
         broker_connections_total: b.connections_total,
         broker_connections_refused: b.connections_refused,
@@ -115,11 +121,18 @@ pub async fn report(
 ) {
     let mut tick = tokio::time::interval(INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = (std::time::Instant::now(), get(&metrics.sync_acked));
     loop {
         let stopping = tokio::select! {
             () = stop.cancelled() => true,
             _ = tick.tick() => false,
         };
+        let acked = get(&metrics.sync_acked);
+        let elapsed = last.0.elapsed().as_secs_f64();
+        if elapsed > 0.0 {
+            metrics.set_ack_rate(acked.saturating_sub(last.1) as f64 / elapsed);
+        }
+        last = (std::time::Instant::now(), acked);
         let status = snapshot(&identity, &metrics, &broker);
         match serde_json::to_vec(&status) {
             Ok(bytes) => {
@@ -136,27 +149,29 @@ pub async fn report(
 }
 
 /// What `outpost status` prints.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct StatusReport {
     pub database: String,
     pub buffered_records: u64,
     pub buffered_bytes: u64,
     pub buffered_by_priority: BufferedByPriority,
     pub oldest_unsynced_age_ms: Option<u64>,
+    /// Seconds to drain the backlog at the last measured upstream ack rate (None: not draining).
+    pub drain_eta_s: Option<f64>,
     pub store: StoreCounters,
     pub runtime: Option<RuntimeStatus>,
     /// Whether the runtime snapshot is recent enough to say the gateway is running.
     pub gateway_running: bool,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct BufferedByPriority {
     pub high: u64,
     pub normal: u64,
     pub low: u64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct StoreCounters {
     pub last_seq: u64,
     pub appended_total: u64,
@@ -179,11 +194,22 @@ pub fn read_report(db: &Path) -> anyhow::Result<StatusReport> {
         .with_context(|| format!("reading the runtime status at {}", db.display()))?
         .and_then(|bytes| serde_json::from_slice::<RuntimeStatus>(&bytes).ok());
     let now = now_ms();
-    let gateway_running = runtime.as_ref().is_some_and(|r| {
+    let running = runtime.as_ref().is_some_and(|r| {
         r.uplink_state != UplinkState::Stopped
             && now.saturating_sub(r.written_at_ms) < 5 * INTERVAL.as_millis() as u64
     });
-    Ok(StatusReport {
+    Ok(build_report(db, &stats, runtime, running))
+}
+
+/// Joins the store's counters with a runtime snapshot.
+pub fn build_report(
+    db: &Path,
+    stats: &StoreStats,
+    runtime: Option<RuntimeStatus>,
+    gateway_running: bool,
+) -> StatusReport {
+    let now = now_ms();
+    StatusReport {
         database: db.display().to_string(),
         buffered_records: stats.records,
         buffered_bytes: stats.bytes,
@@ -193,6 +219,11 @@ pub fn read_report(db: &Path) -> anyhow::Result<StatusReport> {
             low: stats.records_by_priority[2],
         },
         oldest_unsynced_age_ms: stats.oldest_ingested_at_ms.map(|t| now.saturating_sub(t)),
+        drain_eta_s: match (stats.records, runtime.as_ref().map(|r| r.ack_rate_per_s)) {
+            (0, _) => Some(0.0),
+            (n, Some(rate)) if rate > 0.0 => Some(n as f64 / rate),
+            _ => None,
+        },
         store: StoreCounters {
             last_seq: stats.last_seq,
             appended_total: stats.appended_total,
@@ -208,7 +239,7 @@ pub fn read_report(db: &Path) -> anyhow::Result<StatusReport> {
         },
         runtime,
         gateway_running,
-    })
+    }
 }
 
 /// Human-readable rendering of the report.
@@ -252,6 +283,13 @@ pub fn render(report: &StatusReport) -> String {
             .map_or("-".to_owned(), |ms| format!("{:.1} s", ms as f64 / 1000.0)),
     );
     let s = &report.store;
+    line(
+        &mut out,
+        "drain eta",
+        report
+            .drain_eta_s
+            .map_or("- (not draining)".to_owned(), |s| format!("{s:.0} s")),
+    );
     line(&mut out, "last seq", s.last_seq.to_string());
     line(
         &mut out,
@@ -287,6 +325,12 @@ pub fn render(report: &StatusReport) -> String {
             r.uplink_last_error.clone().unwrap_or_else(|| "-".into()),
         );
         line(&mut out, "reconnects", r.reconnects.to_string());
+        line(
+            &mut out,
+            "uplink rtt",
+            r.uplink_rtt_ms
+                .map_or("-".to_owned(), |ms| format!("{ms:.1} ms")),
+        );
         line(
             &mut out,
             "ingested / stored",

@@ -19,18 +19,19 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use outpost_config::{MqttVersion, SyncConfig, UpstreamConfig};
 use outpost_protocols::{BrokerHandle, QoS as LocalQoS};
-use outpost_storage::{Priority, Record, Store};
+use outpost_storage::{Priority, Record, Store, StoreStats};
 use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::metrics::{Metrics, UplinkState, get, inc};
+use crate::lifecycle::{self, Heartbeat, NodeIdentity, Topics};
+use crate::metrics::{Metrics, UplinkState, get, inc, now_ms};
 use crate::route::Router;
 
 /// How long a stopping sync keeps the connection to collect PUBACKs for what is in flight.
@@ -80,33 +81,53 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    fn publish(&self, topic: String, record: &Record) -> Result<(), String> {
+    /// Publishes at QoS 1. `meta` (seq, ingest time) becomes MQTT 5 user properties; with 3.1.1
+    /// it is dropped (the README says what that loses).
+    fn publish(
+        &self,
+        topic: String,
+        payload: Bytes,
+        retain: bool,
+        meta: Option<(u64, u64)>,
+    ) -> Result<(), String> {
         match self {
             Self::V4(c) => c
-                .try_publish(
-                    topic,
-                    rumqttc::QoS::AtLeastOnce,
-                    false,
-                    record.payload.clone(),
-                )
+                .try_publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload)
                 .map_err(|e| e.to_string()),
             Self::V5(c) => {
-                let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
-                    user_properties: vec![
-                        ("seq".to_owned(), record.seq.to_string()),
-                        ("ingested_at".to_owned(), record.ingested_at_ms.to_string()),
-                    ],
-                    ..Default::default()
-                };
+                let mut props = rumqttc::v5::mqttbytes::v5::PublishProperties::default();
+                if let Some((seq, ingested_at_ms)) = meta {
+                    props.user_properties = vec![
+                        ("seq".to_owned(), seq.to_string()),
+                        ("ingested_at".to_owned(), ingested_at_ms.to_string()),
+                    ];
+                }
                 c.try_publish_with_properties(
                     topic,
                     rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-                    false,
-                    record.payload.clone(),
+                    retain,
+                    payload,
                     props,
                 )
                 .map_err(|e| e.to_string())
             }
+        }
+    }
+
+    /// Publishes at QoS 0 (heartbeats: a lost one is replaced by the next).
+    fn publish_qos0(&self, topic: String, payload: Vec<u8>) -> Result<(), String> {
+        match self {
+            Self::V4(c) => c
+                .try_publish(topic, rumqttc::QoS::AtMostOnce, false, payload)
+                .map_err(|e| e.to_string()),
+            Self::V5(c) => c
+                .try_publish(
+                    topic,
+                    rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+                    false,
+                    payload,
+                )
+                .map_err(|e| e.to_string()),
         }
     }
 
@@ -231,20 +252,42 @@ fn tls_configuration(upstream: &UpstreamConfig) -> Result<rumqttc::TlsConfigurat
 #[derive(Debug)]
 pub struct Sync {
     /// Where and how to connect.
-    upstream: UpstreamConfig,
+    pub(crate) upstream: UpstreamConfig,
     /// Window, batch and backoff settings.
-    settings: SyncConfig,
+    pub(crate) settings: SyncConfig,
     /// The node name used in topics.
-    node: String,
+    pub(crate) node: String,
     /// The source of truth for what still has to go.
-    store: Store,
+    pub(crate) store: Store,
     /// Renders the upstream topic of each record.
-    router: Arc<Router>,
+    pub(crate) router: Arc<Router>,
     /// Where commands from the cloud are published.
-    broker: BrokerHandle,
+    pub(crate) broker: BrokerHandle,
     /// Shared counters and the uplink state.
-    metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
+    /// Birth, will, shutdown and heartbeat messages.
+    pub(crate) lifecycle: Arc<Lifecycle>,
 }
+
+/// What sync needs to speak for the gateway itself (see `lifecycle`).
+pub struct Lifecycle {
+    pub identity: NodeIdentity,
+    pub heartbeat_interval: Duration,
+    /// Builds the heartbeat from the store's stats and whatever else the gateway watches.
+    pub heartbeat: Box<dyn Fn(&StoreStats) -> Heartbeat + Send + std::marker::Sync>,
+}
+
+impl std::fmt::Debug for Lifecycle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lifecycle")
+            .field("identity", &self.identity)
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A FIFO entry that is not a stored record (birth, shutdown): its PUBACK deletes nothing.
+const NOT_A_RECORD: u64 = 0;
 
 /// How one connection ended.
 enum Ended {
@@ -262,8 +305,8 @@ struct Conn {
     more: [bool; 3],
     /// Seqs handed to the client whose packet id is not known yet, in order.
     fifo: VecDeque<u64>,
-    /// Packet id -> seq for publishes on the wire awaiting PUBACK.
-    inflight: HashMap<u16, u64>,
+    /// Packet id -> (seq, when it went on the wire) for publishes awaiting PUBACK.
+    inflight: HashMap<u16, (u64, Instant)>,
     connected: bool,
 }
 
@@ -284,24 +327,8 @@ impl Conn {
 }
 
 impl Sync {
-    pub fn new(
-        upstream: UpstreamConfig,
-        settings: SyncConfig,
-        node: String,
-        store: Store,
-        router: Arc<Router>,
-        broker: BrokerHandle,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        Self {
-            upstream,
-            settings,
-            node,
-            store,
-            router,
-            broker,
-            metrics,
-        }
+    fn topics(&self) -> Topics {
+        Topics::new(&self.upstream.topic_prefix, &self.node)
     }
 
     fn command_filter(&self) -> String {
@@ -317,6 +344,8 @@ impl Sync {
         } else {
             None
         };
+        let status_topic = self.topics().status;
+        let will = lifecycle::will(&self.node);
         match self.upstream.protocol {
             MqttVersion::V311 => {
                 let mut opts = rumqttc::MqttOptions::new(&self.upstream.client_id, host, port);
@@ -324,7 +353,13 @@ impl Sync {
                     .set_clean_session(self.upstream.clean_session)
                     .set_inflight(self.settings.inflight_window)
                     .set_request_channel_capacity(cap)
-                    .set_pending_throttle(Duration::ZERO);
+                    .set_pending_throttle(Duration::ZERO)
+                    .set_last_will(rumqttc::LastWill::new(
+                        &status_topic,
+                        will,
+                        rumqttc::QoS::AtLeastOnce,
+                        true,
+                    ));
                 if let Some(user) = &self.upstream.username {
                     let pass = self
                         .upstream
@@ -346,7 +381,14 @@ impl Sync {
                     .set_clean_start(self.upstream.clean_session)
                     .set_outgoing_inflight_upper_limit(self.settings.inflight_window)
                     .set_request_channel_capacity(cap)
-                    .set_pending_throttle(Duration::ZERO);
+                    .set_pending_throttle(Duration::ZERO)
+                    .set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
+                        &status_topic,
+                        will,
+                        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                        true,
+                        None,
+                    ));
                 if let Some(user) = &self.upstream.username {
                     let pass = self
                         .upstream
@@ -431,6 +473,8 @@ impl Sync {
         let mut conn = Conn::new();
         let mut committed = self.store.committed_seq();
         let window = usize::from(self.settings.inflight_window);
+        let mut heartbeat = tokio::time::interval(self.lifecycle.heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if conn.connected
                 && conn.outstanding() < window
@@ -456,6 +500,9 @@ impl Sync {
                         }
                         Err(error) => return Ended::Failed { was_connected: conn.connected, error },
                     }
+                }
+                _ = heartbeat.tick(), if conn.connected => {
+                    self.send_heartbeat(&client).await;
                 }
                 changed = committed.changed(), if conn.connected => {
                     if changed.is_err() {
@@ -489,20 +536,27 @@ impl Sync {
                 if self.upstream.command_topic {
                     client.subscribe(self.command_filter())?;
                 }
+                let birth = lifecycle::birth(&self.lifecycle.identity, now_ms());
+                conn.fifo.push_back(NOT_A_RECORD);
+                client.publish(self.topics().status, Bytes::from(birth), true, None)?;
             }
             UpEvent::OutgoingPublish(pkid) => {
                 if pkid != 0 && !conn.inflight.contains_key(&pkid) {
                     match conn.fifo.pop_front() {
                         Some(seq) => {
-                            conn.inflight.insert(pkid, seq);
+                            conn.inflight.insert(pkid, (seq, Instant::now()));
                         }
                         None => warn!(pkid, "publish on the wire that sync did not send"),
                     }
                 }
             }
             UpEvent::PubAck { pkid, failure } => match conn.inflight.remove(&pkid) {
-                Some(seq) => match failure {
+                Some((seq, sent_at)) => match failure {
+                    None if seq == NOT_A_RECORD => {
+                        self.metrics.observe_rtt(sent_at.elapsed());
+                    }
                     None => {
+                        self.metrics.observe_rtt(sent_at.elapsed());
                         inc(&self.metrics.sync_acked);
                         acks.send(seq)
                             .await
@@ -573,10 +627,34 @@ impl Sync {
                 self.router
                     .upstream_topic(&self.upstream.topic_prefix, &self.node, &record.stream);
             conn.fifo.push_back(record.seq);
-            client.publish(topic, &record)?;
+            self.metrics.sync_bytes.fetch_add(
+                (topic.len() + record.payload.len()) as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            client.publish(
+                topic,
+                record.payload,
+                false,
+                Some((record.seq, record.ingested_at_ms)),
+            )?;
             inc(&self.metrics.sync_published);
         }
         Ok(())
+    }
+
+    async fn send_heartbeat(&self, client: &Client) {
+        let stats = match self.store.stats().await {
+            Ok(stats) => stats,
+            Err(e) => {
+                warn!(error = %e, "no store stats for the heartbeat");
+                StoreStats::default()
+            }
+        };
+        let heartbeat = (self.lifecycle.heartbeat)(&stats);
+        if let Err(e) = client.publish_qos0(self.topics().heartbeat, lifecycle::to_json(&heartbeat))
+        {
+            debug!(error = %e, "heartbeat not sent");
+        }
     }
 
     /// Stopping: send nothing new, collect PUBACKs for what is in flight for a short grace period,
@@ -590,6 +668,17 @@ impl Sync {
     ) {
         let deadline = tokio::time::Instant::now() + STOP_GRACE;
         let mut ignored = true;
+        if conn.connected {
+            // Retained "offline, shutdown" replaces the birth; the will is for unclean ends only.
+            let payload = lifecycle::shutdown(&self.node, now_ms());
+            conn.fifo.push_back(NOT_A_RECORD);
+            if client
+                .publish(self.topics().status, Bytes::from(payload), true, None)
+                .is_err()
+            {
+                conn.fifo.pop_back();
+            }
+        }
         while conn.connected && conn.outstanding() > 0 {
             match tokio::time::timeout_at(deadline, events.poll()).await {
                 Ok(Ok(event @ (UpEvent::OutgoingPublish(_) | UpEvent::PubAck { .. }))) => {

@@ -1,4 +1,5 @@
-//! Outpost's wire adapters. For now: the embedded MQTT broker that local sensors publish to.
+//! Outpost's wire adapters: the embedded MQTT broker and the CoAP endpoint that local sensors
+//! send readings to, and the payload codecs (text, JSON, CBOR, SenML) the gateway checks them with.
 //!
 //! # Invariants
 //!
@@ -12,7 +13,10 @@
 //! - **One client cannot hurt another.** Malformed, oversized or refused traffic closes only its
 //!   own connection; a slow subscriber's bounded queue drops (QoS 0 first, counted) instead of
 //!   blocking publishers.
-//! - **No panics on input.** Nothing from the network is unwrapped; parsing is rumqttc's codec.
+//! - **No panics on input.** Nothing from the network is unwrapped; parsing is rumqttc's codec
+//!   (MQTT), coap-lite's (CoAP messages), serde_json and minicbor (payloads), each behind bounds.
+//! - **CoAP gets the same guarantee.** The CoAP endpoint hands readings over as the same
+//!   [`Inbound`] (`source: Coap`) and sends 2.01/2.04 only after the gateway's `Ok`.
 //!
 //! # Layout
 //!
@@ -20,13 +24,18 @@
 //! - [`broker`]: the public API ([`Broker`], [`BrokerHandle`], [`Inbound`]) and, inside it,
 //!   `codec` (rumqttc v4/v5 adapters to one internal packet set), `session` (sans-IO per-client
 //!   state), `router` (sessions and retained messages), `connection` (the per-socket task).
+//! - [`coap`]: [`coap::CoapServer`] (ingest resource, `/.well-known/core`, observable
+//!   `/status`) and [`coap::CoapObserver`] (observes a device resource).
+//! - [`payload`]: [`payload::ContentFormat`] and [`payload::validate`] (SenML per RFC 8428).
 
 #![forbid(unsafe_code)]
 
 pub mod broker;
+pub mod coap;
+pub mod payload;
 pub mod topic;
 
 pub use broker::{
     Broker, BrokerError, BrokerHandle, BrokerSettings, BrokerStats, Inbound, IngestRefusal,
-    IngestReply, QoS,
+    IngestReply, QoS, Source,
 };

@@ -116,6 +116,7 @@ pub(crate) enum ConnAckCode {
 pub(crate) enum AckReason {
     Success,
     QuotaExceeded,
+    PayloadFormatInvalid,
     Unspecified,
 }
 
@@ -620,6 +621,7 @@ fn write5(packet: &Outgoing, out: &mut BytesMut, max_size: usize) -> Result<(), 
             reason: match reason {
                 AckReason::Success => v5::PubAckReason::Success,
                 AckReason::QuotaExceeded => v5::PubAckReason::QuotaExceeded,
+                AckReason::PayloadFormatInvalid => v5::PubAckReason::PayloadFormatInvalid,
                 AckReason::Unspecified => v5::PubAckReason::UnspecifiedError,
             },
             properties: None,
@@ -629,6 +631,7 @@ fn write5(packet: &Outgoing, out: &mut BytesMut, max_size: usize) -> Result<(), 
             reason: match reason {
                 AckReason::Success => v5::PubRecReason::Success,
                 AckReason::QuotaExceeded => v5::PubRecReason::QuotaExceeded,
+                AckReason::PayloadFormatInvalid => v5::PubRecReason::PayloadFormatInvalid,
                 AckReason::Unspecified => v5::PubRecReason::UnspecifiedError,
             },
             properties: None,

@@ -25,7 +25,7 @@ use super::codec::{
 };
 use super::router::Link;
 use super::session::{Send, Subscription};
-use super::{Inbound, IngestRefusal, IngestReply, QoS, Shared, bump};
+use super::{Inbound, IngestRefusal, IngestReply, QoS, Shared, Source, bump};
 use crate::topic::{TopicFilter, TopicName};
 
 /// A write that makes no progress for this long closes the connection (a peer that stopped
@@ -512,6 +512,8 @@ impl Conn {
                     payload: p.payload.clone(),
                     qos: p.qos,
                     retain: p.retain,
+                    source: Source::Mqtt,
+                    content_format: None,
                     reply: None,
                 };
                 if !self.hand_over(inbound).await? {
@@ -543,6 +545,8 @@ impl Conn {
                     payload: p.payload.clone(),
                     qos: p.qos,
                     retain: p.retain,
+                    source: Source::Mqtt,
+                    content_format: None,
                     reply: Some(tx),
                 };
                 // If the channel is closed the sender is dropped with it, and `rx` resolves as
@@ -612,8 +616,13 @@ impl Conn {
                     Protocol::V4 => Err(End::Refused(refusal)),
                     Protocol::V5 => {
                         let reason = match refusal {
-                            IngestRefusal::QuotaExceeded => AckReason::QuotaExceeded,
+                            IngestRefusal::QuotaExceeded | IngestRefusal::TooLarge => {
+                                AckReason::QuotaExceeded
+                            }
                             IngestRefusal::StoreUnavailable => AckReason::Unspecified,
+                            IngestRefusal::PayloadInvalid(_) | IngestRefusal::UnsupportedFormat => {
+                                AckReason::PayloadFormatInvalid
+                            }
                         };
                         self.queue_ack(p.pkid, p.qos, reason);
                         Ok(())
@@ -829,6 +838,8 @@ impl Conn {
                     payload: w.payload,
                     qos: w.qos,
                     retain: w.retain,
+                    source: Source::Mqtt,
+                    content_format: None,
                     reply: None,
                 };
                 if tokio::time::timeout(CLOSE_TIMEOUT, self.ingest.send(inbound))

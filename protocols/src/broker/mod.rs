@@ -94,21 +94,58 @@ pub struct Inbound {
     pub qos: QoS,
     /// Retain flag as published.
     pub retain: bool,
+    /// Which protocol adapter accepted the message (metadata upstream, dead-letter records).
+    pub source: Source,
+    /// The CoAP Content-Format number the sender declared; None for MQTT (MQTT 5's content
+    /// type is a string and is not carried here) and for CoAP requests without the option.
+    pub content_format: Option<u16>,
     /// Some for QoS 1/2 (the broker waits for it before acking); None for QoS 0 and for wills.
     /// The gateway MUST answer or drop; a dropped sender counts as a refusal.
     pub reply: Option<oneshot::Sender<IngestReply>>,
+}
+
+/// The protocol adapter a message came in through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Source {
+    /// The embedded MQTT broker.
+    Mqtt,
+    /// The CoAP endpoint (a request to the ingest resource, or an observed device's
+    /// notification).
+    Coap,
+}
+
+impl Source {
+    /// Lower-case name for metadata and logs (`"mqtt"`, `"coap"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Mqtt => "mqtt",
+            Source::Coap => "coap",
+        }
+    }
 }
 
 /// The gateway's answer for an inbound QoS 1/2 message: `Ok` once it is committed.
 pub type IngestReply = Result<(), IngestRefusal>;
 
 /// Why the gateway did not take a message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// How each adapter tells the sender: MQTT 5 gets the PUBACK/PUBREC reason code below, MQTT
+/// 3.1.1 gets its connection closed without an ack (it has no negative ack), CoAP gets the
+/// response code below.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IngestRefusal {
-    /// The store is at its quota (MQTT 5 reason 0x97).
+    /// The store is at its quota. MQTT 5 reason 0x97; CoAP 5.03 with Max-Age.
     QuotaExceeded,
-    /// The store cannot write (poisoned, closed); MQTT 5 reason 0x80.
+    /// The store cannot write (poisoned, closed). MQTT 5 reason 0x80; CoAP 5.03 with Max-Age.
     StoreUnavailable,
+    /// The route declared a payload format and the payload does not decode as it; the text
+    /// says what is wrong and where. MQTT 5 reason 0x99; CoAP 4.00 with the text as payload.
+    PayloadInvalid(String),
+    /// The declared content format is one the route does not take. MQTT 5 reason 0x99; CoAP
+    /// 4.15.
+    UnsupportedFormat,
+    /// The payload is larger than the route or store takes. MQTT 5 reason 0x97; CoAP 4.13.
+    TooLarge,
 }
 
 /// Errors of the broker's public operations.
