@@ -6,6 +6,12 @@
 //! records, the sync engine reads them per priority in `seq` order, publishes them, and acks them
 //! once the upstream has PUBACKed them.
 //!
+//! Beside the records the store keeps **dead letters** ([`DeadLetter`]): payloads that failed to
+//! decode for a route that declared a format, kept with the reason, topic, source and time for
+//! diagnostics (`outpost status`, metrics). They live in their own table, are never returned by
+//! [`Store::read_after`] (so never synced as data), and have their own bounds
+//! ([`DeadLetterLimits`]).
+//!
 //! # Invariants
 //!
 //! - **A record is deleted only after it is acknowledged** ([`Store::ack`]), or when a documented
@@ -23,7 +29,14 @@
 //! - **A failed commit poisons the store.** The transaction is rolled back, every waiter of that
 //!   batch gets [`StoreError::CommitFailed`], and all later writes get [`StoreError::Poisoned`]
 //!   instead of pretending. Reads and stats keep working. (After a failed fsync the on-disk state is
-//!   unknown; retrying could report success for data that is not there.)
+//!   unknown; retrying could report success for data that is not there.) This holds for dead
+//!   letters too.
+//! - **A dead letter is diagnostics, never data, and never fails ingest for being big.** It is not
+//!   a record: no seq, not in the records quota, never read by sync. [`Store::dead_letter`] stores
+//!   it (group-committed like every write, answered after the commit) within its own bounds: the
+//!   oldest dead letters are deleted first to make room (`dead_letters_evicted_total`), and one
+//!   larger than the byte bound is truncated, saying so in its reason, instead of refused. Its id
+//!   is `dead_lettered_total` after it was stored: increasing, never reused.
 //!
 //! # Threading and group commit
 //!
@@ -31,13 +44,13 @@
 //! bounded channel ([`COMMAND_QUEUE`] commands; senders wait when it is full, which is how a slow
 //! disk slows ingest down instead of dropping data). No SQLite call ever runs in async code.
 //!
-//! Writes (append, ack, put_state) are gathered in memory until `batch_max_records` records are
+//! Writes (append, ack, put_state, dead_letter) are gathered in memory until `batch_max_records` records are
 //! pending or `batch_max_delay` has passed since the first pending write, then applied in ONE
 //! transaction, after which every waiter is answered. Reads and stats arriving while a batch is
 //! gathering are served immediately from the committed state (no transaction is open while
 //! gathering), so read latency does not depend on the batch delay.
 //!
-//! # On-disk format (schema version 1, `PRAGMA user_version`)
+//! # On-disk format (schema version 2, `PRAGMA user_version`)
 //!
 //! ```sql
 //! PRAGMA application_id = 0x4F555450;  -- "OUTP": tells our file apart from other SQLite files
@@ -51,9 +64,27 @@
 //! );
 //! CREATE INDEX records_by_priority ON records (priority, seq);   -- sync reads, eviction
 //! CREATE INDEX records_by_ingested ON records (ingested_at_ms); -- TTL, oldest record
-//! CREATE TABLE counters (id INTEGER PRIMARY KEY CHECK (id = 1), records, bytes, ...);
+//! CREATE TABLE counters (id INTEGER PRIMARY KEY CHECK (id = 1), records, bytes, ...,
+//!     dead_letters, dead_letter_bytes, dead_lettered_total, dead_letters_evicted_total);
 //! CREATE TABLE state (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
+//! CREATE TABLE dead_letters (                -- since version 2
+//!     id             INTEGER PRIMARY KEY,  -- = counters.dead_lettered_total when inserted
+//!     at_ms          INTEGER NOT NULL,     -- unix ms, from the caller
+//!     topic          TEXT    NOT NULL,
+//!     source         TEXT    NOT NULL,     -- opaque: "mqtt", "coap", a client id...
+//!     reason         TEXT    NOT NULL,
+//!     content_format INTEGER,              -- CoAP content format, NULL if none was declared
+//!     size           INTEGER NOT NULL,     -- accounted size, see dead_letter_accounted_size
+//!     payload        BLOB    NOT NULL
+//! );
 //! ```
+//!
+//! Migrations run in one transaction when the writer opens the file. Version 1 to 2 is DDL only
+//! (`CREATE TABLE dead_letters` and `ALTER TABLE counters ADD COLUMN ... DEFAULT 0`, which SQLite
+//! applies by editing the schema text): no record is read or rewritten, so upgrading a big store
+//! is instant. A version newer than this build's is refused ([`StoreError::UnsupportedSchema`]).
+//! The read-only entry points ([`read_stats`], [`read_state`], [`read_dead_letters`]) cannot
+//! migrate; they read a version 1 file as it is (no dead letters, their counters 0).
 //!
 //! The database runs in WAL mode so that `outpost status` ([`read_stats`]) can read from another
 //! process while the gateway writes. [`Durability::Full`] fsyncs the WAL at every commit (survives
@@ -79,6 +110,14 @@
 //! every refused record in `rejected_full_total`. An append call is all-or-nothing: if any record of
 //! the call cannot be stored, nothing of that call is stored (evictions it caused are rolled back
 //! too) and the whole call gets the error.
+//!
+//! Dead letters are bounded separately by [`DeadLetterLimits`] (count and accounted bytes, default
+//! 1000 and 4 MiB), not by the quota: they are diagnostics, small and few, and must not evict data
+//! or be refused because data filled the quota (nor the other way round). The file is therefore
+//! bounded by roughly `quota_bytes + max_bytes`. A new dead letter that would exceed either bound
+//! first deletes the oldest dead letters (by id); one whose accounted size alone exceeds
+//! `max_bytes` keeps only as much payload as fits, and its reason gets
+//! `" (payload truncated from N bytes)"`. TTL does not apply to dead letters.
 //!
 //! TTL: records with `ingested_at_ms + ttl < now` are never returned by [`Store::read_after`]; the
 //! writer thread deletes them in bounded passes ([`EXPIRE_PASS_LIMIT`] records per transaction)
@@ -115,6 +154,14 @@ use crate::writer::{Command, Read, Write};
 /// the integer columns and the two index entries per record, so that a quota of N bytes bounds the
 /// file size to roughly N even for tiny payloads.
 pub const RECORD_OVERHEAD_BYTES: u64 = 64;
+
+/// Fixed per-dead-letter overhead added to its accounted size (row header, integer columns); see
+/// [`dead_letter_accounted_size`].
+pub const DEAD_LETTER_OVERHEAD_BYTES: u64 = 64;
+
+/// Smallest `max_bytes` of [`DeadLetterLimits`]; smaller values are raised to it so that a dead
+/// letter with its topic, source and reason always fits.
+pub const DEAD_LETTER_MIN_BYTES: u64 = 1024;
 
 /// Bound of the command channel between the handles and the writer thread.
 pub const COMMAND_QUEUE: usize = 1024;
@@ -214,6 +261,76 @@ pub struct Record {
     pub ingested_at_ms: u64,
 }
 
+/// A payload that could not be decoded for a route that declared a format, kept for diagnostics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    /// The topic the payload arrived on (or the one its route maps to; the gateway decides).
+    pub topic: String,
+    /// Where it came from, opaque to the store: "mqtt", "coap", a client id...
+    pub source: String,
+    /// Why it could not be decoded. The store may append `" (payload truncated from N bytes)"`.
+    pub reason: String,
+    /// The declared (CoAP) content format, if any.
+    pub content_format: Option<u16>,
+    pub payload: Bytes,
+    /// Unix time in milliseconds when the gateway received it.
+    pub at_ms: u64,
+}
+
+/// A stored dead letter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredDeadLetter {
+    /// Increasing, never reused (the `dead_lettered_total` it was stored as).
+    pub id: u64,
+    pub letter: DeadLetter,
+}
+
+/// Bounds of the dead-letter table, separate from the records quota (see the crate docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeadLetterLimits {
+    /// At most this many dead letters are kept (at least 1).
+    pub max_records: u64,
+    /// Bound on the sum of their accounted sizes ([`dead_letter_accounted_size`]); at least
+    /// [`DEAD_LETTER_MIN_BYTES`].
+    pub max_bytes: u64,
+}
+
+impl Default for DeadLetterLimits {
+    /// 1000 dead letters, 4 MiB.
+    fn default() -> Self {
+        DeadLetterLimits {
+            max_records: 1000,
+            max_bytes: 4 << 20,
+        }
+    }
+}
+
+impl DeadLetterLimits {
+    /// The limits the store applies: `max_records` at least 1, `max_bytes` at least
+    /// [`DEAD_LETTER_MIN_BYTES`].
+    pub fn clamped(self) -> DeadLetterLimits {
+        DeadLetterLimits {
+            max_records: self.max_records.max(1),
+            max_bytes: self.max_bytes.max(DEAD_LETTER_MIN_BYTES),
+        }
+    }
+}
+
+/// Accounted size of a dead letter: payload, topic, source and reason lengths plus
+/// [`DEAD_LETTER_OVERHEAD_BYTES`].
+pub fn dead_letter_accounted_size(letter: &DeadLetter) -> u64 {
+    [
+        letter.payload.len(),
+        letter.topic.len(),
+        letter.source.len(),
+        letter.reason.len(),
+    ]
+    .iter()
+    .fold(DEAD_LETTER_OVERHEAD_BYTES, |acc, &n| {
+        acc.saturating_add(n as u64)
+    })
+}
+
 /// Counters and gauges of the store. All but `oldest_ingested_at_ms` and `poisoned` are read from
 /// the counters row, which is updated in the same transaction as the records.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -245,6 +362,14 @@ pub struct StoreStats {
     /// The store refuses writes after a failed commit. Not persisted: [`read_stats`] reports
     /// `false`.
     pub poisoned: bool,
+    /// Dead letters currently stored.
+    pub dead_letters: u64,
+    /// Sum of accounted sizes of the stored dead letters ([`dead_letter_accounted_size`]).
+    pub dead_letter_bytes: u64,
+    /// Dead letters ever committed; also the id of the last one.
+    pub dead_lettered_total: u64,
+    /// Dead letters deleted to stay within [`DeadLetterLimits`].
+    pub dead_letters_evicted_total: u64,
 }
 
 /// Errors of the store.
@@ -360,6 +485,16 @@ impl Store {
     /// Opens or creates the store, migrates its schema and starts the writer thread. Blocking:
     /// call it before the runtime starts or from `spawn_blocking`.
     pub fn open(settings: StoreSettings) -> Result<Store, StoreError> {
+        Store::open_with(settings, DeadLetterLimits::default())
+    }
+
+    /// [`Store::open`] with explicit dead-letter bounds (clamped, see
+    /// [`DeadLetterLimits::clamped`]). Lowered bounds apply from the next dead letter on, which
+    /// then deletes as many old ones as needed.
+    pub fn open_with(
+        settings: StoreSettings,
+        dead_letter_limits: DeadLetterLimits,
+    ) -> Result<Store, StoreError> {
         let lock = lock_exclusive(&settings.path)?;
         let opened = schema::open_read_write(&settings)?;
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
@@ -376,6 +511,7 @@ impl Store {
         let writer = writer::Writer::new(
             opened.conn,
             settings.clone(),
+            dead_letter_limits,
             opened.counters,
             Arc::clone(&poisoned),
             Arc::clone(&fail_next_commit),
@@ -522,6 +658,28 @@ impl Store {
             .await
     }
 
+    /// Keeps a payload that could not be decoded; resolves with its id after the transaction
+    /// holding it committed (group-committed with the other writes). Within the dead-letter
+    /// bounds the oldest dead letters make room; an oversized one is truncated, never refused.
+    /// Fails only like every write does: [`StoreError::Poisoned`], [`StoreError::CommitFailed`],
+    /// [`StoreError::Closed`].
+    pub async fn dead_letter(&self, letter: DeadLetter) -> Result<u64, StoreError> {
+        self.request(|reply| {
+            Command::Write(Write::DeadLetter {
+                letter,
+                reply,
+                id: 0,
+            })
+        })
+        .await
+    }
+
+    /// Committed dead letters, newest first, at most `limit`.
+    pub async fn dead_letters(&self, limit: usize) -> Result<Vec<StoredDeadLetter>, StoreError> {
+        self.request(|reply| Command::Read(Read::DeadLetters { limit, reply }))
+            .await
+    }
+
     /// Runs TTL passes now until no expired record is left; returns how many were deleted. The
     /// writer does this on its own every few seconds; this is for tests and maintenance commands.
     #[doc(hidden)]
@@ -597,9 +755,9 @@ fn lock_exclusive(db: &Path) -> Result<std::fs::File, StoreError> {
 /// Reads the stats of a store another process has open, through a read-only connection (for
 /// `outpost status`). `poisoned` is always `false` here: it is not persisted.
 pub fn read_stats(path: &Path) -> Result<StoreStats, StoreError> {
-    let mut conn = schema::open_read_only(path)?;
+    let schema::ReadOnly { mut conn, version } = schema::open_read_only(path)?;
     let tx = conn.transaction()?;
-    let counters = schema::load_counters(&tx)?;
+    let counters = schema::load_counters_at(&tx, version)?;
     let oldest = schema::oldest_ingested_at(&tx)?;
     tx.finish()?;
     Ok(counters.to_stats(oldest, false))
@@ -607,6 +765,13 @@ pub fn read_stats(path: &Path) -> Result<StoreStats, StoreError> {
 
 /// Reads one state value of a store another process has open, through a read-only connection.
 pub fn read_state(path: &Path, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-    let conn = schema::open_read_only(path)?;
-    Ok(schema::get_state(&conn, key)?)
+    let ro = schema::open_read_only(path)?;
+    Ok(schema::get_state(&ro.conn, key)?)
+}
+
+/// Reads the newest dead letters (at most `limit`, newest first) of a store another process may
+/// have open, through a read-only connection (for `outpost status` or a CLI).
+pub fn read_dead_letters(path: &Path, limit: usize) -> Result<Vec<StoredDeadLetter>, StoreError> {
+    let ro = schema::open_read_only(path)?;
+    schema::read_dead_letters(&ro.conn, ro.version, limit)
 }

@@ -7,16 +7,21 @@ use std::time::Duration;
 use bytes::Bytes;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
-use crate::{Durability, Priority, Record, StoreError, StoreSettings, StoreStats};
+use crate::{
+    DeadLetter, Durability, Priority, Record, StoreError, StoreSettings, StoreStats,
+    StoredDeadLetter,
+};
 
 /// `PRAGMA application_id` of our files: "OUTP".
 pub(crate) const APPLICATION_ID: i64 = 0x4F55_5450;
 /// `PRAGMA user_version` this build writes and understands.
-pub(crate) const SCHEMA_VERSION: i64 = 1;
+pub(crate) const SCHEMA_VERSION: i64 = 2;
 /// How long a statement waits for a lock held by another connection (e.g. a checkpoint while
 /// `outpost status` reads) before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Version 1: records, counters, state. Frozen: a v1 file is upgraded by [`SCHEMA_V2`], never by
+/// editing this.
 const SCHEMA_V1: &str = "
 CREATE TABLE records (
     seq            INTEGER PRIMARY KEY,
@@ -50,6 +55,26 @@ INSERT INTO counters VALUES (1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
 CREATE TABLE state (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
 ";
 
+/// Version 2: the dead-letter table and its counters. Cheap on a big store: DDL only, no row of
+/// `records` is read or rewritten. `ADD COLUMN` with a constant default only edits the schema text
+/// in SQLite (existing rows read the default), and `counters` has one row anyway.
+const SCHEMA_V2: &str = "
+CREATE TABLE dead_letters (
+    id             INTEGER PRIMARY KEY,
+    at_ms          INTEGER NOT NULL,
+    topic          TEXT    NOT NULL,
+    source         TEXT    NOT NULL,
+    reason         TEXT    NOT NULL,
+    content_format INTEGER,
+    size           INTEGER NOT NULL,
+    payload        BLOB    NOT NULL
+);
+ALTER TABLE counters ADD COLUMN dead_letters               INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE counters ADD COLUMN dead_letter_bytes          INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE counters ADD COLUMN dead_lettered_total        INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE counters ADD COLUMN dead_letters_evicted_total INTEGER NOT NULL DEFAULT 0;
+";
+
 /// In-memory copy of the counters row; the writer changes it alongside the SQL and writes it back
 /// in the same transaction.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -65,6 +90,11 @@ pub(crate) struct Counters {
     pub expired_total: u64,
     pub rejected_full_total: u64,
     pub commits_total: u64,
+    pub dead_letters: u64,
+    pub dead_letter_bytes: u64,
+    /// Also the id of the last dead letter: ids are `1..=dead_lettered_total`, never reused.
+    pub dead_lettered_total: u64,
+    pub dead_letters_evicted_total: u64,
 }
 
 impl Counters {
@@ -92,6 +122,10 @@ impl Counters {
             rejected_full_total: self.rejected_full_total,
             commits_total: self.commits_total,
             poisoned,
+            dead_letters: self.dead_letters,
+            dead_letter_bytes: self.dead_letter_bytes,
+            dead_lettered_total: self.dead_lettered_total,
+            dead_letters_evicted_total: self.dead_letters_evicted_total,
         }
     }
 }
@@ -151,8 +185,16 @@ pub(crate) fn open_read_write(settings: &StoreSettings) -> Result<Opened, StoreE
     Ok(Opened { conn, counters })
 }
 
+/// A read-only connection and the schema version of its file.
+pub(crate) struct ReadOnly {
+    pub conn: Connection,
+    /// 1 or [`SCHEMA_VERSION`]: a v1 file is read as it is (read-only cannot migrate), so that
+    /// `outpost status` works on a store the upgraded gateway has not opened yet.
+    pub version: i64,
+}
+
 /// Opens an existing store read-only (SQLITE_OPEN_READ_ONLY), for another process.
-pub(crate) fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
+pub(crate) fn open_read_only(path: &Path) -> Result<ReadOnly, StoreError> {
     let open_err = |source| StoreError::Open {
         path: path.to_path_buf(),
         source,
@@ -161,14 +203,13 @@ pub(crate) fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open_with_flags(path, flags).map_err(open_err)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
     let version = check_identity(&conn, path, false)?;
-    if version < SCHEMA_VERSION {
-        // Read-only cannot migrate; an older schema does not exist yet, so this is a file that
-        // was created but never initialised.
+    if version < 1 {
+        // A file that was created but never initialised.
         return Err(StoreError::NotAStore {
             path: path.to_path_buf(),
         });
     }
-    Ok(conn)
+    Ok(ReadOnly { conn, version })
 }
 
 /// Returns the schema version of a file that is ours (0 for a brand-new empty database when
@@ -212,16 +253,33 @@ fn migrate(conn: &mut Connection, from: i64) -> rusqlite::Result<()> {
         tx.execute_batch(SCHEMA_V1)?;
         tx.pragma_update(None, "application_id", APPLICATION_ID)?;
     }
+    if from < 2 {
+        tx.execute_batch(SCHEMA_V2)?;
+    }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()
 }
 
+/// Loads the counters row of a file at [`SCHEMA_VERSION`].
 pub(crate) fn load_counters(conn: &Connection) -> rusqlite::Result<Counters> {
+    load_counters_at(conn, SCHEMA_VERSION)
+}
+
+/// Loads the counters row of a file at `version` (1 has no dead-letter columns: they read 0).
+pub(crate) fn load_counters_at(conn: &Connection, version: i64) -> rusqlite::Result<Counters> {
+    let dead_letter_columns = if version >= 2 {
+        "dead_letters, dead_letter_bytes, dead_lettered_total, dead_letters_evicted_total"
+    } else {
+        "0, 0, 0, 0"
+    };
     conn.query_row(
-        "SELECT records, bytes, records_high, records_normal, records_low, last_seq,
+        &format!(
+            "SELECT records, bytes, records_high, records_normal, records_low, last_seq,
                 appended_total, acked_total, evicted_total, evicted_high, evicted_normal,
-                evicted_low, expired_total, rejected_full_total, commits_total
-         FROM counters WHERE id = 1",
+                evicted_low, expired_total, rejected_full_total, commits_total,
+                {dead_letter_columns}
+         FROM counters WHERE id = 1"
+        ),
         [],
         |row| {
             let get = |i: usize| row.get::<_, i64>(i).map(to_u64);
@@ -237,6 +295,10 @@ pub(crate) fn load_counters(conn: &Connection) -> rusqlite::Result<Counters> {
                 expired_total: get(12)?,
                 rejected_full_total: get(13)?,
                 commits_total: get(14)?,
+                dead_letters: get(15)?,
+                dead_letter_bytes: get(16)?,
+                dead_lettered_total: get(17)?,
+                dead_letters_evicted_total: get(18)?,
             })
         },
     )
@@ -247,7 +309,9 @@ pub(crate) fn write_counters(conn: &Connection, c: &Counters) -> rusqlite::Resul
         "UPDATE counters SET records = ?1, bytes = ?2, records_high = ?3, records_normal = ?4,
             records_low = ?5, last_seq = ?6, appended_total = ?7, acked_total = ?8,
             evicted_total = ?9, evicted_high = ?10, evicted_normal = ?11, evicted_low = ?12,
-            expired_total = ?13, rejected_full_total = ?14, commits_total = ?15
+            expired_total = ?13, rejected_full_total = ?14, commits_total = ?15,
+            dead_letters = ?16, dead_letter_bytes = ?17, dead_lettered_total = ?18,
+            dead_letters_evicted_total = ?19
          WHERE id = 1",
     )?;
     let changed = stmt.execute(params![
@@ -266,6 +330,10 @@ pub(crate) fn write_counters(conn: &Connection, c: &Counters) -> rusqlite::Resul
         to_i64(c.expired_total),
         to_i64(c.rejected_full_total),
         to_i64(c.commits_total),
+        to_i64(c.dead_letters),
+        to_i64(c.dead_letter_bytes),
+        to_i64(c.dead_lettered_total),
+        to_i64(c.dead_letters_evicted_total),
     ])?;
     if changed != 1 {
         // The row is created with the schema; without it the counters would silently not persist.
@@ -327,4 +395,43 @@ pub(crate) fn get_state(conn: &Connection, key: &str) -> rusqlite::Result<Option
     conn.prepare_cached("SELECT value FROM state WHERE key = ?1")?
         .query_row([key], |row| row.get(0))
         .optional()
+}
+
+/// Dead letters, newest first, at most `limit`. A file at `version` 1 has none.
+pub(crate) fn read_dead_letters(
+    conn: &Connection,
+    version: i64,
+    limit: usize,
+) -> Result<Vec<StoredDeadLetter>, StoreError> {
+    if version < 2 || limit == 0 {
+        return Ok(Vec::new());
+    }
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, topic, source, reason, content_format, payload, at_ms FROM dead_letters
+         ORDER BY id DESC LIMIT ?1",
+    )?;
+    let mut rows = stmt.query([i64::try_from(limit).unwrap_or(i64::MAX)])?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        let id = to_u64(row.get(0)?);
+        let content_format = match row.get::<_, Option<i64>>(4)? {
+            None => None,
+            Some(cf) => Some(u16::try_from(cf).map_err(|_| StoreError::Corrupt {
+                seq: id,
+                what: "dead letter content_format out of range",
+            })?),
+        };
+        out.push(StoredDeadLetter {
+            id,
+            letter: DeadLetter {
+                topic: row.get(1)?,
+                source: row.get(2)?,
+                reason: row.get(3)?,
+                content_format,
+                payload: Bytes::from(row.get::<_, Vec<u8>>(5)?),
+                at_ms: to_u64(row.get(6)?),
+            },
+        });
+    }
+    Ok(out)
 }

@@ -6,8 +6,10 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::{
-    Durability, NewRecord, Priority, RECORD_OVERHEAD_BYTES, Store, StoreError, StoreSettings,
-    StoreStats, WhenFull, read_state, read_stats,
+    DEAD_LETTER_MIN_BYTES, DEAD_LETTER_OVERHEAD_BYTES, DeadLetter, DeadLetterLimits, Durability,
+    NewRecord, Priority, RECORD_OVERHEAD_BYTES, Store, StoreError, StoreSettings, StoreStats,
+    StoredDeadLetter, WhenFull, dead_letter_accounted_size, read_dead_letters, read_state,
+    read_stats,
 };
 
 fn settings(dir: &Path, quota_bytes: u64) -> StoreSettings {
@@ -657,7 +659,7 @@ fn files_that_are_not_our_store_are_refused_with_their_path() {
         Store::open(s.clone()),
         Err(StoreError::UnsupportedSchema {
             found: 7,
-            supported: 1,
+            supported: 2,
             ..
         })
     ));
@@ -703,4 +705,466 @@ async fn a_second_writer_on_the_same_file_is_refused_until_the_first_closes() {
     first.close().await.unwrap();
     let second = Store::open(s).unwrap();
     second.close().await.unwrap();
+}
+
+// ---- dead letters ----
+
+/// A dead letter whose accounted size is exactly `size` (topic "t", source "coap", reason "bad").
+fn letter(size: u64, byte: u8) -> DeadLetter {
+    let text = 1 + 4 + 3;
+    DeadLetter {
+        topic: "t".into(),
+        source: "coap".into(),
+        reason: "bad".into(),
+        content_format: Some(112),
+        payload: Bytes::from(vec![
+            byte;
+            (size - text - DEAD_LETTER_OVERHEAD_BYTES) as usize
+        ]),
+        at_ms: 1_700_000_000_000 + u64::from(byte),
+    }
+}
+
+fn ids(letters: &[StoredDeadLetter]) -> Vec<u64> {
+    letters.iter().map(|l| l.id).collect()
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_newest_first_and_are_not_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(settings(dir.path(), 1 << 20)).unwrap();
+    let a = DeadLetter {
+        topic: "sensors/a".into(),
+        source: "mqtt".into(),
+        reason: "invalid CBOR at byte 3".into(),
+        content_format: None,
+        payload: Bytes::from_static(b"\xff\x00"),
+        at_ms: 5,
+    };
+    let b = letter(200, 2);
+    let c = letter(300, 3);
+    assert_eq!(store.dead_letter(a.clone()).await.unwrap(), 1);
+    assert_eq!(store.dead_letter(b.clone()).await.unwrap(), 2);
+    assert_eq!(store.dead_letter(c.clone()).await.unwrap(), 3);
+
+    let all = store.dead_letters(10).await.unwrap();
+    assert_eq!(ids(&all), vec![3, 2, 1]);
+    assert_eq!(all[0].letter, c);
+    assert_eq!(all[1].letter, b);
+    assert_eq!(all[2].letter, a, "no content format round-trips as None");
+    assert_eq!(ids(&store.dead_letters(2).await.unwrap()), vec![3, 2]);
+    assert!(store.dead_letters(0).await.unwrap().is_empty());
+
+    // Not data: no seq, nothing to sync, no quota use, sync not woken.
+    for p in Priority::ALL {
+        assert!(seqs_of(&store, p).await.is_empty());
+    }
+    assert_eq!(*store.committed_seq().borrow(), 0);
+    let stats = store.stats().await.unwrap();
+    assert_eq!(
+        (stats.records, stats.bytes, stats.appended_total),
+        (0, 0, 0)
+    );
+    assert_eq!(stats.dead_letters, 3);
+    assert_eq!(
+        stats.dead_letter_bytes,
+        dead_letter_accounted_size(&a) + 200 + 300
+    );
+    assert_eq!(stats.dead_lettered_total, 3);
+    assert_eq!(stats.dead_letters_evicted_total, 0);
+    // And records get their seqs as if no dead letter existed.
+    assert_eq!(
+        store.append(vec![rec(Priority::Low, 100)]).await.unwrap(),
+        vec![1]
+    );
+}
+
+#[tokio::test]
+async fn dead_letters_share_the_group_commit_of_other_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path(), 1 << 20);
+    s.batch_max_delay = Duration::from_millis(200);
+    let store = Store::open(s).unwrap();
+    let (seqs, id) = tokio::join!(
+        store.append(vec![rec(Priority::High, 100)]),
+        store.dead_letter(letter(100, 1))
+    );
+    assert_eq!((seqs.unwrap(), id.unwrap()), (vec![1], 1));
+    assert_eq!(store.stats().await.unwrap().commits_total, 1);
+}
+
+#[tokio::test]
+async fn dead_letters_are_bounded_by_count_oldest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = DeadLetterLimits {
+        max_records: 3,
+        max_bytes: 1 << 20,
+    };
+    let store = Store::open_with(settings(dir.path(), 1 << 20), limits).unwrap();
+    for i in 1..=5u8 {
+        assert_eq!(
+            store.dead_letter(letter(100, i)).await.unwrap(),
+            u64::from(i)
+        );
+    }
+    let kept = store.dead_letters(10).await.unwrap();
+    assert_eq!(ids(&kept), vec![5, 4, 3]);
+    assert_eq!(kept[2].letter, letter(100, 3));
+    let stats = store.stats().await.unwrap();
+    assert_eq!(
+        (
+            stats.dead_letters,
+            stats.dead_letter_bytes,
+            stats.dead_lettered_total,
+            stats.dead_letters_evicted_total
+        ),
+        (3, 300, 5, 2)
+    );
+}
+
+#[tokio::test]
+async fn dead_letters_are_bounded_by_bytes_oldest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = DeadLetterLimits {
+        max_records: 1000,
+        max_bytes: 2000,
+    };
+    let store = Store::open_with(settings(dir.path(), 1 << 20), limits).unwrap();
+    for i in 1..=3u8 {
+        store.dead_letter(letter(600, i)).await.unwrap();
+    }
+    // 1800 + 600 > 2000: the oldest goes.
+    store.dead_letter(letter(600, 4)).await.unwrap();
+    assert_eq!(ids(&store.dead_letters(10).await.unwrap()), vec![4, 3, 2]);
+    let stats = store.stats().await.unwrap();
+    assert_eq!(
+        (
+            stats.dead_letters,
+            stats.dead_letter_bytes,
+            stats.dead_letters_evicted_total
+        ),
+        (3, 1800, 1)
+    );
+    // 1500 needs the bytes down to 500: all three go.
+    store.dead_letter(letter(1500, 5)).await.unwrap();
+    // Exactly filling the bound is fine: 1500 + 500 = 2000.
+    store.dead_letter(letter(500, 6)).await.unwrap();
+    assert_eq!(ids(&store.dead_letters(10).await.unwrap()), vec![6, 5]);
+    let stats = store.stats().await.unwrap();
+    assert_eq!(
+        (
+            stats.dead_letters,
+            stats.dead_letter_bytes,
+            stats.dead_lettered_total,
+            stats.dead_letters_evicted_total
+        ),
+        (2, 2000, 6, 4)
+    );
+    // Dead letters never touch the records quota, and records never evict dead letters.
+    assert_eq!((stats.records, stats.evicted_total), (0, 0));
+}
+
+#[tokio::test]
+async fn an_oversized_dead_letter_is_truncated_not_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = DeadLetterLimits {
+        max_records: 10,
+        max_bytes: DEAD_LETTER_MIN_BYTES,
+    };
+    let store = Store::open_with(settings(dir.path(), 1 << 20), limits).unwrap();
+    store.dead_letter(letter(200, 1)).await.unwrap();
+    let big = DeadLetter {
+        topic: "sensors/big".into(),
+        source: "coap".into(),
+        reason: "senml: unknown mandatory label bad_".into(),
+        content_format: Some(112),
+        payload: Bytes::from((0..5000u32).map(|i| i as u8).collect::<Vec<u8>>()),
+        at_ms: 42,
+    };
+    assert_eq!(store.dead_letter(big.clone()).await.unwrap(), 2);
+    let kept = store.dead_letters(10).await.unwrap();
+    assert_eq!(ids(&kept), vec![2], "the older one made room");
+    let stored = &kept[0].letter;
+    assert_eq!(
+        stored.reason,
+        "senml: unknown mandatory label bad_ (payload truncated from 5000 bytes)"
+    );
+    assert_eq!(
+        (
+            &stored.topic,
+            &stored.source,
+            stored.content_format,
+            stored.at_ms
+        ),
+        (&big.topic, &big.source, big.content_format, big.at_ms)
+    );
+    assert!(big.payload.starts_with(&stored.payload), "a prefix is kept");
+    assert_eq!(dead_letter_accounted_size(stored), DEAD_LETTER_MIN_BYTES);
+    let stats = store.stats().await.unwrap();
+    assert_eq!(
+        (
+            stats.dead_letters,
+            stats.dead_letter_bytes,
+            stats.dead_letters_evicted_total
+        ),
+        (1, DEAD_LETTER_MIN_BYTES, 1)
+    );
+
+    // Limits below the minimum are raised to it, and absurdly long text is cut at a char
+    // boundary rather than breaking the bound.
+    drop(store);
+    let tiny = DeadLetterLimits {
+        max_records: 0,
+        max_bytes: 1,
+    };
+    let store = Store::open_with(settings(dir.path(), 1 << 20), tiny).unwrap();
+    let wordy = DeadLetter {
+        topic: "é".repeat(700),
+        source: "ü".repeat(700),
+        reason: "ß".repeat(700),
+        content_format: None,
+        payload: Bytes::from(vec![7u8; 100]),
+        at_ms: 1,
+    };
+    assert_eq!(store.dead_letter(wordy).await.unwrap(), 3);
+    let kept = store.dead_letters(10).await.unwrap();
+    assert_eq!(ids(&kept), vec![3], "max_records 0 is raised to 1");
+    let stored = &kept[0].letter;
+    assert!(dead_letter_accounted_size(stored) <= DEAD_LETTER_MIN_BYTES);
+    assert!(
+        stored
+            .reason
+            .ends_with(" (payload truncated from 100 bytes)")
+    );
+    assert!(stored.topic.starts_with('é') && stored.source.starts_with('ü'));
+    let stats = store.stats().await.unwrap();
+    assert_eq!(stats.dead_letter_bytes, dead_letter_accounted_size(stored));
+    assert_eq!(stats.dead_letters_evicted_total, 2);
+}
+
+#[tokio::test]
+async fn dead_letters_and_their_counters_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path(), 1 << 20);
+    let limits = DeadLetterLimits {
+        max_records: 2,
+        max_bytes: 1 << 20,
+    };
+    let store = Store::open_with(s.clone(), limits).unwrap();
+    for i in 1..=3u8 {
+        store.dead_letter(letter(150, i)).await.unwrap();
+    }
+    let before = store.stats().await.unwrap();
+    let listed = store.dead_letters(10).await.unwrap();
+    store.close().await.unwrap();
+
+    let store = Store::open_with(s.clone(), limits).unwrap();
+    assert_eq!(store.stats().await.unwrap(), before);
+    assert_eq!(store.dead_letters(10).await.unwrap(), listed);
+    assert_eq!(
+        (
+            before.dead_letters,
+            before.dead_lettered_total,
+            before.dead_letters_evicted_total
+        ),
+        (2, 3, 1)
+    );
+    // Ids continue after a restart.
+    assert_eq!(store.dead_letter(letter(150, 4)).await.unwrap(), 4);
+    store.close().await.unwrap();
+
+    // Reopening with a lower bound: the next dead letter trims to it.
+    let store = Store::open_with(
+        s,
+        DeadLetterLimits {
+            max_records: 1,
+            max_bytes: 1 << 20,
+        },
+    )
+    .unwrap();
+    let stats = store.stats().await.unwrap();
+    // Letter 4 evicted letter 2 under the bound of 2.
+    assert_eq!(
+        (stats.dead_letters, stats.dead_letters_evicted_total),
+        (2, 2)
+    );
+    store.dead_letter(letter(150, 5)).await.unwrap();
+    let stats = store.stats().await.unwrap();
+    assert_eq!(
+        (
+            stats.dead_letters,
+            stats.dead_letter_bytes,
+            stats.dead_letters_evicted_total
+        ),
+        (1, 150, 4)
+    );
+    assert_eq!(ids(&store.dead_letters(10).await.unwrap()), vec![5]);
+}
+
+/// The version 1 schema exactly as version 1 builds created it; frozen here on purpose so that a
+/// change to the migration code cannot silently change what "a v1 file" means in this test.
+const V1_SCHEMA: &str = "
+CREATE TABLE records (
+    seq            INTEGER PRIMARY KEY,
+    stream         TEXT    NOT NULL,
+    priority       INTEGER NOT NULL,
+    ingested_at_ms INTEGER NOT NULL,
+    size           INTEGER NOT NULL,
+    payload        BLOB    NOT NULL
+);
+CREATE INDEX records_by_priority ON records (priority, seq);
+CREATE INDEX records_by_ingested ON records (ingested_at_ms);
+CREATE TABLE counters (
+    id                  INTEGER PRIMARY KEY CHECK (id = 1),
+    records             INTEGER NOT NULL,
+    bytes               INTEGER NOT NULL,
+    records_high        INTEGER NOT NULL,
+    records_normal      INTEGER NOT NULL,
+    records_low         INTEGER NOT NULL,
+    last_seq            INTEGER NOT NULL,
+    appended_total      INTEGER NOT NULL,
+    acked_total         INTEGER NOT NULL,
+    evicted_total       INTEGER NOT NULL,
+    evicted_high        INTEGER NOT NULL,
+    evicted_normal      INTEGER NOT NULL,
+    evicted_low         INTEGER NOT NULL,
+    expired_total       INTEGER NOT NULL,
+    rejected_full_total INTEGER NOT NULL,
+    commits_total       INTEGER NOT NULL
+);
+CREATE TABLE state (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
+PRAGMA application_id = 0x4F555450;
+PRAGMA user_version = 1;
+";
+
+#[tokio::test]
+async fn a_version_1_store_is_read_as_is_and_migrated_by_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path(), 1 << 20);
+    std::fs::create_dir_all(s.path.parent().unwrap()).unwrap();
+    {
+        let conn = rusqlite::Connection::open(&s.path).unwrap();
+        conn.execute_batch(V1_SCHEMA).unwrap();
+        // Two records (seq 3 and 5; seqs 1, 2, 4 were acked), as a v1 gateway left them.
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             INSERT INTO records VALUES (3, 's', 0, 10, 68, x'6869');
+             INSERT INTO records VALUES (5, 's', 2, 11, 67, x'21');
+             INSERT INTO counters VALUES (1, 2, 135, 1, 0, 1, 5, 5, 3, 0, 0, 0, 0, 0, 0, 4);
+             INSERT INTO state VALUES ('status', x'6f6b');",
+        )
+        .unwrap();
+    }
+
+    // Read-only entry points cannot migrate: they read the v1 file as it is.
+    let v1_stats = read_stats(&s.path).unwrap();
+    assert_eq!(
+        (
+            v1_stats.records,
+            v1_stats.bytes,
+            v1_stats.last_seq,
+            v1_stats.commits_total
+        ),
+        (2, 135, 5, 4)
+    );
+    assert_eq!(
+        (
+            v1_stats.dead_letters,
+            v1_stats.dead_letter_bytes,
+            v1_stats.dead_lettered_total,
+            v1_stats.dead_letters_evicted_total
+        ),
+        (0, 0, 0, 0)
+    );
+    assert!(read_dead_letters(&s.path, 10).unwrap().is_empty());
+    let version = |path: &Path| -> i64 {
+        rusqlite::Connection::open(path)
+            .unwrap()
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .unwrap()
+    };
+    assert_eq!(version(&s.path), 1, "reading did not migrate");
+
+    // The writer migrates it; everything of v1 is kept.
+    let store = Store::open(s.clone()).unwrap();
+    assert_eq!(version(&s.path), 2);
+    let stats = store.stats().await.unwrap();
+    assert_eq!(stats, v1_stats);
+    let high = store.read_after(Priority::High, 0, 10).await.unwrap();
+    assert_eq!((high[0].seq, &high[0].payload[..]), (3, &b"hi"[..]));
+    assert_eq!(seqs_of(&store, Priority::Low).await, vec![5]);
+    assert_eq!(
+        store.get_state("status").await.unwrap(),
+        Some(b"ok".to_vec())
+    );
+    assert_eq!(
+        store
+            .append(vec![rec(Priority::Normal, 100)])
+            .await
+            .unwrap(),
+        vec![6]
+    );
+    assert_eq!(store.dead_letter(letter(100, 1)).await.unwrap(), 1);
+    store.close().await.unwrap();
+
+    let stats = read_stats(&s.path).unwrap();
+    assert_eq!((stats.records, stats.dead_letters), (3, 1));
+    assert_eq!(ids(&read_dead_letters(&s.path, 10).unwrap()), vec![1]);
+    // And a migrated file opens again as a current one.
+    let store = Store::open(s).unwrap();
+    assert_eq!(store.stats().await.unwrap().dead_lettered_total, 1);
+}
+
+#[tokio::test]
+async fn a_poisoned_store_refuses_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path(), 1 << 20);
+    s.batch_max_delay = Duration::from_millis(200);
+    let store = Store::open(s).unwrap();
+    store.dead_letter(letter(100, 1)).await.unwrap();
+    store.fail_next_commit();
+    let (a, b) = tokio::join!(
+        store.dead_letter(letter(100, 2)),
+        store.append(vec![rec(Priority::High, 100)])
+    );
+    assert!(matches!(a, Err(StoreError::CommitFailed(_))), "{a:?}");
+    assert!(matches!(b, Err(StoreError::CommitFailed(_))), "{b:?}");
+    assert!(matches!(
+        store.dead_letter(letter(100, 3)).await,
+        Err(StoreError::Poisoned)
+    ));
+    // Reads keep working and show the committed state only.
+    assert_eq!(ids(&store.dead_letters(10).await.unwrap()), vec![1]);
+    let stats = store.stats().await.unwrap();
+    assert_eq!((stats.dead_letters, stats.dead_lettered_total), (1, 1));
+    assert!(stats.poisoned);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_dead_letters_while_the_writer_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path(), 1 << 20);
+    let store = Store::open(s.clone()).unwrap();
+    for i in 1..=4u8 {
+        store
+            .dead_letter(letter(100 + u64::from(i), i))
+            .await
+            .unwrap();
+    }
+    let path = s.path.clone();
+    let (listed, stats) = tokio::task::spawn_blocking(move || {
+        (
+            read_dead_letters(&path, 3).unwrap(),
+            read_stats(&path).unwrap(),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(listed, store.dead_letters(3).await.unwrap());
+    assert_eq!(ids(&listed), vec![4, 3, 2]);
+    assert_eq!(listed[0].letter, letter(104, 4));
+    assert_eq!(stats, store.stats().await.unwrap());
+    assert_eq!(stats.dead_letter_bytes, 101 + 102 + 103 + 104);
+    // The read-only connection really is read-only: the store is untouched and still writable.
+    assert_eq!(store.dead_letter(letter(100, 5)).await.unwrap(), 5);
 }

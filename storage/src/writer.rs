@@ -12,8 +12,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::schema::{self, Counters, to_i64, to_u64};
 use crate::{
-    EXPIRE_PASS_LIMIT, NewRecord, Priority, Record, StoreError, StoreSettings, StoreStats,
-    WhenFull, accounted_size,
+    DEAD_LETTER_OVERHEAD_BYTES, DeadLetter, DeadLetterLimits, EXPIRE_PASS_LIMIT, NewRecord,
+    Priority, Record, StoreError, StoreSettings, StoreStats, StoredDeadLetter, WhenFull,
+    accounted_size, dead_letter_accounted_size,
 };
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
@@ -50,6 +51,11 @@ pub(crate) enum Write {
         value: Vec<u8>,
         reply: Reply<()>,
     },
+    DeadLetter {
+        letter: DeadLetter,
+        reply: Reply<u64>,
+        id: u64,
+    },
     Expire {
         /// `None` for the periodic pass the thread schedules itself.
         reply: Option<Reply<u64>>,
@@ -65,7 +71,7 @@ impl Write {
         match self {
             Write::Append { records, .. } => records.len(),
             Write::Ack { seqs, .. } => seqs.len(),
-            Write::PutState { .. } => 1,
+            Write::PutState { .. } | Write::DeadLetter { .. } => 1,
             // A TTL pass closes the batch: it is maintenance, not worth waiting for company.
             Write::Expire { .. } => usize::MAX,
         }
@@ -85,6 +91,9 @@ impl Write {
             Write::PutState { reply, .. } => {
                 let _ = reply.send(failed().map_or(Ok(()), Err));
             }
+            Write::DeadLetter { reply, id, .. } => {
+                let _ = reply.send(failed().map_or(Ok(id), Err));
+            }
             Write::Expire { reply, expired, .. } => {
                 if let Some(reply) = reply {
                     let _ = reply.send(failed().map_or(Ok(expired), Err));
@@ -103,6 +112,9 @@ impl Write {
                 let _ = reply.send(Err(error()));
             }
             Write::PutState { reply, .. } => {
+                let _ = reply.send(Err(error()));
+            }
+            Write::DeadLetter { reply, .. } => {
                 let _ = reply.send(Err(error()));
             }
             Write::Expire { reply, .. } => {
@@ -128,11 +140,17 @@ pub(crate) enum Read {
         key: String,
         reply: Reply<Option<Vec<u8>>>,
     },
+    DeadLetters {
+        limit: usize,
+        reply: Reply<Vec<StoredDeadLetter>>,
+    },
 }
 
 pub(crate) struct Writer {
     conn: Connection,
     settings: StoreSettings,
+    /// Already clamped by [`DeadLetterLimits::clamped`].
+    dead_letter_limits: DeadLetterLimits,
     /// Mirrors the committed counters row between batches.
     counters: Counters,
     poisoned: Arc<AtomicBool>,
@@ -169,6 +187,7 @@ impl Writer {
     pub(crate) fn new(
         conn: Connection,
         settings: StoreSettings,
+        dead_letter_limits: DeadLetterLimits,
         counters: Counters,
         poisoned: Arc<AtomicBool>,
         fail_next_commit: Arc<AtomicBool>,
@@ -177,6 +196,7 @@ impl Writer {
         Writer {
             conn,
             settings,
+            dead_letter_limits: dead_letter_limits.clamped(),
             counters,
             poisoned,
             fail_next_commit,
@@ -354,6 +374,13 @@ impl Writer {
             Read::State { key, reply } => {
                 let _ = reply.send(schema::get_state(&self.conn, &key).map_err(StoreError::from));
             }
+            Read::DeadLetters { limit, reply } => {
+                let _ = reply.send(schema::read_dead_letters(
+                    &self.conn,
+                    schema::SCHEMA_VERSION,
+                    limit,
+                ));
+            }
         }
     }
 }
@@ -371,6 +398,7 @@ impl Writer {
         match apply_batch(
             &mut self.conn,
             &self.settings,
+            &self.dead_letter_limits,
             &mut self.counters,
             batch,
             inject_fault,
@@ -401,6 +429,7 @@ impl Writer {
 fn apply_batch(
     conn: &mut Connection,
     settings: &StoreSettings,
+    dead_letter_limits: &DeadLetterLimits,
     counters: &mut Counters,
     batch: &mut [Write],
     inject_fault: bool,
@@ -423,6 +452,9 @@ fn apply_batch(
                      ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 )?
                 .execute(params![&*key, &*value])?;
+            }
+            Write::DeadLetter { letter, id, .. } => {
+                *id = dead_letter(&tx, dead_letter_limits, counters, letter)?;
             }
             Write::Expire {
                 expired,
@@ -621,4 +653,115 @@ fn expire(
         expired += 1;
     }
     Ok(expired)
+}
+
+/// Stores one dead letter (truncated to fit, see [`fit_dead_letter`]), first deleting the oldest
+/// ones until both bounds hold with it. Returns its id.
+fn dead_letter(
+    conn: &Connection,
+    limits: &DeadLetterLimits,
+    counters: &mut Counters,
+    letter: &DeadLetter,
+) -> rusqlite::Result<u64> {
+    let (letter, size) = fit_dead_letter(letter, limits.max_bytes);
+    let fits = |c: &Counters| {
+        c.dead_letters < limits.max_records
+            && c.dead_letter_bytes.saturating_add(size) <= limits.max_bytes
+    };
+    while !fits(counters) && counters.dead_letters > 0 {
+        let mut candidates =
+            conn.prepare_cached("SELECT id, size FROM dead_letters ORDER BY id LIMIT ?1")?;
+        let mut rows = candidates.query([EVICT_CHUNK])?;
+        let mut last = None;
+        let mut freed = 0u64;
+        let mut count = 0u64;
+        while let Some(row) = rows.next()? {
+            last = Some(row.get::<_, i64>(0)?);
+            freed = freed.saturating_add(to_u64(row.get(1)?));
+            count += 1;
+            if counters.dead_letters.saturating_sub(count) < limits.max_records
+                && counters
+                    .dead_letter_bytes
+                    .saturating_sub(freed)
+                    .saturating_add(size)
+                    <= limits.max_bytes
+            {
+                break;
+            }
+        }
+        drop(rows);
+        let Some(last) = last else {
+            tracing::warn!("store dead-letter counters disagree with the dead_letters table");
+            break;
+        };
+        let deleted = conn
+            .prepare_cached("DELETE FROM dead_letters WHERE id <= ?1")?
+            .execute([last])? as u64;
+        counters.dead_letters = counters.dead_letters.saturating_sub(deleted);
+        counters.dead_letter_bytes = counters.dead_letter_bytes.saturating_sub(freed);
+        counters.dead_letters_evicted_total += deleted;
+    }
+    let id = counters.dead_lettered_total + 1;
+    conn.prepare_cached(
+        "INSERT INTO dead_letters (id, at_ms, topic, source, reason, content_format, size, payload)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![
+        to_i64(id),
+        to_i64(letter.at_ms),
+        letter.topic,
+        letter.source,
+        letter.reason,
+        letter.content_format,
+        to_i64(size),
+        letter.payload.as_ref(),
+    ])?;
+    counters.dead_lettered_total = id;
+    counters.dead_letters += 1;
+    counters.dead_letter_bytes += size;
+    Ok(id)
+}
+
+/// Cuts a dead letter down so that its accounted size is at most `max_bytes` (which
+/// [`DeadLetterLimits::clamped`] keeps at least [`crate::DEAD_LETTER_MIN_BYTES`]): the payload is
+/// truncated and the reason says so. Only if the text fields alone do not fit (a topic or reason
+/// of hundreds of bytes under a tiny limit) are they cut too, at char boundaries. Returns the
+/// letter to store and its accounted size.
+pub(crate) fn fit_dead_letter(letter: &DeadLetter, max_bytes: u64) -> (DeadLetter, u64) {
+    let size = dead_letter_accounted_size(letter);
+    if size <= max_bytes {
+        return (letter.clone(), size);
+    }
+    let budget =
+        usize::try_from(max_bytes.saturating_sub(DEAD_LETTER_OVERHEAD_BYTES)).unwrap_or(usize::MAX);
+    let suffix = format!(" (payload truncated from {} bytes)", letter.payload.len());
+    let mut fitted = letter.clone();
+    let text = |l: &DeadLetter| l.topic.len() + l.source.len() + l.reason.len();
+    if text(&fitted).saturating_add(suffix.len()) > budget {
+        truncate_at_char(&mut fitted.topic, budget / 4);
+        truncate_at_char(&mut fitted.source, budget / 4);
+        let room = budget
+            .saturating_sub(fitted.topic.len() + fitted.source.len())
+            .saturating_sub(suffix.len());
+        truncate_at_char(&mut fitted.reason, room);
+    }
+    let room = budget.saturating_sub(text(&fitted));
+    if fitted.payload.len() > room {
+        let room = room.saturating_sub(suffix.len());
+        fitted.payload = fitted.payload.slice(..room);
+        fitted.reason.push_str(&suffix);
+    }
+    let size = dead_letter_accounted_size(&fitted);
+    debug_assert!(size <= max_bytes, "{size} > {max_bytes}");
+    (fitted, size)
+}
+
+fn truncate_at_char(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
 }

@@ -108,7 +108,9 @@ def main() -> int:
         if persistent:
             props.SessionExpiryInterval = args.session_expiry
         kwargs["properties"] = props
-        kwargs["clean_start"] = mqtt.MQTT_CLEAN_START_FIRST_ONLY if persistent else True
+        # mosquitto 2.0 does not persist a session that began with clean start, even with an
+        # expiry: a persistent subscriber never asks for clean start (use a fresh client id).
+        kwargs["clean_start"] = not persistent
     client.connect(args.host, args.port, keepalive=30, **kwargs)
     client.loop_start()
     try:

@@ -33,6 +33,9 @@
 //! - [`Publisher`] (tests/py/publisher.py), [`Subscriber`] (tests/py/subscriber.py),
 //!   [`Client`] (tests/py/client.py): paho clients; [`payload`] is the publisher's payload.
 //! - [`mosquitto_pub`], [`spawn_mosquitto_sub`]: the Mosquitto command-line clients.
+//! - [`check_upstream_delivery`]: the upstream contract over what a consumer received (every
+//!   acked reading, topic mapping, payload unchanged, per-topic order, `seq` rules for
+//!   duplicates); [`wait_for_readings`] waits for a set of readings upstream.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -413,6 +416,12 @@ pub struct GatewayConfig {
     pub durability: String,
     /// Routes, in order.
     pub routes: Vec<Route>,
+    /// `[health] listen = 127.0.0.1:<port>`: the HTTP status endpoint, on its own free port
+    /// (its default, 127.0.0.1:9180, would collide between gateways started side by side).
+    pub health_port: u16,
+    /// `[health] resource_interval`, if set (the gateway stores its own resource samples as
+    /// records; a scenario counting records exactly pushes them out of its time frame).
+    pub resource_interval: Option<String>,
     /// Appended verbatim at the end (more tables).
     pub extra: String,
 }
@@ -430,6 +439,8 @@ impl GatewayConfig {
             when_full: "evict-lowest-oldest".to_owned(),
             durability: "normal".to_owned(),
             routes: Vec::new(),
+            health_port: free_port()?,
+            resource_interval: None,
             extra: String::new(),
         })
     }
@@ -478,6 +489,11 @@ impl GatewayConfig {
                 "[sync]\ninflight_window = 100\nbackoff_min = \"100ms\"\nbackoff_max = \"1s\"\n"
             );
         }
+        let _ = writeln!(s, "[health]\nlisten = \"127.0.0.1:{}\"", self.health_port);
+        if let Some(i) = &self.resource_interval {
+            let _ = writeln!(s, "resource_interval = \"{i}\"");
+        }
+        s.push('\n');
         s.push_str(&self.extra);
         s
     }
@@ -698,8 +714,9 @@ impl Mosquitto {
     }
 
     /// Starts one on `port`. With `persistence`, sessions, subscriptions and queued messages
-    /// are saved to its directory on [`Mosquitto::stop`] (SIGTERM) and restored on restart,
-    /// so a persistent-session subscriber keeps its subscription across an outage.
+    /// are saved to its directory every second and on [`Mosquitto::stop`] (SIGTERM), and
+    /// restored on restart, so a persistent-session subscriber keeps its subscription across an
+    /// outage (after a SIGKILL: if [`Mosquitto::wait_saved`] saw it saved).
     pub fn start_on(dir: &TestDir, port: u16, persistence: bool) -> Result<Self> {
         let mdir = dir.join("mosquitto");
         fs::create_dir_all(&mdir)?;
@@ -707,9 +724,16 @@ impl Mosquitto {
             "listener {port} 127.0.0.1\nallow_anonymous true\nlog_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\nconnection_messages true\nmax_queued_messages 0\n"
         );
         if persistence {
+            // Started as root, mosquitto drops to user `mosquitto`, which cannot write into a
+            // private temp dir: stay the user we are (ignored when not root).
+            let user = Command::new("id").arg("-un").output()?;
+            let user = String::from_utf8_lossy(&user.stdout).trim().to_owned();
+            if !user.is_empty() {
+                let _ = writeln!(conf, "user {user}");
+            }
             let _ = write!(
                 conf,
-                "persistence true\npersistence_location {}/\n",
+                "persistence true\nautosave_interval 1\npersistence_location {}/\n",
                 mdir.display()
             );
         } else {
@@ -758,6 +782,24 @@ impl Mosquitto {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// With persistence: waits until mosquitto has saved its database twice more (it autosaves
+    /// every second), so everything that existed when this was called (a subscriber's session)
+    /// survives even a SIGKILL.
+    pub fn wait_saved(&self) -> Result<()> {
+        let saves = || {
+            fs::read_to_string(self.log())
+                .unwrap_or_default()
+                .matches("Saving in-memory database")
+                .count()
+        };
+        let before = saves();
+        wait_for(
+            "mosquitto to autosave its database",
+            Duration::from_secs(30),
+            || (saves() >= before + 2).then_some(()),
+        )
     }
 
     /// The port.
@@ -1217,9 +1259,18 @@ pub fn mosquitto_pub_ok(port: u16, args: &[&str]) -> Result<()> {
 
 /// Starts `mosquitto_sub -h 127.0.0.1 -p <port> <args>` with output in `dir/<name>.log`.
 pub fn spawn_mosquitto_sub(dir: &TestDir, name: &str, port: u16, args: &[&str]) -> Result<Proc> {
-    let mut cmd = Command::new("mosquitto_sub");
-    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(args);
+    // Line-buffered stdout (coreutils stdbuf): mosquitto_sub's `-d` lines (CONNACK, SUBACK) are
+    // otherwise block-buffered into the file and a test cannot see that it is subscribed.
+    let mut cmd = Command::new("stdbuf");
+    cmd.args([
+        "-oL",
+        "mosquitto_sub",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+    ])
+    .args(args);
     Proc::spawn(
         &format!("mosquitto_sub {name}"),
         cmd,
@@ -1379,5 +1430,83 @@ pub fn wait_for_readings(
             "{missing} of {} acked readings still missing upstream",
             want.len()
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The delivery checker must be able to fail: each broken stream below is rejected.
+
+    use super::*;
+
+    fn msg(topic: &str, counter: u64, seq: Option<u64>) -> Received {
+        Received {
+            topic: format!("outpost/gw1/{topic}"),
+            payload: payload(topic, counter, 20),
+            qos: 1,
+            retain: false,
+            dup: false,
+            props: seq
+                .map(|s| [("seq".to_owned(), s.to_string())].into())
+                .unwrap_or_default(),
+        }
+    }
+
+    fn check(msgs: &[Received], acked: &[(String, u64)]) -> Result<Delivery> {
+        check_upstream_delivery(
+            msgs,
+            "gw1",
+            &["a".to_owned(), "b".to_owned()],
+            20,
+            acked,
+            true,
+        )
+    }
+
+    fn acked(n: u64) -> Vec<(String, u64)> {
+        (0..n).map(|c| ("a".to_owned(), c)).collect()
+    }
+
+    #[test]
+    fn accepts_in_order_with_duplicates_of_the_same_seq() {
+        let m = [
+            msg("a", 0, Some(1)),
+            msg("a", 1, Some(2)),
+            msg("a", 0, Some(1)),
+            msg("a", 2, Some(3)),
+        ];
+        let d = check(&m, &acked(3)).expect("valid stream");
+        assert_eq!((d.distinct, d.duplicates), (3, 1));
+    }
+
+    #[test]
+    fn rejects_a_missing_acked_reading() {
+        let m = [msg("a", 0, Some(1)), msg("a", 2, Some(3))];
+        assert!(check(&m, &acked(3)).is_err());
+    }
+
+    #[test]
+    fn rejects_reordering() {
+        let m = [msg("a", 1, Some(2)), msg("a", 0, Some(1))];
+        assert!(check(&m, &acked(2)).is_err());
+    }
+
+    #[test]
+    fn rejects_a_duplicate_with_a_new_seq_and_a_shared_seq() {
+        let dup = [msg("a", 0, Some(1)), msg("a", 0, Some(7))];
+        assert!(check(&dup, &acked(1)).is_err());
+        let shared = [msg("a", 0, Some(1)), msg("b", 0, Some(1))];
+        assert!(check(&shared, &acked(1)).is_err());
+    }
+
+    #[test]
+    fn rejects_missing_seq_changed_payload_and_wrong_topic() {
+        assert!(check(&[msg("a", 0, None)], &acked(1)).is_err());
+        let mut changed = msg("a", 0, Some(1));
+        changed.payload.push(b'!');
+        assert!(check(&[changed], &acked(1)).is_err());
+        let mut moved = msg("a", 0, Some(1));
+        moved.topic = "outpost/gw1/b".to_owned();
+        assert!(check(&[moved], &acked(1)).is_err());
     }
 }

@@ -1,4 +1,4 @@
-//! Upstream outage: while the cloud broker is down, 100,000 QoS 1 readings (10 topics x 10,000,
+//! Upstream outage: the cloud broker is SIGKILLed; while it is down, 100,000 QoS 1 readings (10 topics x 10,000,
 //! 100 B) are published to outpost and acknowledged. When the broker comes back on the same
 //! port (with the cloud consumer's persistent session restored, so it is subscribed before
 //! outpost can reconnect), every acknowledged reading arrives, per-topic order is kept (ignoring
@@ -30,7 +30,9 @@ fn outage_then_reconnect_delivers_every_acked_reading_in_order() -> anyhow::Resu
         json_str(s, &["runtime", "uplink_state"]) == Some("connected")
     })?;
 
-    cloud.stop()?;
+    // An abrupt outage: SIGKILL, once the consumer's session is in mosquitto's database.
+    cloud.wait_saved()?;
+    cloud.kill()?;
     gw.wait_status(
         "uplink to notice the outage",
         Duration::from_secs(60),
@@ -71,6 +73,18 @@ fn outage_then_reconnect_delivers_every_acked_reading_in_order() -> anyhow::Resu
     gw.wait_status("buffer drained", Duration::from_secs(120), |s| {
         json_u64(s, &["buffered_records"]) == Some(0)
     })?;
+
+    // The consumer must have been subscribed before outpost could reconnect, i.e. its session
+    // came back from mosquitto's persistence file; otherwise this run proved nothing.
+    let consumer_log = std::fs::read_to_string(consumer.log())?;
+    let fresh = consumer_log
+        .lines()
+        .filter(|l| l.starts_with("connected session_present=False"))
+        .count();
+    assert_eq!(
+        fresh, 1,
+        "the consumer's session did not survive the broker restart (harness problem):\n{consumer_log}"
+    );
 
     let d = check_upstream_delivery(&msgs, NODE, &topics, 100, &acked, true)?;
     eprintln!("delivery: {d:?}");
