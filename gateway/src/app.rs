@@ -13,13 +13,15 @@ use outpost_protocols::{Broker, BrokerSettings};
 use outpost_storage::{Store, StoreSettings};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::info;
 
-use crate::http::{self, HttpState, NoExtra};
+use crate::health::{self, HealthState, checks::Checks};
+use crate::http::{self, HttpState};
 use crate::ingest::Ingest;
 use crate::lifecycle::{Heartbeat, NodeIdentity};
 use crate::metrics::{Metrics, UplinkState, now_ms};
-use crate::route::Router;
+use crate::route::{self, Router};
 use crate::status::{self, Identity};
 use crate::sync::{Lifecycle, Sync};
 
@@ -98,6 +100,31 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         started_at_ms: now_ms(),
     };
 
+    // Health: checks of the services around the gateway, resource samples (both stored as the
+    // gateway's own streams), their figures in /metrics, /status and the heartbeat.
+    let health_stop = CancellationToken::new();
+    let health_tasks = TaskTracker::new();
+    let (change_tx, change_rx) = mpsc::channel(256);
+    let health = Arc::new(HealthState {
+        checks: Checks::spawn(
+            config.checks.clone(),
+            change_tx,
+            health_stop.clone(),
+            &health_tasks,
+        ),
+        resources: Default::default(),
+    });
+    health_tasks.spawn(health::record_check_changes(store.clone(), change_rx));
+    health_tasks.spawn(health::sample_resources(
+        config.storage.data_dir.clone(),
+        config.health.clone(),
+        route::storage_priority(config.health.resource_priority),
+        store.clone(),
+        Arc::clone(&health),
+        health_stop.clone(),
+    ));
+    health_tasks.close();
+
     // Sync runs until ingest has drained, then gets its own grace period inside `Sync::run`.
     let sync_stop = CancellationToken::new();
     let sync_task = match &config.upstream {
@@ -110,7 +137,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 router: Arc::clone(&router),
                 broker: broker_handle.clone(),
                 metrics: Arc::clone(&metrics),
-                lifecycle: Arc::new(lifecycle(&config, &identity, Arc::clone(&metrics))),
+                lifecycle: Arc::new(lifecycle(
+                    &config,
+                    &identity,
+                    Arc::clone(&metrics),
+                    Arc::clone(&health),
+                )),
             };
             Some(tokio::spawn(sync.run(sync_stop.clone())))
         }
@@ -146,7 +178,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             metrics: Arc::clone(&metrics),
             broker: broker_handle.clone(),
             identity: identity.clone(),
-            extra: Arc::new(NoExtra),
+            extra: Arc::clone(&health) as Arc<dyn crate::http::ExtraMetrics>,
         };
         tokio::spawn(http::serve(listener, state, http_stop.clone()))
     });
@@ -159,6 +191,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     ));
 
     let broker_result = broker_task.await.context("broker task")?;
+    // The gateway's own sources stop with the broker; what they already handed over is stored.
+    health_stop.cancel();
+    if tokio::time::timeout(health::CHECK_STOP_GRACE, health_tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("health tasks did not stop in time");
+    }
     info!("broker stopped; committing what was accepted");
     ingest_task.await.context("ingest task")?;
     sync_stop.cancel();
@@ -178,7 +218,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 }
 
 /// The gateway's own messages upstream: identity for birth, and the heartbeat's figures.
-fn lifecycle(config: &Config, identity: &NodeIdentity, metrics: Arc<Metrics>) -> Lifecycle {
+fn lifecycle(
+    config: &Config,
+    identity: &NodeIdentity,
+    metrics: Arc<Metrics>,
+    health: Arc<HealthState>,
+) -> Lifecycle {
     let node = identity.node.clone();
     let started_at_ms = identity.started_at_ms;
     Lifecycle {
@@ -186,6 +231,7 @@ fn lifecycle(config: &Config, identity: &NodeIdentity, metrics: Arc<Metrics>) ->
         heartbeat_interval: config.health.heartbeat_interval,
         heartbeat: Box::new(move |stats| {
             let now = now_ms();
+            let resources = health.latest_resources();
             Heartbeat {
                 node: node.clone(),
                 at_ms: now,
@@ -199,10 +245,17 @@ fn lifecycle(config: &Config, identity: &NodeIdentity, metrics: Arc<Metrics>) ->
                 ingested: crate::metrics::get(&metrics.ingested),
                 synced: crate::metrics::get(&metrics.sync_acked),
                 store_poisoned: stats.poisoned,
-                checks: Default::default(),
-                cpu_percent: None,
-                memory_used: None,
-                disk_available: None,
+                checks: health
+                    .checks
+                    .snapshot()
+                    .into_iter()
+                    .map(|c| (c.name, c.state.as_str().to_owned()))
+                    .collect(),
+                cpu_percent: resources.as_ref().map(|r| r.cpu_percent),
+                memory_used: resources.as_ref().map(|r| r.memory_used),
+                disk_available: resources
+                    .as_ref()
+                    .and_then(|r| r.disk.as_ref().map(|d| d.available)),
             }
         }),
     }

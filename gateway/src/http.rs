@@ -54,15 +54,6 @@ pub trait ExtraMetrics: std::fmt::Debug + Send + std::marker::Sync + 'static {
     }
 }
 
-/// No extra metrics.
-#[derive(Debug, Default)]
-pub struct NoExtra;
-impl ExtraMetrics for NoExtra {
-    fn encode(&self, _: &mut Families<'_, '_>) -> Result<(), std::fmt::Error> {
-        Ok(())
-    }
-}
-
 /// Binds the endpoint now (a failed bind is a start-up error naming the address).
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await
