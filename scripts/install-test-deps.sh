@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs the real peers the tests run against: mosquitto (the cloud broker and reference
-# clients) from apt, paho-mqtt from PyPI. Idempotent: skips what is already there.
+# clients) and libcoap's coap-client-notls from apt, paho-mqtt and aiocoap from PyPI.
+# Idempotent: skips what is already there.
 set -euo pipefail
 
 need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+command -v coap-client-notls >/dev/null 2>&1 || need_apt+=(libcoap3-bin)
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""
   [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -16,4 +18,9 @@ fi
 
 if ! python3 -c 'import paho.mqtt, sys; sys.exit(0 if paho.mqtt.__version__.startswith("2") else 1)' 2>/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check 'paho-mqtt>=2,<3'
+fi
+
+# aiocoap's link-format parser (aiocoap.util.linkformat) needs LinkHeader.
+if ! python3 -c 'import aiocoap, link_header' 2>/dev/null || ! command -v aiocoap-client >/dev/null 2>&1; then
+  python3 -m pip install --quiet --disable-pip-version-check 'aiocoap>=0.4.7,<0.5' 'LinkHeader>=0.4,<0.5'
 fi

@@ -32,11 +32,13 @@
 //! - `validate.rs`: raw -> typed, collecting every problem.
 //! - `types.rs`: validated newtypes and enums. `units.rs`: byte sizes and durations.
 //! - `check.rs`: the newtypes of `[[check]]` entries ([`CheckName`], [`HttpUrl`], [`HostPort`]).
+//! - `coap.rs`: the rules of the CoAP ingest path and of `[[observe]]` `coap://` URIs.
 //! - `default.toml`: the annotated default configuration (`outpost print-default-config`).
 
 #![forbid(unsafe_code)]
 
 mod check;
+mod coap;
 mod error;
 mod raw;
 mod types;
@@ -51,9 +53,9 @@ use std::time::Duration;
 pub use check::{AuthorityError, CheckName, CheckNameError, HostPort, HttpUrl, HttpUrlError};
 pub use error::{ConfigError, ConfigErrors};
 pub use types::{
-    Durability, MQTT_MAX_STRING_BYTES, MqttVersion, NodeName, NodeNameError, Priority, RouteTarget,
-    Secret, TopicFilter, TopicFilterError, TopicTemplate, TopicTemplateError, UpstreamUrl,
-    UpstreamUrlError, WhenFull,
+    Durability, MQTT_MAX_STRING_BYTES, MqttVersion, NodeName, NodeNameError, PayloadFormat,
+    Priority, RouteTarget, Secret, StoreMode, TopicFilter, TopicFilterError, TopicTemplate,
+    TopicTemplateError, UpstreamUrl, UpstreamUrlError, WhenFull,
 };
 pub use units::{DurationError, SizeError, parse_duration, parse_size};
 
@@ -104,6 +106,11 @@ pub struct Config {
     pub node: NodeConfig,
     /// The local MQTT broker sensors publish to.
     pub broker: BrokerConfig,
+    /// The CoAP endpoint constrained sensors POST readings to.
+    pub coap: CoapConfig,
+    /// `[[observe]]` entries, in file order: CoAP resources on devices that the gateway observes
+    /// (RFC 7641) and ingests. Each resource (address and path) appears once.
+    pub observe: Vec<ObserveConfig>,
     /// The store-and-forward buffer that holds every reading until upstream has acked it.
     pub storage: StorageConfig,
     /// `[[route]]` entries, in file order; the first whose filter matches a topic decides.
@@ -183,6 +190,68 @@ impl Default for BrokerConfig {
     }
 }
 
+/// `[coap]`: the CoAP endpoint (RFC 7252 over UDP).
+///
+/// `POST|PUT /<ingest_path>/a/b` stores a reading under the local topic `<topic_prefix>/a/b`,
+/// routed like an MQTT publish to that topic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CoapConfig {
+    /// UDP addresses to listen on. Empty: no CoAP endpoint. No duplicates (port 0 excepted, for
+    /// tests). A port may equal a broker or health port: those are TCP.
+    /// Default `["0.0.0.0:5683"]`.
+    pub listeners: Vec<SocketAddr>,
+    /// The ingest resource's path segment: one segment of `[A-Za-z0-9._~-]`, not `.`, `..`,
+    /// `.well-known` or `status` (served by the endpoint itself). Default `t`.
+    pub ingest_path: String,
+    /// First level(s) of the local topic of a CoAP reading. No wildcards, no leading or trailing
+    /// `/`. Default `sensors`.
+    pub topic_prefix: String,
+    /// Largest request body in bytes, after Block1 reassembly (1KiB..=16MiB). Default 64KiB.
+    pub max_payload: u64,
+    /// How long a request's (endpoint, message id) is remembered to spot duplicates
+    /// (1s..=1h). Default 247s, RFC 7252's EXCHANGE_LIFETIME.
+    pub exchange_lifetime: Duration,
+    /// Bound on remembered exchanges and on Block1 uploads in progress (at least 16).
+    /// Default 4096.
+    pub max_exchanges: usize,
+    /// Bound on registered observers of `/status` (at least 1). Default 64.
+    pub max_observers: usize,
+}
+
+impl CoapConfig {
+    /// `coap://`'s default port, of the default listener and of `[[observe]]` URIs.
+    pub const DEFAULT_PORT: u16 = coap::COAP_PORT;
+}
+
+impl Default for CoapConfig {
+    fn default() -> Self {
+        Self {
+            listeners: vec![SocketAddr::from(([0, 0, 0, 0], Self::DEFAULT_PORT))],
+            ingest_path: String::from("t"),
+            topic_prefix: String::from("sensors"),
+            max_payload: 64 * 1024,
+            exchange_lifetime: Duration::from_secs(247),
+            max_exchanges: 4096,
+            max_observers: 64,
+        }
+    }
+}
+
+/// One `[[observe]]`: a resource on a device that the gateway observes (RFC 7641); every
+/// notification is ingested under `topic`, routed like an MQTT publish to it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObserveConfig {
+    /// The device's address, from the URI (port 5683 when it names none).
+    pub target: SocketAddr,
+    /// The resource path from the URI, with its leading `/` (`/temp`, `/sensors/temp`): non-empty
+    /// segments of URI path characters, no percent-encoding, no `.` or `..`.
+    pub path: String,
+    /// The URI as written (`coap://IP[:port]/path`, IPv6 in brackets), for logs and status.
+    pub uri: String,
+    /// The local topic notifications are ingested under: a topic name (no wildcards).
+    pub topic: String,
+}
+
 /// `[storage]`: the SQLite store-and-forward buffer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StorageConfig {
@@ -204,6 +273,12 @@ pub struct StorageConfig {
     pub commit_interval: Duration,
     /// fsync policy. Default [`Durability::Full`].
     pub durability: Durability,
+    /// At most this many dead letters (payloads that failed to decode as their route's
+    /// `format`) are kept; the oldest make room. At least 1. Default 1000.
+    pub dead_letter_max_records: u64,
+    /// Bound on the dead letters' accounted bytes, separate from `quota`. At least 1KiB.
+    /// Default 4MiB.
+    pub dead_letter_max_bytes: u64,
 }
 
 impl StorageConfig {
@@ -223,6 +298,8 @@ impl Default for StorageConfig {
             commit_batch_records: 512,
             commit_interval: Duration::from_millis(5),
             durability: Durability::Full,
+            dead_letter_max_records: 1000,
+            dead_letter_max_bytes: 4 << 20,
         }
     }
 }
@@ -238,6 +315,12 @@ pub struct Route {
     pub priority: Priority,
     /// Upstream topic name. Default `{prefix}/{node}/{topic}`.
     pub upstream_topic: TopicTemplate,
+    /// The format payloads must decode as; one that does not becomes a dead letter. `None`
+    /// (default): payloads are opaque and never decoded.
+    pub format: Option<PayloadFormat>,
+    /// What is stored. [`StoreMode::Normalised`] only with a SenML `format`, and never on a
+    /// `local` route. Default [`StoreMode::Original`].
+    pub store: StoreMode,
 }
 
 /// `[upstream]`: the cloud MQTT broker.

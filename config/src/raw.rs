@@ -18,6 +18,9 @@ use crate::error::{ConfigError, ConfigErrors};
 pub(crate) struct RawConfig {
     pub node: Option<RawNode>,
     pub broker: Option<RawBroker>,
+    pub coap: Option<RawCoap>,
+    #[serde(default)]
+    pub observe: Vec<RawObserve>,
     pub storage: Option<RawStorage>,
     #[serde(default)]
     pub route: Vec<RawRoute>,
@@ -52,6 +55,25 @@ pub(crate) struct RawBroker {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub(crate) struct RawCoap {
+    pub listeners: Option<Vec<String>>,
+    pub ingest_path: Option<String>,
+    pub topic_prefix: Option<String>,
+    pub max_payload: Option<RawSize>,
+    pub exchange_lifetime: Option<RawDuration>,
+    pub max_exchanges: Option<i64>,
+    pub max_observers: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawObserve {
+    pub uri: Option<String>,
+    pub topic: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct RawStorage {
     pub data_dir: Option<PathBuf>,
     pub quota: Option<RawSize>,
@@ -60,6 +82,8 @@ pub(crate) struct RawStorage {
     pub commit_batch_records: Option<i64>,
     pub commit_interval: Option<RawDuration>,
     pub durability: Option<String>,
+    pub dead_letter_max_records: Option<i64>,
+    pub dead_letter_max_bytes: Option<RawSize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -69,6 +93,8 @@ pub(crate) struct RawRoute {
     pub target: Option<String>,
     pub priority: Option<String>,
     pub upstream_topic: Option<String>,
+    pub format: Option<String>,
+    pub store: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

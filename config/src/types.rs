@@ -624,6 +624,43 @@ config_enum! {
     }
 }
 
+config_enum! {
+    /// The payload format a route expects (`format`). Declaring one makes the gateway decode each
+    /// payload on ingest; one that does not decode becomes a dead letter instead of a record.
+    PayloadFormat {
+        /// UTF-8 text.
+        Text => "text",
+        /// A JSON document.
+        Json => "json",
+        /// A CBOR data item.
+        Cbor => "cbor",
+        /// SenML in JSON (RFC 8428, `application/senml+json`).
+        SenmlJson => "senml+json",
+        /// SenML in CBOR (RFC 8428, `application/senml+cbor`).
+        SenmlCbor => "senml+cbor",
+    }
+}
+
+impl PayloadFormat {
+    /// Whether the format is SenML, the only kind [`StoreMode::Normalised`] applies to.
+    pub fn is_senml(self) -> bool {
+        matches!(self, Self::SenmlJson | Self::SenmlCbor)
+    }
+}
+
+config_enum! {
+    /// What a route stores of a decoded payload (`store`).
+    #[derive(Default)]
+    StoreMode {
+        /// The payload bytes exactly as received.
+        #[default]
+        Original => "original",
+        /// The payload normalised (SenML records resolved: base values applied, names and times
+        /// made absolute). Only for routes whose `format` is SenML.
+        Normalised => "normalised",
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -808,5 +845,17 @@ mod tests {
             "unknown value \"urgent\"; expected \"high\", \"normal\" or \"low\""
         );
         assert_eq!(MqttVersion::parse("5"), Ok(MqttVersion::V5));
+        for name in PayloadFormat::NAMES {
+            assert_eq!(PayloadFormat::parse(name).unwrap().to_string(), *name);
+        }
+        assert_eq!(
+            PayloadFormat::parse("senml+cbor"),
+            Ok(PayloadFormat::SenmlCbor)
+        );
+        assert!(PayloadFormat::SenmlJson.is_senml() && !PayloadFormat::Cbor.is_senml());
+        assert_eq!(StoreMode::NAMES, ["original", "normalised"]);
+        assert_eq!(StoreMode::default(), StoreMode::Original);
+        assert_eq!(StoreMode::parse("normalised"), Ok(StoreMode::Normalised));
+        assert!(StoreMode::parse("normalized").is_err());
     }
 }

@@ -8,19 +8,20 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::check::{CheckName, HostPort, HttpUrl};
+use crate::coap::{check_ingest_path, parse_coap_uri};
 use crate::error::{Collector, ConfigErrors};
 use crate::raw::{
-    RawBroker, RawCheck, RawConfig, RawDuration, RawHealth, RawLog, RawNode, RawRoute, RawSize,
-    RawStorage, RawSync, RawUpstream,
+    RawBroker, RawCheck, RawCoap, RawConfig, RawDuration, RawHealth, RawLog, RawNode, RawObserve,
+    RawRoute, RawSize, RawStorage, RawSync, RawUpstream,
 };
 use crate::types::{
-    Durability, MQTT_MAX_STRING_BYTES, MqttVersion, NodeName, Priority, RouteTarget, Secret,
-    TopicFilter, TopicTemplate, UpstreamUrl, WhenFull,
+    Durability, MQTT_MAX_STRING_BYTES, MqttVersion, NodeName, PayloadFormat, Priority, RouteTarget,
+    Secret, StoreMode, TopicFilter, TopicTemplate, UpstreamUrl, WhenFull,
 };
 use crate::units::{parse_duration, parse_size};
 use crate::{
-    BrokerConfig, CheckConfig, CheckKind, Config, Env, HealthConfig, LogConfig, NodeConfig,
-    Overrides, Route, StorageConfig, SyncConfig, UpstreamConfig,
+    BrokerConfig, CheckConfig, CheckKind, CoapConfig, Config, Env, HealthConfig, LogConfig,
+    NodeConfig, ObserveConfig, Overrides, Route, StorageConfig, SyncConfig, UpstreamConfig,
 };
 
 /// MQTT's "Remaining Length" can encode at most this many bytes.
@@ -33,6 +34,12 @@ const MIN_KEEP_ALIVE: Duration = Duration::from_secs(5);
 const MAX_KEEP_ALIVE: Duration = Duration::from_secs(65_535);
 const MIN_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 const U32_MAX: i64 = u32::MAX as i64;
+const MIN_COAP_PAYLOAD: u64 = 1024;
+const MAX_COAP_PAYLOAD: u64 = 16 << 20;
+const MIN_EXCHANGE_LIFETIME: Duration = Duration::from_secs(1);
+const MAX_EXCHANGE_LIFETIME: Duration = Duration::from_secs(3600);
+const MIN_COAP_EXCHANGES: i64 = 16;
+const MIN_DEAD_LETTER_BYTES: u64 = 1024;
 /// Headers an HTTP check sets itself (framing and connection handling of a bodiless GET on a
 /// fresh connection); a configured value would break the request.
 const RESERVED_HEADERS: &[&str] = &[
@@ -60,6 +67,8 @@ pub(crate) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
     let mut c = Collector::default();
     let node = node(&mut c, raw.node.unwrap_or_default());
     let broker = broker(&mut c, raw.broker.unwrap_or_default());
+    let coap = coap(&mut c, raw.coap.unwrap_or_default());
+    let observe = observe(&mut c, raw.observe);
     let storage = storage(&mut c, raw.storage.unwrap_or_default());
     let routes = routes(&mut c, raw.route);
     let default_route = choice(
@@ -77,6 +86,8 @@ pub(crate) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
     c.finish(Config {
         node,
         broker,
+        coap,
+        observe,
         storage,
         routes,
         default_route,
@@ -129,7 +140,12 @@ fn broker(c: &mut Collector, raw: RawBroker) -> BrokerConfig {
     let d = BrokerConfig::default();
     let listeners = match raw.listeners {
         None => d.listeners,
-        Some(texts) => listeners(c, &texts),
+        Some(texts) => {
+            if texts.is_empty() {
+                c.push("broker.listeners", "at least one listener is required");
+            }
+            listeners(c, "broker.listeners", &texts, 1883)
+        }
     };
     BrokerConfig {
         listeners,
@@ -184,31 +200,157 @@ fn broker(c: &mut Collector, raw: RawBroker) -> BrokerConfig {
     }
 }
 
-fn listeners(c: &mut Collector, texts: &[String]) -> Vec<SocketAddr> {
-    if texts.is_empty() {
-        c.push("broker.listeners", "at least one listener is required");
-    }
+/// The addresses of a `listeners` list at `key`; `port` is the one its examples show.
+fn listeners(c: &mut Collector, key: &str, texts: &[String], port: u16) -> Vec<SocketAddr> {
     let mut out: Vec<SocketAddr> = Vec::with_capacity(texts.len());
     for (i, text) in texts.iter().enumerate() {
-        let path = format!("broker.listeners[{i}]");
+        let path = format!("{key}[{i}]");
         match text.trim().parse::<SocketAddr>() {
             Err(_) => c.push(
                 path,
                 format!(
-                    "invalid socket address {text:?}; expected IP:port, e.g. \"0.0.0.0:1883\" or \"[::]:1883\""
+                    "invalid socket address {text:?}; expected IP:port, e.g. \"0.0.0.0:{port}\" or \"[::]:{port}\""
                 ),
             ),
             // Port 0 asks the OS for a free port each time, so two of them do not collide.
             Ok(addr) => match out.iter().position(|a| *a == addr && addr.port() != 0) {
-                Some(first) => c.push(
-                    path,
-                    format!("duplicate of broker.listeners[{first}] ({addr})"),
-                ),
+                Some(first) => c.push(path, format!("duplicate of {key}[{first}] ({addr})")),
                 None => out.push(addr),
             },
         }
     }
     out
+}
+
+fn coap(c: &mut Collector, raw: RawCoap) -> CoapConfig {
+    let d = CoapConfig::default();
+    // An empty list is allowed: it turns the CoAP endpoint off. The ports may equal the broker's
+    // or the health endpoint's, which are TCP.
+    let listeners = match raw.listeners {
+        None => d.listeners,
+        Some(texts) => listeners(c, "coap.listeners", &texts, CoapConfig::DEFAULT_PORT),
+    };
+    let ingest_path = match raw.ingest_path {
+        None => d.ingest_path,
+        Some(path) => {
+            if let Err(e) = check_ingest_path(&path) {
+                c.push("coap.ingest_path", e);
+            }
+            path
+        }
+    };
+    let topic_prefix = match raw.topic_prefix {
+        None => d.topic_prefix,
+        Some(prefix) => {
+            topic_prefix(c, "coap.topic_prefix", &prefix);
+            prefix
+        }
+    };
+    CoapConfig {
+        listeners,
+        ingest_path,
+        topic_prefix,
+        max_payload: size(
+            c,
+            "coap.max_payload",
+            raw.max_payload,
+            d.max_payload,
+            MIN_COAP_PAYLOAD,
+            MAX_COAP_PAYLOAD,
+        ),
+        exchange_lifetime: duration(
+            c,
+            "coap.exchange_lifetime",
+            raw.exchange_lifetime,
+            d.exchange_lifetime,
+            MIN_EXCHANGE_LIFETIME,
+            Some(MAX_EXCHANGE_LIFETIME),
+        ),
+        max_exchanges: int(
+            c,
+            "coap.max_exchanges",
+            raw.max_exchanges,
+            d.max_exchanges,
+            MIN_COAP_EXCHANGES,
+            None,
+        ),
+        max_observers: int(
+            c,
+            "coap.max_observers",
+            raw.max_observers,
+            d.max_observers,
+            1,
+            None,
+        ),
+    }
+}
+
+fn observe(c: &mut Collector, raw: Vec<RawObserve>) -> Vec<ObserveConfig> {
+    let mut out: Vec<ObserveConfig> = Vec::with_capacity(raw.len());
+    // The resource of every entry so far, valid or not, so a repeat is reported at the repeat.
+    let mut seen: Vec<Option<(SocketAddr, String)>> = Vec::with_capacity(raw.len());
+    for (i, r) in raw.into_iter().enumerate() {
+        let path = |key: &str| format!("observe[{i}].{key}");
+        let resource = match r.uri.as_deref().map(parse_coap_uri) {
+            None => {
+                c.push(
+                    path("uri"),
+                    "required: the resource to observe, e.g. \"coap://192.168.1.20/temp\"",
+                );
+                None
+            }
+            Some(Err(e)) => {
+                c.push(path("uri"), e);
+                None
+            }
+            Some(Ok(resource)) => {
+                if let Some(first) = seen.iter().position(|s| s.as_ref() == Some(&resource)) {
+                    c.push(
+                        path("uri"),
+                        format!("same resource as observe[{first}]; observe it once"),
+                    );
+                }
+                Some(resource)
+            }
+        };
+        seen.push(resource.clone());
+        let topic = match r.topic {
+            None => {
+                c.push(
+                    path("topic"),
+                    "required: the local topic notifications are ingested under",
+                );
+                None
+            }
+            Some(topic) => topic_name(c, &path("topic"), &topic).then_some(topic),
+        };
+        if let (Some((target, resource_path)), Some(uri), Some(topic)) = (resource, r.uri, topic) {
+            out.push(ObserveConfig {
+                target,
+                path: resource_path,
+                uri,
+                topic,
+            });
+        }
+    }
+    out
+}
+
+/// An MQTT topic name (what a PUBLISH carries): non-empty, no wildcards, an MQTT string.
+/// Whether it passed.
+fn topic_name(c: &mut Collector, path: &str, topic: &str) -> bool {
+    let mut ok = true;
+    if topic.is_empty() {
+        c.push(path, "must not be empty");
+        ok = false;
+    } else if topic.contains(['+', '#']) {
+        c.push(
+            path,
+            "must not contain the wildcards '+' or '#': it is a topic name, not a filter",
+        );
+        ok = false;
+    }
+    ok & mqtt_string(c, path, topic)
 }
 
 fn storage(c: &mut Collector, raw: RawStorage) -> StorageConfig {
@@ -263,6 +405,22 @@ fn storage(c: &mut Collector, raw: RawStorage) -> StorageConfig {
             d.durability,
             Durability::parse,
         ),
+        dead_letter_max_records: int(
+            c,
+            "storage.dead_letter_max_records",
+            raw.dead_letter_max_records,
+            d.dead_letter_max_records,
+            1,
+            None,
+        ),
+        dead_letter_max_bytes: size(
+            c,
+            "storage.dead_letter_max_bytes",
+            raw.dead_letter_max_bytes,
+            d.dead_letter_max_bytes,
+            MIN_DEAD_LETTER_BYTES,
+            u64::MAX,
+        ),
     }
 }
 
@@ -302,6 +460,7 @@ fn routes(c: &mut Collector, raw: Vec<RawRoute>) -> Vec<Route> {
             for (key, set) in [
                 ("priority", r.priority.is_some()),
                 ("upstream_topic", r.upstream_topic.is_some()),
+                ("store", r.store.is_some()),
             ] {
                 if set {
                     c.push(path(key), "has no effect on a route with target \"local\"");
@@ -322,12 +481,44 @@ fn routes(c: &mut Collector, raw: Vec<RawRoute>) -> Vec<Route> {
                 TopicTemplate::default_upstream()
             }),
         };
+        // `None`: not set; `Some(None)`: set but unknown (already reported).
+        let format = r.format.map(|text| {
+            PayloadFormat::parse(&text)
+                .map_err(|e| c.push(path("format"), e))
+                .ok()
+        });
+        let store = choice(
+            c,
+            &path("store"),
+            r.store,
+            StoreMode::Original,
+            StoreMode::parse,
+        );
+        // On a local route `store` was refused above already.
+        if store == StoreMode::Normalised && target != RouteTarget::Local {
+            match format {
+                None => c.push(
+                    path("store"),
+                    "\"normalised\" needs format = \"senml+json\" or \"senml+cbor\"",
+                ),
+                Some(Some(f)) if !f.is_senml() => c.push(
+                    path("store"),
+                    format!(
+                        "\"normalised\" applies only to format \"senml+json\" or \"senml+cbor\", not {:?}",
+                        f.as_str()
+                    ),
+                ),
+                Some(_) => {}
+            }
+        }
         if let Some(filter) = filter {
             out.push(Route {
                 filter,
                 target,
                 priority,
                 upstream_topic,
+                format: format.flatten(),
+                store,
             });
         }
     }
@@ -451,7 +642,7 @@ fn upstream(
     let topic_prefix = match raw.topic_prefix {
         None => d.topic_prefix,
         Some(prefix) => {
-            topic_prefix(c, &prefix);
+            topic_prefix(c, "upstream.topic_prefix", &prefix);
             prefix
         }
     };
@@ -469,8 +660,9 @@ fn upstream(
     })
 }
 
-fn topic_prefix(c: &mut Collector, prefix: &str) {
-    let path = "upstream.topic_prefix";
+/// The first level(s) of generated topic names: non-empty, no wildcards, no leading or trailing
+/// `/` (which would make an empty level), an MQTT string.
+fn topic_prefix(c: &mut Collector, path: &str, prefix: &str) {
     if prefix.is_empty() {
         c.push(path, "must not be empty");
     } else if prefix.contains(['+', '#']) {
@@ -481,17 +673,21 @@ fn topic_prefix(c: &mut Collector, prefix: &str) {
     mqtt_string(c, path, prefix);
 }
 
-/// MQTT strings: at most 65535 bytes, no NUL.
-fn mqtt_string(c: &mut Collector, path: &str, text: &str) {
+/// MQTT strings: at most 65535 bytes, no NUL. Whether it passed.
+fn mqtt_string(c: &mut Collector, path: &str, text: &str) -> bool {
+    let mut ok = true;
     if text.len() > MQTT_MAX_STRING_BYTES {
         c.push(
             path,
             format!("is {} bytes; MQTT allows at most 65535", text.len()),
         );
+        ok = false;
     }
     if text.contains('\0') {
         c.push(path, "must not contain NUL");
+        ok = false;
     }
+    ok
 }
 
 fn sync(c: &mut Collector, raw: RawSync) -> SyncConfig {

@@ -24,6 +24,11 @@ fn value() -> impl Strategy<Value = String> {
         Just("\"tcp\"".to_owned()),
         Just("\"command\"".to_owned()),
         Just("\"off\"".to_owned()),
+        Just("\"coap://[::1]:5683/a/b\"".to_owned()),
+        Just("\"coap://10.0.0.1:0/a//%\"".to_owned()),
+        Just("\"senml+cbor\"".to_owned()),
+        Just("\"normalised\"".to_owned()),
+        Just("\"status\"".to_owned()),
         Just("[]".to_owned()),
         Just("{ \"X Y\" = \"\\u0000\", Connection = \"x\" }".to_owned()),
         Just("\"-5ms\"".to_owned()),
@@ -45,7 +50,9 @@ fn document() -> impl Strategy<Value = String> {
         Just("log"),
         Just("[route]"),
         Just("health"),
-        Just("[check]")
+        Just("[check]"),
+        Just("coap"),
+        Just("[observe]")
     ];
     let key = prop_oneof![
         Just("name"),
@@ -72,7 +79,17 @@ fn document() -> impl Strategy<Value = String> {
         Just("timeout"),
         Just("failure_threshold"),
         Just("listen"),
-        Just("resource_interval")
+        Just("resource_interval"),
+        Just("uri"),
+        Just("topic"),
+        Just("ingest_path"),
+        Just("topic_prefix"),
+        Just("max_payload"),
+        Just("exchange_lifetime"),
+        Just("max_exchanges"),
+        Just("format"),
+        Just("store"),
+        Just("dead_letter_max_bytes")
     ];
     prop::collection::vec((section, prop::collection::vec((key, value()), 0..5)), 0..6).prop_map(
         |sections| {

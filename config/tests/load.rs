@@ -10,8 +10,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use outpost_config::{
-    CheckKind, Config, ConfigErrors, Durability, Env, HealthConfig, MqttVersion, Overrides,
-    Priority, RouteTarget, Secret, UpstreamUrl, WhenFull, default_config_toml,
+    CheckKind, CoapConfig, Config, ConfigErrors, Durability, Env, HealthConfig, MqttVersion,
+    ObserveConfig, Overrides, PayloadFormat, Priority, RouteTarget, Secret, StoreMode, UpstreamUrl,
+    WhenFull, default_config_toml,
 };
 
 /// An environment with nothing set.
@@ -67,6 +68,18 @@ fn no_file_gives_documented_defaults() {
     assert_eq!(c.broker.max_inbound_pending, 64);
     assert_eq!(c.broker.max_queued_messages, 1000);
     assert_eq!(c.broker.connect_timeout, Duration::from_secs(10));
+    assert_eq!(
+        c.coap.listeners,
+        ["0.0.0.0:5683".parse::<SocketAddr>().unwrap()]
+    );
+    assert_eq!(c.coap.ingest_path, "t");
+    assert_eq!(c.coap.topic_prefix, "sensors");
+    assert_eq!(c.coap.max_payload, 64 * 1024);
+    assert_eq!(c.coap.exchange_lifetime, Duration::from_secs(247));
+    assert_eq!(c.coap.max_exchanges, 4096);
+    assert_eq!(c.coap.max_observers, 64);
+    assert_eq!(CoapConfig::DEFAULT_PORT, 5683);
+    assert!(c.observe.is_empty());
     assert_eq!(c.storage.data_dir, PathBuf::from("outpost-data"));
     assert_eq!(
         c.storage.db_path(),
@@ -78,6 +91,8 @@ fn no_file_gives_documented_defaults() {
     assert_eq!(c.storage.commit_batch_records, 512);
     assert_eq!(c.storage.commit_interval, Duration::from_millis(5));
     assert_eq!(c.storage.durability, Durability::Full);
+    assert_eq!(c.storage.dead_letter_max_records, 1000);
+    assert_eq!(c.storage.dead_letter_max_bytes, 4 << 20);
     assert!(c.routes.is_empty());
     assert_eq!(c.default_route, RouteTarget::Cloud);
     assert_eq!(c.upstream, None);
@@ -137,7 +152,13 @@ fn default_toml_examples_are_valid() {
         .unwrap_or_else(|e| panic!("{text}\n=> {e}"));
     assert_eq!(c.routes.len(), 2);
     assert_eq!(c.routes[0].priority, Priority::High);
+    assert_eq!(c.routes[0].format, Some(PayloadFormat::SenmlCbor));
+    assert_eq!(c.routes[0].store, StoreMode::Normalised);
     assert_eq!(c.routes[1].target, RouteTarget::Local);
+    assert_eq!(
+        (c.routes[1].format, c.routes[1].store),
+        (None, StoreMode::Original)
+    );
     let up = c.upstream.expect("upstream");
     assert_eq!(up.url.to_string(), "mqtts://broker.example.com:8883");
     assert_eq!(up.password.as_ref().map(Secret::expose), Some("pw"));
@@ -149,6 +170,29 @@ fn default_toml_examples_are_valid() {
     )
     .unwrap();
     assert_eq!(Some(up), by_url.upstream);
+}
+
+#[test]
+fn default_toml_observe_examples_are_valid() {
+    let text = uncomment_block(default_config_toml(), "# [[observe]]");
+    let c = load(&text).unwrap_or_else(|e| panic!("{text}\n=> {e}"));
+    assert_eq!(
+        c.observe,
+        [
+            ObserveConfig {
+                target: "192.168.1.20:5683".parse().unwrap(),
+                path: "/temp".into(),
+                uri: "coap://192.168.1.20:5683/temp".into(),
+                topic: "sensors/dev20/temp".into(),
+            },
+            ObserveConfig {
+                target: "[fd00::20]:5683".parse().unwrap(),
+                path: "/env/humidity".into(),
+                uri: "coap://[fd00::20]/env/humidity".into(),
+                topic: "sensors/dev20/humidity".into(),
+            },
+        ]
+    );
 }
 
 #[test]
@@ -198,6 +242,15 @@ fn default_toml_mentions_every_key() {
         "max_inbound_pending",
         "max_queued_messages",
         "connect_timeout",
+        "coap",
+        "ingest_path",
+        "max_payload",
+        "exchange_lifetime",
+        "max_exchanges",
+        "max_observers",
+        "observe",
+        "uri",
+        "topic",
         "data_dir",
         "quota",
         "ttl",
@@ -205,10 +258,14 @@ fn default_toml_mentions_every_key() {
         "commit_batch_records",
         "commit_interval",
         "durability",
+        "dead_letter_max_records",
+        "dead_letter_max_bytes",
         "filter",
         "target",
         "priority",
         "upstream_topic",
+        "format",
+        "store",
         "url",
         "client_id",
         "username",
@@ -474,6 +531,12 @@ fn storage_rules() {
         ("commit_batch_records", "100001", "between 1 and 100000"),
         ("commit_interval", "\"2s\"", "between 0s and 1s"),
         ("durability", "\"paranoid\"", "\"full\" or \"normal\""),
+        ("dead_letter_max_records", "0", "at least 1"),
+        ("dead_letter_max_records", "-3", "at least 1"),
+        ("dead_letter_max_bytes", "\"1023\"", "at least 1024"),
+        ("dead_letter_max_bytes", "1023", "at least 1024"),
+        ("dead_letter_max_bytes", "\"4 megs\"", "invalid size"),
+        ("dead_letter_max_bytes", "-1", "negative"),
     ] {
         assert_one_error(
             &format!("[storage]\n{key} = {bad}"),
@@ -482,6 +545,14 @@ fn storage_rules() {
         );
     }
     assert_eq!(load_ok("[storage]\nquota = \"4KiB\"").storage.quota, 4096);
+    let dl = load_ok("[storage]\ndead_letter_max_records = 1\ndead_letter_max_bytes = \"1KiB\"");
+    assert_eq!(
+        (
+            dl.storage.dead_letter_max_records,
+            dl.storage.dead_letter_max_bytes
+        ),
+        (1, 1024)
+    );
     // An integer beyond i64 is either refused by TOML or reported, never clamped.
     assert!(load("[storage]\nquota = 18446744073709551616").is_err());
     assert_eq!(load_ok("[storage]\nttl = \"0s\"").storage.ttl, None);
@@ -555,6 +626,117 @@ fn route_rules() {
         "default_route",
         "\"cloud\" or \"local\"",
     );
+}
+
+#[test]
+fn route_format_and_store() {
+    let c = load_ok(
+        r#"
+        [[route]]
+        filter = "a"
+        format = "text"
+        [[route]]
+        filter = "b"
+        format = "json"
+        store = "original"
+        [[route]]
+        filter = "c"
+        format = "cbor"
+        [[route]]
+        filter = "d"
+        format = "senml+json"
+        store = "normalised"
+        [[route]]
+        filter = "e"
+        format = "senml+cbor"
+        store = "normalised"
+        [[route]]
+        filter = "f"
+        format = "senml+cbor"
+        [[route]]
+        filter = "g"
+        target = "local"
+        format = "json"
+        [[route]]
+        filter = "h"
+        "#,
+    );
+    let got: Vec<(Option<PayloadFormat>, StoreMode)> =
+        c.routes.iter().map(|r| (r.format, r.store)).collect();
+    use PayloadFormat::*;
+    use StoreMode::*;
+    assert_eq!(
+        got,
+        [
+            (Some(Text), Original),
+            (Some(Json), Original),
+            (Some(Cbor), Original),
+            (Some(SenmlJson), Normalised),
+            (Some(SenmlCbor), Normalised),
+            (Some(SenmlCbor), Original),
+            (Some(Json), Original),
+            (None, Original),
+        ]
+    );
+    assert_eq!(
+        PayloadFormat::NAMES,
+        ["text", "json", "cbor", "senml+json", "senml+cbor"]
+    );
+    assert_eq!(SenmlCbor.as_str(), "senml+cbor");
+    assert_eq!(SenmlJson.to_string(), "senml+json");
+    assert_eq!(StoreMode::NAMES, ["original", "normalised"]);
+    assert_eq!(Normalised.to_string(), "normalised");
+    assert_eq!(StoreMode::default(), Original);
+}
+
+#[test]
+fn route_format_and_store_rules() {
+    let route = |rest: &str| format!("[[route]]\nfilter = \"a\"\n{rest}");
+    assert_one_error(
+        &route("format = \"xml\""),
+        "route[0].format",
+        "unknown value \"xml\"; expected \"text\", \"json\", \"cbor\", \"senml+json\" or \"senml+cbor\"",
+    );
+    assert_one_error(
+        &route("store = \"normalized\""),
+        "route[0].store",
+        "\"original\" or \"normalised\"",
+    );
+    assert_one_error(
+        &route("store = \"normalised\""),
+        "route[0].store",
+        "needs format = \"senml+json\" or \"senml+cbor\"",
+    );
+    for format in ["text", "json", "cbor"] {
+        assert_one_error(
+            &route(&format!("format = \"{format}\"\nstore = \"normalised\"")),
+            "route[0].store",
+            &format!("not \"{format}\""),
+        );
+    }
+    // An unknown format is reported once, not again as a reason to refuse `store`.
+    assert_one_error(
+        &route("format = \"senml\"\nstore = \"normalised\""),
+        "route[0].format",
+        "unknown value \"senml\"",
+    );
+    // Nothing is stored for a local route, so `store` is refused there, whatever its value.
+    for store in ["original", "normalised"] {
+        assert_one_error(
+            &route(&format!(
+                "target = \"local\"\nformat = \"senml+json\"\nstore = \"{store}\""
+            )),
+            "route[0].store",
+            "no effect on a route with target \"local\"",
+        );
+    }
+    assert_one_error(
+        "[[route]]\nfilter = \"a\"\n[[route]]\nfilter = \"b\"\nformat = \"cbor\"\nstore = \"normalised\"",
+        "route[1].store",
+        "senml",
+    );
+    assert_one_error(&route("fromat = \"json\""), "route[0].fromat", "fromat");
+    assert_one_error(&route("format = 1"), "route[0].format", "line 3");
 }
 
 #[test]
@@ -1012,6 +1194,362 @@ fn header_values_are_secrets() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// CoAP
+
+#[test]
+fn coap_section_is_typed() {
+    let c = load_ok(
+        r#"
+        [broker]
+        listeners = ["0.0.0.0:5683"]
+        [coap]
+        listeners = ["0.0.0.0:5683", "[::]:5683", "127.0.0.1:0", "127.0.0.1:0"]
+        ingest_path = "ingest.v1"
+        topic_prefix = "site/coap"
+        max_payload = "16MiB"
+        exchange_lifetime = "1h"
+        max_exchanges = 16
+        max_observers = 1
+        "#,
+    );
+    assert_eq!(
+        c.coap,
+        CoapConfig {
+            listeners: ["0.0.0.0:5683", "[::]:5683", "127.0.0.1:0", "127.0.0.1:0"]
+                .iter()
+                .map(|a| a.parse().unwrap())
+                .collect(),
+            ingest_path: "ingest.v1".into(),
+            topic_prefix: "site/coap".into(),
+            max_payload: 16 << 20,
+            exchange_lifetime: Duration::from_secs(3600),
+            max_exchanges: 16,
+            max_observers: 1,
+        }
+    );
+    // The CoAP endpoint is optional: [] turns it off.
+    assert!(load_ok("[coap]\nlisteners = []").coap.listeners.is_empty());
+    // Lower bounds are inclusive.
+    let low = load_ok("[coap]\nmax_payload = \"1KiB\"\nexchange_lifetime = \"1s\"");
+    assert_eq!(
+        (low.coap.max_payload, low.coap.exchange_lifetime),
+        (1024, Duration::from_secs(1))
+    );
+    // A section with some keys keeps the defaults of the others.
+    let partial = load_ok("[coap]\ningest_path = \"in\"").coap;
+    assert_eq!(
+        partial,
+        CoapConfig {
+            ingest_path: "in".into(),
+            ..CoapConfig::default()
+        }
+    );
+}
+
+#[test]
+fn coap_rules() {
+    for (key, bad, needle) in [
+        (
+            "listeners[1]",
+            "listeners = [\"0.0.0.0:5683\", \"coap.local:5683\"]",
+            "invalid socket address \"coap.local:5683\"; expected IP:port, e.g. \"0.0.0.0:5683\"",
+        ),
+        (
+            "listeners[2]",
+            "listeners = [\"0.0.0.0:5683\", \"[::]:5683\", \"0.0.0.0:5683\"]",
+            "duplicate of coap.listeners[0]",
+        ),
+        ("ingest_path", "ingest_path = \"\"", "empty"),
+        ("ingest_path", "ingest_path = \"/t\"", "one path segment"),
+        ("ingest_path", "ingest_path = \"t/\"", "one path segment"),
+        ("ingest_path", "ingest_path = \"a/b\"", "one path segment"),
+        ("ingest_path", "ingest_path = \"a b\"", "' '"),
+        ("ingest_path", "ingest_path = \"t%41\"", "'%'"),
+        ("ingest_path", "ingest_path = \"..\"", "relative"),
+        (
+            "ingest_path",
+            "ingest_path = \".well-known\"",
+            "served by the CoAP endpoint",
+        ),
+        (
+            "ingest_path",
+            "ingest_path = \"status\"",
+            "served by the CoAP endpoint",
+        ),
+        ("topic_prefix", "topic_prefix = \"\"", "empty"),
+        ("topic_prefix", "topic_prefix = \"s/+\"", "wildcards"),
+        ("topic_prefix", "topic_prefix = \"s/#\"", "wildcards"),
+        ("topic_prefix", "topic_prefix = \"/s\"", "'/'"),
+        ("topic_prefix", "topic_prefix = \"s/\"", "'/'"),
+        ("topic_prefix", "topic_prefix = \"s\\u0000\"", "NUL"),
+        (
+            "max_payload",
+            "max_payload = \"1023\"",
+            "between 1024 and 16777216",
+        ),
+        (
+            "max_payload",
+            "max_payload = \"17MiB\"",
+            "between 1024 and 16777216",
+        ),
+        ("max_payload", "max_payload = -1", "negative"),
+        ("max_payload", "max_payload = \"64 KiBs\"", "invalid size"),
+        (
+            "exchange_lifetime",
+            "exchange_lifetime = \"999ms\"",
+            "between 1s and 1h",
+        ),
+        (
+            "exchange_lifetime",
+            "exchange_lifetime = \"61m\"",
+            "between 1s and 1h",
+        ),
+        (
+            "exchange_lifetime",
+            "exchange_lifetime = \"soon\"",
+            "invalid duration",
+        ),
+        ("max_exchanges", "max_exchanges = 15", "at least 16, got 15"),
+        ("max_observers", "max_observers = 0", "at least 1, got 0"),
+    ] {
+        assert_one_error(&format!("[coap]\n{bad}"), &format!("coap.{key}"), needle);
+    }
+    assert_one_error(
+        "[coap]\nlisteners = \"0.0.0.0:5683\"",
+        "coap.listeners",
+        "sequence",
+    );
+    assert_one_error(
+        "[coap]\nmax_exchanges = \"4096\"",
+        "coap.max_exchanges",
+        "line 2",
+    );
+    assert_one_error(
+        "[coap]\nexchange_lifetime = 247",
+        "coap.exchange_lifetime",
+        "unit",
+    );
+    assert_one_error("[coap]\ningest = \"t\"", "coap.ingest", "ingest");
+}
+
+#[test]
+fn coap_listeners_are_udp_and_may_share_tcp_ports() {
+    let c = load_ok(
+        "[broker]\nlisteners = [\"127.0.0.1:9180\"]\n[coap]\nlisteners = [\"127.0.0.1:9180\"]\n[health]\nlisten = \"off\"",
+    );
+    assert_eq!(c.coap.listeners, c.broker.listeners);
+    let c = load_ok("[coap]\nlisteners = [\"127.0.0.1:9180\"]");
+    assert_eq!(Some(c.coap.listeners[0]), c.health.listen);
+    // --listen replaces the broker's listeners only.
+    let overrides = Overrides {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        ..Overrides::default()
+    };
+    let c = Config::load(None, &overrides, &no_env()).unwrap();
+    assert_eq!(c.coap, CoapConfig::default());
+}
+
+#[test]
+fn observe_entries_are_typed() {
+    let c = load_ok(
+        r#"
+        [[observe]]
+        uri = "coap://192.168.1.20:5683/temp"
+        topic = "sensors/dev20/temp"
+        [[observe]]
+        uri = "coap://10.0.0.7/a/b"
+        topic = "x"
+        [[observe]]
+        uri = "coap://[fd00::7]:6000/env"
+        topic = "sensors/dev7/env"
+        [[observe]]
+        uri = "coap://10.0.0.7/a/c"
+        topic = "x"
+        "#,
+    );
+    let got: Vec<(String, &str, &str, &str)> = c
+        .observe
+        .iter()
+        .map(|o| {
+            (
+                o.target.to_string(),
+                o.path.as_str(),
+                o.uri.as_str(),
+                o.topic.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                "192.168.1.20:5683".to_owned(),
+                "/temp",
+                "coap://192.168.1.20:5683/temp",
+                "sensors/dev20/temp"
+            ),
+            (
+                "10.0.0.7:5683".to_owned(),
+                "/a/b",
+                "coap://10.0.0.7/a/b",
+                "x"
+            ),
+            (
+                "[fd00::7]:6000".to_owned(),
+                "/env",
+                "coap://[fd00::7]:6000/env",
+                "sensors/dev7/env"
+            ),
+            (
+                "10.0.0.7:5683".to_owned(),
+                "/a/c",
+                "coap://10.0.0.7/a/c",
+                "x"
+            ),
+        ]
+    );
+    // Observing needs no CoAP listener: it is a client.
+    let c =
+        load_ok("[coap]\nlisteners = []\n[[observe]]\nuri = \"coap://10.0.0.1/t\"\ntopic = \"t\"");
+    assert_eq!(c.observe.len(), 1);
+}
+
+#[test]
+fn observe_rules() {
+    let entry = |uri: &str| format!("[[observe]]\nuri = \"{uri}\"\ntopic = \"t\"");
+    for (uri, needle) in [
+        ("10.0.0.1/temp", "expected coap://IP[:port]/path"),
+        ("coaps://10.0.0.1/temp", "coaps (DTLS) is not supported"),
+        (
+            "http://10.0.0.1/temp",
+            "unsupported scheme \"http\"; expected coap",
+        ),
+        ("coap://u:p@10.0.0.1/temp", "credentials"),
+        ("coap:///temp", "no host"),
+        ("coap://sensor.local/temp", "not an IP address"),
+        ("coap://fd00::1/temp", "not an IP address"),
+        ("coap://[fd00::1/temp", "not an IP address"),
+        ("coap://10.0.0.1:0/temp", "invalid port \"0\""),
+        ("coap://10.0.0.1:99999/temp", "invalid port \"99999\""),
+        ("coap://10.0.0.1", "no resource path"),
+        ("coap://10.0.0.1/", "no resource path"),
+        ("coap://10.0.0.1/temp?unit=C", "query or fragment"),
+        ("coap://10.0.0.1/a//b", "empty segment"),
+        ("coap://10.0.0.1/temp/", "empty segment"),
+        ("coap://10.0.0.1/a/../b", "relative"),
+        ("coap://10.0.0.1/te%6Dp", "percent-encoding"),
+        ("", "invalid uri \"\""),
+    ] {
+        assert_one_error(&entry(uri), "observe[0].uri", needle);
+    }
+    assert_one_error("[[observe]]\ntopic = \"t\"", "observe[0].uri", "required");
+    assert_one_error(
+        "[[observe]]\nuri = \"coap://10.0.0.1/t\"",
+        "observe[0].topic",
+        "required",
+    );
+    for (topic, needle) in [
+        ("", "empty"),
+        ("a/+/c", "wildcards"),
+        ("a/#", "wildcards"),
+        ("a\\u0000", "NUL"),
+    ] {
+        assert_one_error(
+            &format!("[[observe]]\nuri = \"coap://10.0.0.1/t\"\ntopic = \"{topic}\""),
+            "observe[0].topic",
+            needle,
+        );
+    }
+    assert_one_error(
+        &format!(
+            "[[observe]]\nuri = \"coap://10.0.0.1/t\"\ntopic = \"{}\"",
+            "t".repeat(65_536)
+        ),
+        "observe[0].topic",
+        "at most 65535",
+    );
+    // The same resource twice, even written differently, is refused at the repeat.
+    assert_one_error(
+        &format!(
+            "{}\n{}\n{}",
+            entry("coap://10.0.0.1/a"),
+            entry("coap://10.0.0.2/a"),
+            entry("COAP://10.0.0.1:5683/a")
+        ),
+        "observe[2].uri",
+        "same resource as observe[0]",
+    );
+    assert_one_error(
+        "[[observe]]\nuri = \"coap://10.0.0.1/t\"\ntopic = \"t\"\ninterval = \"1s\"",
+        "observe[0].interval",
+        "interval",
+    );
+    assert_one_error(
+        "[[observe]]\nuri = 5\ntopic = \"t\"",
+        "observe[0].uri",
+        "line 2",
+    );
+}
+
+#[test]
+fn every_coap_problem_is_reported_with_its_path() {
+    let text = r#"
+        [coap]
+        listeners = ["0.0.0.0:5683", "udp:5683"]
+        ingest_path = "status"
+        topic_prefix = "+"
+        max_payload = "1B"
+        exchange_lifetime = "2h"
+        max_exchanges = 1
+        max_observers = 0
+        [[observe]]
+        uri = "coap://10.0.0.1/a"
+        topic = "ok"
+        [[observe]]
+        uri = "coap://host/a"
+        topic = "a/#"
+        [[observe]]
+        topic = "x"
+        [storage]
+        dead_letter_max_records = 0
+        dead_letter_max_bytes = "1B"
+        [[route]]
+        filter = "a"
+        store = "normalised"
+        [[route]]
+        filter = "b"
+        format = "yaml"
+        [[route]]
+        filter = "c"
+        target = "local"
+        store = "original"
+    "#;
+    let err = load(text).unwrap_err();
+    let paths: Vec<&str> = err.0.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "coap.listeners[1]",
+            "coap.ingest_path",
+            "coap.topic_prefix",
+            "coap.max_payload",
+            "coap.exchange_lifetime",
+            "coap.max_exchanges",
+            "coap.max_observers",
+            "observe[1].uri",
+            "observe[1].topic",
+            "observe[2].uri",
+            "storage.dead_letter_max_records",
+            "storage.dead_letter_max_bytes",
+            "route[0].store",
+            "route[1].format",
+            "route[2].store",
+        ],
+        "{err}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // Every problem at once
 
 #[test]
@@ -1253,6 +1791,15 @@ fn hostile_inputs_never_panic() {
         "[[route]]\nfilter = \"a\"\nupstream_topic = \"{level}\"",
         "\u{feff}[log]\nlevel = \"info\"",
         "[log]\nlevel = \"\u{1F600}\"",
+        "[[observe]]\nuri = \"coap://[\"",
+        "[[observe]]\nuri = \"coap://[]:\"\ntopic = \"\"",
+        "[[observe]]\nuri = \"coap://\u{e9}/\u{e9}\"",
+        "[[observe]]\nuri = \"\u{e9}://\"",
+        "[[observe]]\nuri = \"coap://1.2.3.4:\u{e9}/x\"",
+        "[coap]\ningest_path = \"\u{e9}\"\nmax_payload = 18446744073709551615",
+        "[coap]\nmax_exchanges = 9223372036854775807\nmax_observers = -9223372036854775808",
+        "[coap]\nexchange_lifetime = \"99999999999999999999999d\"",
+        "[[route]]\nfilter = \"a\"\nformat = \"\"\nstore = \"\"",
     ] {
         let _ = load(text);
     }

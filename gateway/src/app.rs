@@ -9,8 +9,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use outpost_config::{Config, Durability, WhenFull};
+use outpost_protocols::coap::{CoapObserver, CoapServer, CoapSettings, ObserveSettings};
 use outpost_protocols::{Broker, BrokerSettings};
-use outpost_storage::{Store, StoreSettings};
+use outpost_storage::{DeadLetterLimits, Store, StoreSettings};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -48,6 +49,21 @@ pub fn store_settings(config: &Config) -> StoreSettings {
     }
 }
 
+/// Slack on top of a device's Max-Age before an observation counts as lapsed.
+const OBSERVE_MARGIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+pub fn coap_settings(config: &Config) -> CoapSettings {
+    let c = &config.coap;
+    let mut s = CoapSettings::new(c.listeners.clone());
+    s.ingest_path = c.ingest_path.clone();
+    s.topic_prefix = c.topic_prefix.clone();
+    s.max_payload = usize::try_from(c.max_payload).unwrap_or(usize::MAX);
+    s.exchange_lifetime = c.exchange_lifetime;
+    s.max_exchanges = c.max_exchanges;
+    s.max_observers = c.max_observers;
+    s
+}
+
 pub fn broker_settings(config: &Config) -> BrokerSettings {
     let b = &config.broker;
     BrokerSettings {
@@ -65,7 +81,11 @@ pub fn broker_settings(config: &Config) -> BrokerSettings {
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let settings = store_settings(&config);
     let db = settings.path.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(settings))
+    let limits = DeadLetterLimits {
+        max_records: config.storage.dead_letter_max_records,
+        max_bytes: config.storage.dead_letter_max_bytes,
+    };
+    let store = tokio::task::spawn_blocking(move || Store::open_with(settings, limits))
         .await
         .context("store open task")?
         .with_context(|| format!("opening the store at {}", db.display()))?;
@@ -79,8 +99,51 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let broker_handle = broker.handle();
     info!(listeners = ?listeners, db = %db.display(), "outpost listening");
 
-    // Sources: the broker hands accepted messages to ingest; the channel closes when it stops.
+    // CoAP: bound now, like the broker, so a bad address is a start-up error.
+    let coap = if config.coap.listeners.is_empty() {
+        None
+    } else {
+        let server = CoapServer::bind(coap_settings(&config))
+            .await
+            .context("starting the CoAP endpoint")?;
+        info!(listeners = ?server.local_addrs(), "CoAP endpoint listening");
+        Some(server)
+    };
+    let mut observers = Vec::new();
+    for o in &config.observe {
+        let observer = CoapObserver::bind(ObserveSettings {
+            target: o.target,
+            path: o.path.clone(),
+            topic: o.topic.clone(),
+            margin: OBSERVE_MARGIN,
+        })
+        .await
+        .with_context(|| format!("observing {}", o.uri))?;
+        observers.push(observer);
+    }
+
+    // Sources hand accepted readings to ingest; the channel closes when the last of them stops.
     let (ingest_tx, ingest_rx) = mpsc::channel(INGEST_CHANNEL);
+    let mut sources = tokio::task::JoinSet::new();
+    let coap_handle = coap.as_ref().map(CoapServer::handle);
+    if let Some(server) = coap {
+        let tx = ingest_tx.clone();
+        let stop = shutdown.clone();
+        sources.spawn(async move {
+            if let Err(e) = server.run(tx, stop).await {
+                tracing::error!(error = %e, "CoAP endpoint failed");
+            }
+        });
+    }
+    for observer in observers {
+        let tx = ingest_tx.clone();
+        let stop = shutdown.clone();
+        sources.spawn(async move {
+            if let Err(e) = observer.run(tx, stop).await {
+                tracing::error!(error = %e, "CoAP observation failed");
+            }
+        });
+    }
     let broker_task = tokio::spawn(broker.run(ingest_tx, shutdown.clone()));
     let ingest_task = tokio::spawn(
         Ingest::new(
@@ -88,6 +151,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             store.clone(),
             ingest_rx,
             Arc::clone(&metrics),
+            broker_handle.clone(),
         )
         .run(),
     );
@@ -187,10 +251,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         identity,
         Arc::clone(&metrics),
         broker_handle,
+        coap_handle,
         report_stop.clone(),
     ));
 
     let broker_result = broker_task.await.context("broker task")?;
+    while sources.join_next().await.is_some() {}
     // The gateway's own sources stop with the broker; what they already handed over is stored.
     health_stop.cancel();
     if tokio::time::timeout(health::CHECK_STOP_GRACE, health_tasks.wait())

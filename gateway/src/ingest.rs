@@ -8,12 +8,25 @@
 //! another class's readings fail), and does *not* wait for the commit before taking the next batch:
 //! a spawned waiter answers the broker when the commit lands. The broker only sends PUBACK/PUBREC
 //! after that answer.
+//!
+//! Payload formats: a CoAP request's Content-Format, or else the route's declared `format`, says
+//! what the payload must decode as. A payload that does not is kept in the dead-letter table with
+//! the reason (committed before the sender is answered), counted, and refused with a diagnostic;
+//! it is never synced as data. A CoAP request whose Content-Format differs from the route's, or
+//! is one we do not know, is refused as unsupported. Routes with `store = "normalised"` store the
+//! resolved SenML records (JSON) instead of the original bytes.
+//!
+//! Readings that arrive over CoAP are also published on the local broker (after the commit, or at
+//! once for local-only routes), so local subscribers see CoAP sensors like MQTT ones.
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use bytes::Bytes;
-use outpost_protocols::{Inbound, IngestRefusal, IngestReply};
-use outpost_storage::{NewRecord, Priority, Store, StoreError};
+use outpost_config::StoreMode;
+use outpost_protocols::payload::{self, ContentFormat, Decoded};
+use outpost_protocols::{BrokerHandle, Inbound, IngestRefusal, IngestReply, QoS, Source};
+use outpost_storage::{DeadLetter, NewRecord, Priority, Store, StoreError};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
@@ -34,6 +47,8 @@ pub struct Ingest {
     inbound: mpsc::Receiver<Inbound>,
     /// Shared counters.
     metrics: Arc<Metrics>,
+    /// Where CoAP readings are republished for local subscribers.
+    broker: BrokerHandle,
 }
 
 /// A publisher waiting for its message to be committed (None for QoS 0 and wills).
@@ -45,12 +60,14 @@ impl Ingest {
         store: Store,
         inbound: mpsc::Receiver<Inbound>,
         metrics: Arc<Metrics>,
+        broker: BrokerHandle,
     ) -> Self {
         Self {
             router,
             store,
             inbound,
             metrics,
+            broker,
         }
     }
 
@@ -65,42 +82,65 @@ impl Ingest {
             if self.inbound.recv_many(&mut buf, MAX_BATCH).await == 0 {
                 break;
             }
-            let mut by_priority: [(Vec<NewRecord>, Vec<Waiter>); 3] = Default::default();
+            let mut by_priority: [Batch; 3] = Default::default();
             let ingested_at_ms = now_ms();
-            for msg in buf.drain(..) {
+            for mut msg in buf.drain(..) {
                 inc(&self.metrics.ingested);
                 match self.router.decide(&msg.topic) {
                     Decision::Local => {
                         inc(&self.metrics.ingested_local_only);
+                        if msg.source == Source::Coap {
+                            publish_locally(&self.broker, &msg.topic, msg.payload.clone());
+                        }
                         if let Some(reply) = msg.reply {
                             // The publisher may have gone away; nothing to do then.
                             let _ = reply.send(Ok(()));
                         }
                     }
-                    Decision::Cloud { priority } => {
+                    Decision::Cloud {
+                        priority,
+                        format,
+                        store,
+                    } => {
+                        let Some(payload) = self.check_payload(&mut msg, format, store) else {
+                            continue;
+                        };
                         let slot = &mut by_priority[priority.as_index()];
-                        slot.0.push(NewRecord {
+                        if msg.source == Source::Coap {
+                            slot.local.push((msg.topic.clone(), payload.clone()));
+                        }
+                        slot.records.push(NewRecord {
                             stream: msg.topic,
                             priority,
-                            payload: Bytes::clone(&msg.payload),
+                            payload,
                             ingested_at_ms,
                         });
-                        slot.1.push(msg.reply);
+                        slot.waiters.push(msg.reply);
                     }
                 }
             }
             for priority in Priority::ALL {
-                let (records, replies) = std::mem::take(&mut by_priority[priority.as_index()]);
+                let Batch {
+                    records,
+                    waiters: replies,
+                    local,
+                } = std::mem::take(&mut by_priority[priority.as_index()]);
                 if records.is_empty() {
                     continue;
                 }
                 let count = records.len();
                 let metrics = Arc::clone(&self.metrics);
+                let broker = self.broker.clone();
                 match self.store.submit(records).await {
                     Ok(pending) => {
                         waiters.spawn(async move {
-                            let result = pending.await;
-                            answer(&metrics, result.map(|_| ()), replies, count);
+                            let result = pending.await.map(|_| ());
+                            if result.is_ok() {
+                                for (topic, payload) in local {
+                                    publish_locally(&broker, &topic, payload);
+                                }
+                            }
+                            answer(&metrics, result, replies, count);
                         });
                     }
                     Err(e) => answer(&metrics, Err(e), replies, count),
@@ -112,6 +152,101 @@ impl Ingest {
         while waiters.join_next().await.is_some() {}
         debug!("ingest drained");
     }
+}
+
+/// One priority class's share of a round: records, their waiters, and CoAP readings to republish
+/// locally once committed.
+#[derive(Default)]
+struct Batch {
+    records: Vec<NewRecord>,
+    waiters: Vec<Waiter>,
+    local: Vec<(String, Bytes)>,
+}
+
+impl Ingest {
+    /// The bytes to store for `msg`, or None when it was refused (the refusal is on its way: a
+    /// dead letter is committed first, then the sender is answered).
+    fn check_payload(
+        &self,
+        msg: &mut Inbound,
+        route_format: Option<ContentFormat>,
+        store: StoreMode,
+    ) -> Option<Bytes> {
+        let declared = match msg.content_format {
+            None => None,
+            Some(number) => match ContentFormat::from_coap(number) {
+                Some(f) if route_format.is_none_or(|r| r == f) => Some(f),
+                known => {
+                    inc(&self.metrics.payload_unsupported);
+                    warn!(topic = %msg.topic, content_format = number, expected = ?route_format.map(ContentFormat::name),
+                        known = known.is_some(), "content format not accepted on this route");
+                    if let Some(reply) = msg.reply.take() {
+                        let _ = reply.send(Err(IngestRefusal::UnsupportedFormat));
+                    }
+                    return None;
+                }
+            },
+        };
+        let Some(format) = declared.or(route_format) else {
+            return Some(msg.payload.clone());
+        };
+        match payload::validate(format, &msg.payload, SystemTime::now()) {
+            Ok(Decoded::Senml(records)) if store == StoreMode::Normalised => {
+                Some(Bytes::from(payload::normalised_json(&records)))
+            }
+            Ok(_) => Some(msg.payload.clone()),
+            Err(e) => {
+                let reason = e.to_string();
+                inc(&self.metrics.dead_lettered);
+                warn!(topic = %msg.topic, client = %msg.client_id, format = format.name(), %reason,
+                    "payload does not decode; kept as a dead letter");
+                let letter = DeadLetter {
+                    topic: msg.topic.clone(),
+                    source: source_label(msg),
+                    reason: reason.clone(),
+                    content_format: Some(format.as_coap()),
+                    payload: msg.payload.clone(),
+                    at_ms: now_ms(),
+                };
+                let store = self.store.clone();
+                let metrics = Arc::clone(&self.metrics);
+                let reply = msg.reply.take();
+                tokio::spawn(async move {
+                    if let Err(e) = store.dead_letter(letter).await {
+                        inc(&metrics.dead_letter_failures);
+                        warn!(error = %e, "dead letter could not be stored");
+                    }
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Err(IngestRefusal::PayloadInvalid(reason)));
+                    }
+                });
+                None
+            }
+        }
+    }
+}
+
+/// `mqtt:<client id>` or `coap:<peer>` (the CoAP server's client ids already carry the prefix).
+fn source_label(msg: &Inbound) -> String {
+    let source = msg.source.as_str();
+    match msg.client_id.strip_prefix(source) {
+        Some(rest) if rest.starts_with(':') => msg.client_id.to_string(),
+        _ => format!("{source}:{}", msg.client_id),
+    }
+}
+
+/// Republishes a CoAP reading on the local broker (QoS 1, not retained, not ingested again).
+fn publish_locally(broker: &BrokerHandle, topic: &str, payload: Bytes) {
+    let broker = broker.clone();
+    let topic = topic.to_owned();
+    tokio::spawn(async move {
+        if let Err(e) = broker
+            .publish(&topic, payload, QoS::AtLeastOnce, false)
+            .await
+        {
+            debug!(%topic, error = %e, "CoAP reading not republished locally");
+        }
+    });
 }
 
 fn refusal(e: &StoreError) -> IngestRefusal {

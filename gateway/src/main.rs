@@ -62,6 +62,21 @@ enum Command {
     },
     /// Print the annotated default configuration.
     PrintDefaultConfig,
+    /// List the dead letters: payloads that did not decode as their route's format.
+    DeadLetters {
+        /// Configuration file (to find the data directory).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Data directory (overrides the file).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// At most this many, newest first.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show buffer depth, oldest unsynced age, upstream state and counters.
     Status {
         /// Configuration file (to find the data directory).
@@ -90,6 +105,46 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::DeadLetters {
+            config,
+            data_dir,
+            limit,
+            json,
+        } => {
+            let overrides = Overrides {
+                data_dir,
+                ..Overrides::default()
+            };
+            let config = match load(config.as_deref(), &overrides) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match status::dead_letters(&config.storage.db_path(), limit) {
+                Ok(list) => {
+                    if json {
+                        match serde_json::to_string_pretty(&list) {
+                            Ok(s) => println!("{s}"),
+                            Err(e) => {
+                                eprintln!("outpost: {e}");
+                                return ExitCode::FAILURE;
+                            }
+                        }
+                    } else {
+                        for d in &list {
+                            println!(
+                                "#{} {} {} [{}] {} bytes: {}",
+                                d.id, d.at_ms, d.topic, d.source, d.payload_bytes, d.reason
+                            );
+                        }
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("outpost: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Status {
             config,
             data_dir,

@@ -56,6 +56,12 @@ pub struct Metrics {
     pub ingest_refused: AtomicU64,
     /// QoS 0 messages and wills the store refused: nobody could be told to send them again.
     pub unacknowledged_lost: AtomicU64,
+    /// Payloads that did not decode as their declared format, kept as dead letters.
+    pub dead_lettered: AtomicU64,
+    /// Dead letters that could not be written (store refused).
+    pub dead_letter_failures: AtomicU64,
+    /// CoAP requests whose content format the route does not take.
+    pub payload_unsupported: AtomicU64,
     /// Records handed to the upstream client.
     pub sync_published: AtomicU64,
     /// Records the upstream acknowledged (and that were then deleted).

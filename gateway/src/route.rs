@@ -6,7 +6,11 @@
 //! the record is sent, so a backlog collected before an upstream was configured is published under
 //! the prefix of the upstream it finally goes to.
 
-use outpost_config::{Config, Priority as ConfigPriority, RouteTarget, TopicFilter, TopicTemplate};
+use outpost_config::{
+    Config, PayloadFormat, Priority as ConfigPriority, RouteTarget, StoreMode, TopicFilter,
+    TopicTemplate,
+};
+use outpost_protocols::payload::ContentFormat;
 use outpost_storage::Priority;
 
 /// The decision for one local topic.
@@ -14,8 +18,25 @@ use outpost_storage::Priority;
 pub enum Decision {
     /// Deliver locally only; nothing is stored.
     Local,
-    /// Store and forward with this priority.
-    Cloud { priority: Priority },
+    /// Store and forward with this priority; `format` is what the payload must decode as (if the
+    /// route declared one) and `store` whether the original bytes or the normalised SenML
+    /// records are stored.
+    Cloud {
+        priority: Priority,
+        format: Option<ContentFormat>,
+        store: StoreMode,
+    },
+}
+
+/// The codec's name for a configured payload format.
+pub fn content_format(f: PayloadFormat) -> ContentFormat {
+    match f {
+        PayloadFormat::Text => ContentFormat::TextPlain,
+        PayloadFormat::Json => ContentFormat::Json,
+        PayloadFormat::Cbor => ContentFormat::Cbor,
+        PayloadFormat::SenmlJson => ContentFormat::SenmlJson,
+        PayloadFormat::SenmlCbor => ContentFormat::SenmlCbor,
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -24,6 +45,8 @@ struct CompiledRoute {
     target: RouteTarget,
     priority: Priority,
     template: TopicTemplate,
+    format: Option<ContentFormat>,
+    store: StoreMode,
 }
 
 /// The routing table built from the configuration.
@@ -57,6 +80,8 @@ impl Router {
                 target: r.target,
                 priority: storage_priority(r.priority),
                 template: r.upstream_topic.clone(),
+                format: r.format.map(content_format),
+                store: r.store,
             })
             .collect();
         Self {
@@ -77,12 +102,16 @@ impl Router {
                 RouteTarget::Local => Decision::Local,
                 RouteTarget::Cloud => Decision::Cloud {
                     priority: route.priority,
+                    format: route.format,
+                    store: route.store,
                 },
             },
             None => match self.default_target {
                 RouteTarget::Local => Decision::Local,
                 RouteTarget::Cloud => Decision::Cloud {
                     priority: Priority::Normal,
+                    format: None,
+                    store: StoreMode::Original,
                 },
             },
         }
@@ -134,18 +163,13 @@ filter = "+/temp"
 priority = "low"
 "#,
         );
-        assert_eq!(
-            r.decide("alerts/debug/x"),
-            Decision::Cloud {
-                priority: Priority::High
-            }
-        );
-        assert_eq!(
-            r.decide("room1/temp"),
-            Decision::Cloud {
-                priority: Priority::Low
-            }
-        );
+        let cloud = |priority| Decision::Cloud {
+            priority,
+            format: None,
+            store: StoreMode::Original,
+        };
+        assert_eq!(r.decide("alerts/debug/x"), cloud(Priority::High));
+        assert_eq!(r.decide("room1/temp"), cloud(Priority::Low));
         assert_eq!(r.decide("other"), Decision::Local);
         assert_eq!(
             r.upstream_topic("outpost", "gw", "alerts/fire"),

@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use outpost_protocols::BrokerHandle;
+use outpost_protocols::coap::CoapHandle;
 use outpost_storage::{Store, StoreStats};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -49,6 +50,8 @@ pub struct RuntimeStatus {
     pub commands_forwarded: u64,
     pub commands_failed: u64,
     pub ack_write_failures: u64,
+    pub dead_lettered: u64,
+    pub payload_unsupported: u64,
     pub sync_bytes: u64,
     pub uplink_rtt_ms: Option<f64>,
     pub ack_rate_per_s: f64,
@@ -97,6 +100,8 @@ pub fn snapshot(identity: &Identity, metrics: &Metrics, broker: &BrokerHandle) -
         commands_forwarded: get(&metrics.commands_forwarded),
         commands_failed: get(&metrics.commands_failed),
         ack_write_failures: get(&metrics.ack_write_failures),
+        dead_lettered: get(&metrics.dead_lettered),
+        payload_unsupported: get(&metrics.payload_unsupported),
         sync_bytes: get(&metrics.sync_bytes),
         uplink_rtt_ms: metrics.uplink_rtt().map(|d| d.as_secs_f64() * 1000.0),
         ack_rate_per_s: metrics.ack_rate(),
@@ -117,6 +122,7 @@ pub async fn report(
     identity: Identity,
     metrics: Arc<Metrics>,
     broker: BrokerHandle,
+    coap: Option<CoapHandle>,
     stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(INTERVAL);
@@ -136,6 +142,10 @@ pub async fn report(
         let status = snapshot(&identity, &metrics, &broker);
         match serde_json::to_vec(&status) {
             Ok(bytes) => {
+                if let Some(coap) = &coap {
+                    // The observable CoAP /status resource: notifies its observers.
+                    coap.set_status(bytes.clone());
+                }
                 if let Err(e) = store.put_state(STATE_KEY, bytes).await {
                     warn!(error = %e, "could not write the status snapshot");
                 }
@@ -156,6 +166,9 @@ pub struct StatusReport {
     pub buffered_bytes: u64,
     pub buffered_by_priority: BufferedByPriority,
     pub oldest_unsynced_age_ms: Option<u64>,
+    /// Payloads kept in the dead-letter table (not synced; see `outpost dead-letters`).
+    pub dead_letters: u64,
+    pub dead_letter_bytes: u64,
     /// Seconds to drain the backlog at the last measured upstream ack rate (None: not draining).
     pub drain_eta_s: Option<f64>,
     pub store: StoreCounters,
@@ -183,6 +196,8 @@ pub struct StoreCounters {
     pub expired_total: u64,
     pub rejected_full_total: u64,
     pub commits_total: u64,
+    pub dead_lettered_total: u64,
+    pub dead_letters_evicted_total: u64,
     pub poisoned: bool,
 }
 
@@ -219,6 +234,8 @@ pub fn build_report(
             low: stats.records_by_priority[2],
         },
         oldest_unsynced_age_ms: stats.oldest_ingested_at_ms.map(|t| now.saturating_sub(t)),
+        dead_letters: stats.dead_letters,
+        dead_letter_bytes: stats.dead_letter_bytes,
         drain_eta_s: match (stats.records, runtime.as_ref().map(|r| r.ack_rate_per_s)) {
             (0, _) => Some(0.0),
             (n, Some(rate)) if rate > 0.0 => Some(n as f64 / rate),
@@ -235,6 +252,8 @@ pub fn build_report(
             expired_total: stats.expired_total,
             rejected_full_total: stats.rejected_full_total,
             commits_total: stats.commits_total,
+            dead_lettered_total: stats.dead_lettered_total,
+            dead_letters_evicted_total: stats.dead_letters_evicted_total,
             poisoned: stats.poisoned,
         },
         runtime,
@@ -307,6 +326,17 @@ pub fn render(report: &StatusReport) -> String {
     line(&mut out, "expired", s.expired_total.to_string());
     line(
         &mut out,
+        "dead letters",
+        format!(
+            "{} kept ({} bytes), {} in all, {} evicted",
+            report.dead_letters,
+            report.dead_letter_bytes,
+            s.dead_lettered_total,
+            s.dead_letters_evicted_total
+        ),
+    );
+    line(
+        &mut out,
         "rejected (full)",
         s.rejected_full_total.to_string(),
     );
@@ -360,4 +390,42 @@ pub fn render(report: &StatusReport) -> String {
         );
     }
     out
+}
+
+/// One dead letter as `outpost dead-letters` shows it.
+#[derive(Debug, Serialize)]
+pub struct DeadLetterView {
+    pub id: u64,
+    pub at_ms: u64,
+    pub topic: String,
+    pub source: String,
+    pub reason: String,
+    pub content_format: Option<u16>,
+    pub payload_bytes: usize,
+    /// The payload, hex-encoded (it is by definition not valid in its declared format).
+    pub payload_hex: String,
+}
+
+pub fn dead_letters(db: &Path, limit: usize) -> anyhow::Result<Vec<DeadLetterView>> {
+    use anyhow::Context;
+    let list = outpost_storage::read_dead_letters(db, limit)
+        .with_context(|| format!("reading dead letters at {}", db.display()))?;
+    Ok(list
+        .into_iter()
+        .map(|d| DeadLetterView {
+            id: d.id,
+            at_ms: d.letter.at_ms,
+            topic: d.letter.topic,
+            source: d.letter.source,
+            reason: d.letter.reason,
+            content_format: d.letter.content_format,
+            payload_bytes: d.letter.payload.len(),
+            payload_hex: d
+                .letter
+                .payload
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+        })
+        .collect())
 }

@@ -494,6 +494,11 @@ impl GatewayConfig {
             let _ = writeln!(s, "resource_interval = \"{i}\"");
         }
         s.push('\n');
+        // CoAP's default listener is the fixed udp port 5683: gateways started side by side by
+        // parallel tests would collide on it, so it is off unless a test configures it.
+        if !self.extra.contains("[coap]") {
+            s.push_str("[coap]\nlisteners = []\n\n");
+        }
         s.push_str(&self.extra);
         s
     }
@@ -1508,5 +1513,570 @@ mod tests {
         let mut moved = msg("a", 0, Some(1));
         moved.topic = "outpost/gw1/b".to_owned();
         assert!(check(&[moved], &acked(1)).is_err());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// CoAP: configuration, a raw message codec, libcoap's and aiocoap's clients, a device
+// ---------------------------------------------------------------------------------------------
+//
+// The CoAP scenarios (`tests/tests/coap_*.rs`) need `coap-client-notls` (apt `libcoap3-bin`)
+// and `python3` with `aiocoap` and `LinkHeader` (pip); `scripts/install-test-deps.sh` installs
+// them. CoAP runs over UDP on 127.0.0.1, on ports from [`free_udp_port`].
+
+/// A UDP port that was free a moment ago on 127.0.0.1 (bound to :0, read, released).
+pub fn free_udp_port() -> Result<u16> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").context("binding udp 127.0.0.1:0")?;
+    Ok(s.local_addr()?.port())
+}
+
+/// A `[coap]` table listening on udp 127.0.0.1:`port`, ingest path `t`, topic prefix
+/// `sensors`, 64 KiB bodies: POST `coap://127.0.0.1:<port>/t/a/b` is a reading on `sensors/a/b`.
+/// Put it in [`GatewayConfig::extra`].
+pub fn coap_section(port: u16) -> String {
+    format!(
+        "[coap]\nlisteners = [\"127.0.0.1:{port}\"]\ningest_path = \"t\"\ntopic_prefix = \"sensors\"\nmax_payload = \"64KiB\"\n\n"
+    )
+}
+
+/// A `[[route]]` to the cloud with a declared payload `format` and `store` mode ("original" or
+/// "normalised"), for [`GatewayConfig::extra`] (TOML appends it to the routes rendered before).
+pub fn format_route(filter: &str, format: &str, store: &str) -> String {
+    format!(
+        "[[route]]\nfilter = \"{filter}\"\ntarget = \"cloud\"\npriority = \"normal\"\nformat = \"{format}\"\nstore = \"{store}\"\n\n"
+    )
+}
+
+/// CoAP message types (RFC 7252 section 3).
+pub mod coap_type {
+    /// Confirmable.
+    pub const CON: u8 = 0;
+    /// Non-confirmable.
+    pub const NON: u8 = 1;
+    /// Acknowledgement.
+    pub const ACK: u8 = 2;
+    /// Reset.
+    pub const RST: u8 = 3;
+}
+
+/// CoAP option numbers used by the scenarios.
+pub mod coap_opt {
+    /// Observe (RFC 7641).
+    pub const OBSERVE: u16 = 6;
+    /// Uri-Path, one per segment.
+    pub const URI_PATH: u16 = 11;
+    /// Content-Format.
+    pub const CONTENT_FORMAT: u16 = 12;
+    /// Max-Age.
+    pub const MAX_AGE: u16 = 14;
+    /// Uri-Query.
+    pub const URI_QUERY: u16 = 15;
+    /// Block2.
+    pub const BLOCK2: u16 = 23;
+    /// Block1.
+    pub const BLOCK1: u16 = 27;
+    /// Size1.
+    pub const SIZE1: u16 = 60;
+}
+
+/// One CoAP message, as the scenarios build and read them on a raw UDP socket (an independent
+/// codec, so a test does not trust the gateway's own).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoapMessage {
+    /// [`coap_type`].
+    pub mtype: u8,
+    /// Code as class*32 + detail (POST = 2, 2.01 = 65).
+    pub code: u8,
+    /// Message id.
+    pub mid: u16,
+    /// Token (0..=8 bytes).
+    pub token: Vec<u8>,
+    /// Options (number, value), in any order (sorted when encoded).
+    pub options: Vec<(u16, Vec<u8>)>,
+    /// Payload.
+    pub payload: Vec<u8>,
+}
+
+impl CoapMessage {
+    /// A request `code` (1 GET, 2 POST, 3 PUT) for `path` ("t/a/b", no leading '/').
+    pub fn request(mtype: u8, code: u8, mid: u16, token: &[u8], path: &str) -> Self {
+        let options = path
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .map(|s| (coap_opt::URI_PATH, s.as_bytes().to_vec()))
+            .collect();
+        Self {
+            mtype,
+            code,
+            mid,
+            token: token.to_vec(),
+            options,
+            payload: Vec::new(),
+        }
+    }
+
+    /// `code` as "c.dd" (e.g. "2.01").
+    pub fn code_str(&self) -> String {
+        format!("{}.{:02}", self.code >> 5, self.code & 0x1f)
+    }
+
+    /// Adds an option with an unsigned integer value (minimal length encoding).
+    pub fn with_uint(mut self, number: u16, value: u32) -> Self {
+        let bytes = value.to_be_bytes();
+        let skip = bytes.iter().take_while(|b| **b == 0).count();
+        self.options.push((number, bytes[skip..].to_vec()));
+        self
+    }
+
+    /// The first value of option `number` as an unsigned integer.
+    pub fn uint_option(&self, number: u16) -> Option<u32> {
+        let (_, v) = self.options.iter().find(|(n, _)| *n == number)?;
+        (v.len() <= 4).then(|| v.iter().fold(0u32, |acc, b| acc << 8 | u32::from(*b)))
+    }
+
+    /// The datagram.
+    pub fn encode(&self) -> Vec<u8> {
+        fn ext(v: usize) -> (u8, Vec<u8>) {
+            if v < 13 {
+                (v as u8, vec![])
+            } else if v < 269 {
+                (13, vec![(v - 13) as u8])
+            } else {
+                (14, ((v - 269) as u16).to_be_bytes().to_vec())
+            }
+        }
+        let mut out = vec![
+            0x40 | (self.mtype & 3) << 4 | (self.token.len() as u8 & 0x0f),
+            self.code,
+        ];
+        out.extend_from_slice(&self.mid.to_be_bytes());
+        out.extend_from_slice(&self.token);
+        let mut opts = self.options.clone();
+        opts.sort_by_key(|(n, _)| *n);
+        let mut last = 0u16;
+        for (n, v) in &opts {
+            let (dn, dext) = ext(usize::from(n - last));
+            let (ln, lext) = ext(v.len());
+            out.push(dn << 4 | ln);
+            out.extend(dext);
+            out.extend(lext);
+            out.extend_from_slice(v);
+            last = *n;
+        }
+        if !self.payload.is_empty() {
+            out.push(0xff);
+            out.extend_from_slice(&self.payload);
+        }
+        out
+    }
+
+    /// Parses a datagram.
+    pub fn decode(b: &[u8]) -> Result<Self> {
+        if b.len() < 4 || b[0] >> 6 != 1 {
+            bail!("not a CoAP v1 message: {b:02x?}");
+        }
+        let tkl = usize::from(b[0] & 0x0f);
+        if tkl > 8 || b.len() < 4 + tkl {
+            bail!("bad token length in {b:02x?}");
+        }
+        let mut m = Self {
+            mtype: b[0] >> 4 & 3,
+            code: b[1],
+            mid: u16::from_be_bytes([b[2], b[3]]),
+            token: b[4..4 + tkl].to_vec(),
+            options: Vec::new(),
+            payload: Vec::new(),
+        };
+        let mut i = 4 + tkl;
+        let mut number = 0u16;
+        let take_ext = |nib: u8, i: &mut usize| -> Result<usize> {
+            Ok(match nib {
+                13 => {
+                    let v = *b.get(*i).ok_or_else(|| anyhow!("truncated option"))?;
+                    *i += 1;
+                    usize::from(v) + 13
+                }
+                14 => {
+                    let v = b
+                        .get(*i..*i + 2)
+                        .ok_or_else(|| anyhow!("truncated option"))?;
+                    *i += 2;
+                    usize::from(u16::from_be_bytes([v[0], v[1]])) + 269
+                }
+                15 => bail!("reserved option nibble"),
+                n => usize::from(n),
+            })
+        };
+        while i < b.len() {
+            if b[i] == 0xff {
+                m.payload = b[i + 1..].to_vec();
+                break;
+            }
+            let head = b[i];
+            i += 1;
+            let delta = take_ext(head >> 4, &mut i)?;
+            let len = take_ext(head & 0x0f, &mut i)?;
+            number = number
+                .checked_add(u16::try_from(delta)?)
+                .ok_or_else(|| anyhow!("option number overflow"))?;
+            let v = b
+                .get(i..i + len)
+                .ok_or_else(|| anyhow!("truncated option value"))?;
+            m.options.push((number, v.to_vec()));
+            i += len;
+        }
+        Ok(m)
+    }
+}
+
+/// A UDP socket on 127.0.0.1 talking raw CoAP to 127.0.0.1:`port`.
+#[derive(Debug)]
+pub struct RawCoap {
+    /// The socket (connected to the server).
+    pub socket: std::net::UdpSocket,
+}
+
+impl RawCoap {
+    /// A fresh socket towards udp 127.0.0.1:`port`.
+    pub fn new(port: u16) -> Result<Self> {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        socket.connect(("127.0.0.1", port))?;
+        Ok(Self { socket })
+    }
+
+    /// Sends one datagram.
+    pub fn send(&self, datagram: &[u8]) -> Result<()> {
+        self.socket.send(datagram)?;
+        Ok(())
+    }
+
+    /// The next datagram within `timeout` (None when none came), decoded, with its raw bytes.
+    pub fn recv(&self, timeout: Duration) -> Result<Option<(CoapMessage, Vec<u8>)>> {
+        self.socket.set_read_timeout(Some(timeout))?;
+        let mut buf = vec![0u8; 65536];
+        match self.socket.recv(&mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                Ok(Some((CoapMessage::decode(&buf)?, buf)))
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ok(None)
+            }
+            // An ICMP port unreachable from an earlier send (nothing listening yet).
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Waits (deadline `timeout`) until a CoAP server answers a GET /.well-known/core on udp
+/// 127.0.0.1:`port`; returns the answer.
+pub fn wait_coap(port: u16, timeout: Duration) -> Result<CoapMessage> {
+    let raw = RawCoap::new(port)?;
+    let mut mid: u16 = 0x7000;
+    wait_for(
+        &format!("a CoAP server on udp 127.0.0.1:{port}"),
+        timeout,
+        || {
+            mid = mid.wrapping_add(1);
+            let req = CoapMessage::request(coap_type::CON, 1, mid, b"wk", ".well-known/core");
+            raw.send(&req.encode()).ok()?;
+            let deadline = Instant::now() + Duration::from_millis(500);
+            while Instant::now() < deadline {
+                match raw.recv(Duration::from_millis(100)) {
+                    Ok(Some((m, _))) if m.mid == mid => return Some(m),
+                    _ => {}
+                }
+            }
+            None
+        },
+    )
+}
+
+/// What `coap-client-notls -v 6` showed of one exchange.
+#[derive(Debug, Clone)]
+pub struct CoapCli {
+    /// The response code of the last response line ("2.01"), None if no response came.
+    pub code: Option<String>,
+    /// That response's payload as the tool logged it (text between `:: '` and the final `'`).
+    pub payload: Option<String>,
+    /// Every line of its output (stdout and stderr).
+    pub output: String,
+}
+
+/// Runs `coap-client-notls -v 6 <args>` (deadline `timeout`). It exits 0 even when the server
+/// answers an error, so the result is read from its log lines
+/// (`v:1 t:ACK c:2.01 i:... {token} [ options ] :: 'payload'`): the last line whose code is a
+/// response class (2..5) is the final response (after a block-wise transfer, the last block's).
+pub fn coap_client_notls(args: &[&str], timeout: Duration) -> Result<CoapCli> {
+    let mut child = Command::new("coap-client-notls")
+        .arg("-v")
+        .arg("6")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting coap-client-notls (apt libcoap3-bin)")?;
+    let deadline = Instant::now() + timeout;
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            child.kill().ok();
+            let out = child.wait_with_output()?;
+            bail!(
+                "coap-client-notls {args:?} hung:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output()?;
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(parse_coap_client_output(output))
+}
+
+/// See [`coap_client_notls`].
+pub fn parse_coap_client_output(output: String) -> CoapCli {
+    let mut code = None;
+    let mut payload = None;
+    for line in output.lines() {
+        let Some(pos) = line.find("v:1 t:") else {
+            continue;
+        };
+        let line = &line[pos..];
+        let Some(c) = line.split_whitespace().find_map(|w| w.strip_prefix("c:")) else {
+            continue;
+        };
+        let is_response =
+            c.len() == 4 && c.as_bytes()[1] == b'.' && matches!(c.as_bytes()[0], b'2'..=b'5');
+        if !is_response {
+            continue;
+        }
+        code = Some(c.to_owned());
+        payload = line.find(" :: '").map(|p| {
+            line[p + 5..]
+                .strip_suffix('\'')
+                .unwrap_or(&line[p + 5..])
+                .to_owned()
+        });
+    }
+    CoapCli {
+        code,
+        payload,
+        output,
+    }
+}
+
+/// Runs `tests/py/coap_client.py <args>` (aiocoap) to completion (deadline `timeout`), output
+/// appended to `dir/<name>.log`; returns its exit code and its JSON output lines.
+pub fn coap_py(
+    dir: &TestDir,
+    name: &str,
+    args: &[&str],
+    timeout: Duration,
+) -> Result<(i32, Vec<Value>)> {
+    let log = dir.join(&format!("{name}.log"));
+    let mut cmd = Command::new("python3");
+    cmd.arg(py_script("coap_client.py")).args(args);
+    let mut proc = Proc::spawn(&format!("coap_client.py {name}"), cmd, &log)?;
+    let st = proc
+        .wait(timeout)
+        .with_context(|| format!("coap_client.py {args:?}:\n{}", tail(&log, 30)))?;
+    let text = fs::read_to_string(&log).unwrap_or_default();
+    let lines = text
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    Ok((st.code().unwrap_or(-1), lines))
+}
+
+/// `outpost dead-letters --config <file> --json`, parsed.
+pub fn outpost_dead_letters(config: &Path) -> Result<Value> {
+    let out = outpost_command()?
+        .arg("dead-letters")
+        .arg("--config")
+        .arg(config)
+        .arg("--json")
+        .stdin(Stdio::null())
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "outpost dead-letters failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "dead-letters output is not JSON: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// A running `tests/py/coap_device.py`: an aiocoap server with an observable JSON resource.
+#[derive(Debug)]
+pub struct CoapDevice {
+    /// The process.
+    proc: Proc,
+}
+
+impl CoapDevice {
+    /// Starts it on udp 127.0.0.1:`port` serving `/<path>` (changing every `interval_ms`, each
+    /// representation `{"boot": boot, "n": N}` with Max-Age `max_age` s), output in
+    /// `dir/<name>.log`, and waits for it to listen.
+    pub fn spawn(
+        dir: &TestDir,
+        name: &str,
+        port: u16,
+        path: &str,
+        boot: u32,
+        interval_ms: u64,
+        max_age: u32,
+    ) -> Result<Self> {
+        let mut cmd = Command::new("python3");
+        cmd.arg(py_script("coap_device.py"))
+            .args(["--port", &port.to_string()])
+            .args(["--path", path])
+            .args(["--boot", &boot.to_string()])
+            .args(["--interval", &format!("{}", interval_ms as f64 / 1000.0)])
+            .args(["--max-age", &max_age.to_string()]);
+        let mut proc = Proc::spawn(
+            &format!("coap device {name} (boot {boot})"),
+            cmd,
+            &dir.join(&format!("{name}.log")),
+        )?;
+        let log = proc.log().to_path_buf();
+        // A port that was just released may be taken again at once for UDP; the device exits
+        // if it cannot bind, which the wait reports.
+        wait_for(
+            &format!("coap device {name} to listen"),
+            Duration::from_secs(30),
+            || {
+                if let Ok(Some(st)) = proc.try_status() {
+                    return Some(Err(anyhow!("device exited ({st}):\n{}", tail(&log, 20))));
+                }
+                fs::read_to_string(&log)
+                    .ok()?
+                    .contains(&format!("listening {port}"))
+                    .then_some(Ok(()))
+            },
+        )??;
+        Ok(Self { proc })
+    }
+
+    /// Lines of its output.
+    pub fn lines(&self) -> Vec<String> {
+        fs::read_to_string(self.proc.log())
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The last `observers <n>` it printed (0 if none yet).
+    pub fn observers(&self) -> u64 {
+        self.lines()
+            .iter()
+            .rev()
+            .find_map(|l| l.strip_prefix("observers ")?.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// SIGKILL: the device dies without telling anyone.
+    pub fn kill(&mut self) -> Result<()> {
+        self.proc.kill()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod coap_codec_tests {
+    use super::*;
+
+    #[test]
+    fn coap_message_round_trips() -> Result<()> {
+        let mut m = CoapMessage::request(coap_type::CON, 2, 0x1234, b"tk", "t/room/temp")
+            .with_uint(coap_opt::CONTENT_FORMAT, 112)
+            .with_uint(coap_opt::SIZE1, 6000);
+        m.options.push((300, vec![7; 300]));
+        m.payload = b"hello".to_vec();
+        let bytes = m.encode();
+        let back = CoapMessage::decode(&bytes)?;
+        assert_eq!(back.uint_option(coap_opt::CONTENT_FORMAT), Some(112));
+        assert_eq!(back.uint_option(coap_opt::SIZE1), Some(6000));
+        assert_eq!(back.payload, b"hello");
+        assert_eq!(back.token, b"tk");
+        assert_eq!(
+            (back.mid, back.code, back.mtype),
+            (0x1234, 2, coap_type::CON)
+        );
+        assert_eq!(back.options.len(), 6);
+        assert_eq!(back.encode(), bytes);
+        Ok(())
+    }
+
+    #[test]
+    fn coap_client_output_is_parsed() {
+        let out = "v:1 t:CON c:POST i:276f {01} [ Uri-Path:t ] :: 'x'\n\
+                   v:1 t:ACK c:4.00 i:276f {01} [ ] :: 'SenML record 0: \"v\" must be a number'\n"
+            .to_owned();
+        let r = parse_coap_client_output(out);
+        assert_eq!(r.code.as_deref(), Some("4.00"));
+        assert_eq!(
+            r.payload.as_deref(),
+            Some("SenML record 0: \"v\" must be a number")
+        );
+        let none = parse_coap_client_output("v:1 t:CON c:GET i:1 {} [ ]\n".to_owned());
+        assert_eq!(none.code, None);
+    }
+}
+
+/// A [`GatewayConfig`] (node `node`, upstream on `upstream_port`) whose `extra` holds a
+/// [`coap_section`] on a free UDP port, and that port.
+pub fn coap_gateway_config(
+    dir: &TestDir,
+    node: &str,
+    upstream_port: Option<u16>,
+) -> Result<(GatewayConfig, u16)> {
+    let mut cfg = GatewayConfig::new(dir, node, upstream_port)?;
+    let port = free_udp_port()?;
+    cfg.extra = coap_section(port);
+    Ok((cfg, port))
+}
+
+/// Starts the gateway for `cfg` and waits until its CoAP endpoint on `coap_port` answers.
+pub fn start_coap_gateway(dir: &TestDir, cfg: &GatewayConfig, coap_port: u16) -> Result<Outpost> {
+    let gw = Outpost::start(dir, cfg)?;
+    wait_coap(coap_port, Duration::from_secs(30)).with_context(|| {
+        format!(
+            "the gateway's CoAP endpoint; outpost log:\n{}",
+            tail(gw.log(), 30)
+        )
+    })?;
+    Ok(gw)
+}
+
+/// The first value under key `key` anywhere in `v` (depth-first), for status fields whose
+/// place in the document a scenario does not want to pin down.
+pub fn find_key<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
+    match v {
+        Value::Object(m) => m
+            .get(key)
+            .or_else(|| m.values().find_map(|x| find_key(x, key))),
+        Value::Array(a) => a.iter().find_map(|x| find_key(x, key)),
+        _ => None,
     }
 }

@@ -613,6 +613,18 @@ impl Conn {
                 tracing::warn!(peer = %self.peer, client_id = %self.client_id, ?topic, pkid = p.pkid,
                     ?refusal, "publish refused by the gateway");
                 match self.protocol {
+                    // A payload the gateway could not decode was kept as a dead letter: sending
+                    // it again cannot help, and 3.1.1 has no reason codes, so it is acknowledged
+                    // (closing would make the client resend the same bytes forever).
+                    Protocol::V4
+                        if matches!(
+                            refusal,
+                            IngestRefusal::PayloadInvalid(_) | IngestRefusal::UnsupportedFormat
+                        ) =>
+                    {
+                        self.queue_ack(p.pkid, p.qos, AckReason::Success);
+                        Ok(())
+                    }
                     Protocol::V4 => Err(End::Refused(refusal)),
                     Protocol::V5 => {
                         let reason = match refusal {

@@ -139,10 +139,12 @@ pub enum IngestRefusal {
     /// The store cannot write (poisoned, closed). MQTT 5 reason 0x80; CoAP 5.03 with Max-Age.
     StoreUnavailable,
     /// The route declared a payload format and the payload does not decode as it; the text
-    /// says what is wrong and where. MQTT 5 reason 0x99; CoAP 4.00 with the text as payload.
+    /// says what is wrong and where. The gateway has kept the message as a dead letter before
+    /// answering. MQTT 5 reason 0x99; MQTT 3.1.1 is acknowledged (resending the same bytes
+    /// cannot help and it has no negative ack); CoAP 4.00 with the text as payload.
     PayloadInvalid(String),
-    /// The declared content format is one the route does not take. MQTT 5 reason 0x99; CoAP
-    /// 4.15.
+    /// The declared content format is one the route does not take. MQTT 5 reason 0x99; MQTT
+    /// 3.1.1 acknowledged (as for `PayloadInvalid`); CoAP 4.15.
     UnsupportedFormat,
     /// The payload is larger than the route or store takes. MQTT 5 reason 0x97; CoAP 4.13.
     TooLarge,
@@ -152,7 +154,7 @@ pub enum IngestRefusal {
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     /// A listener could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on tcp {addr}")]
     Bind {
         /// The address that failed.
         addr: SocketAddr,

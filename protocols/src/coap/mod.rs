@@ -115,7 +115,7 @@ impl CoapSettings {
 #[derive(Debug, thiserror::Error)]
 pub enum CoapError {
     /// A listener could not be bound.
-    #[error("cannot listen on udp {addr}: {source}")]
+    #[error("cannot listen on udp {addr}")]
     Bind {
         /// The address that failed.
         addr: SocketAddr,
