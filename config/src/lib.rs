@@ -428,8 +428,9 @@ pub struct HealthConfig {
     /// endpoint has no authentication and shows the gateway's internals.
     pub listen: Option<SocketAddr>,
     /// How often resource usage (CPU, memory, disk, network, own RSS and fds) is sampled and
-    /// stored as the gateway's own stream. At least 1s. Default 30s.
-    pub resource_interval: Duration,
+    /// stored as the gateway's own stream. At least 1s; `None` (written "off"): no sampling.
+    /// Default 30s.
+    pub resource_interval: Option<Duration>,
     /// Priority of the stored resource samples. Default [`Priority::Low`]: they are sent after
     /// sensor data and evicted before it.
     pub resource_priority: Priority,
@@ -448,7 +449,7 @@ impl Default for HealthConfig {
     fn default() -> Self {
         Self {
             listen: Some(Self::DEFAULT_LISTEN),
-            resource_interval: Duration::from_secs(30),
+            resource_interval: Some(Duration::from_secs(30)),
             resource_priority: Priority::Low,
             heartbeat_interval: Duration::from_secs(60),
         }

@@ -788,14 +788,17 @@ fn health(c: &mut Collector, raw: RawHealth, broker: &[SocketAddr]) -> HealthCon
     };
     HealthConfig {
         listen,
-        resource_interval: duration(
-            c,
-            "health.resource_interval",
-            raw.resource_interval,
-            d.resource_interval,
-            MIN_HEALTH_INTERVAL,
-            None,
-        ),
+        resource_interval: match raw.resource_interval {
+            Some(RawDuration(text)) if text == "off" => None,
+            other => Some(duration(
+                c,
+                "health.resource_interval",
+                other,
+                d.resource_interval.unwrap_or(MIN_HEALTH_INTERVAL),
+                MIN_HEALTH_INTERVAL,
+                None,
+            )),
+        },
         resource_priority: choice(
             c,
             "health.resource_priority",

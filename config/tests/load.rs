@@ -105,7 +105,7 @@ fn no_file_gives_documented_defaults() {
         c.health.listen,
         Some("127.0.0.1:9180".parse::<SocketAddr>().unwrap())
     );
-    assert_eq!(c.health.resource_interval, Duration::from_secs(30));
+    assert_eq!(c.health.resource_interval, Some(Duration::from_secs(30)));
     assert_eq!(c.health.resource_priority, Priority::Low);
     assert_eq!(c.health.heartbeat_interval, Duration::from_secs(60));
     assert!(c.checks.is_empty());
@@ -886,7 +886,7 @@ fn health_section_is_typed() {
         c.health,
         HealthConfig {
             listen: Some("[::1]:0".parse().unwrap()),
-            resource_interval: Duration::from_secs(1),
+            resource_interval: Some(Duration::from_secs(1)),
             resource_priority: Priority::High,
             heartbeat_interval: Duration::from_secs(300),
         }
@@ -1803,4 +1803,15 @@ fn hostile_inputs_never_panic() {
     ] {
         let _ = load(text);
     }
+}
+
+#[test]
+fn resource_sampling_can_be_switched_off() {
+    let c = load_ok("[health]\nresource_interval = \"off\"\n");
+    assert_eq!(c.health.resource_interval, None);
+    assert_one_error(
+        "[health]\nresource_interval = \"500ms\"\n",
+        "health.resource_interval",
+        "",
+    );
 }

@@ -158,10 +158,14 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            match status::read_report(&config.storage.db_path()) {
-                Ok(report) => {
+            match status_report(&config) {
+                Ok((report, health)) => {
                     if json {
-                        match serde_json::to_string_pretty(&report) {
+                        let mut value = serde_json::to_value(&report).unwrap_or_default();
+                        if let (serde_json::Value::Object(map), Some(h)) = (&mut value, health) {
+                            map.insert("health".to_owned(), h);
+                        }
+                        match serde_json::to_string_pretty(&value) {
                             Ok(s) => println!("{s}"),
                             Err(e) => {
                                 eprintln!("outpost: {e}");
@@ -226,6 +230,33 @@ fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ExitCode> 
         }
         ExitCode::from(EXIT_CONFIG)
     })
+}
+
+/// The status of the gateway configured by `config`: from its live status endpoint when it
+/// answers, else from the database (which also works while the gateway is stopped or wedged).
+fn status_report(
+    config: &Config,
+) -> anyhow::Result<(status::StatusReport, Option<serde_json::Value>)> {
+    if let Some(addr) = config.health.listen {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        match runtime.block_on(status::fetch_report(addr)) {
+            Ok(Some(mut value)) => {
+                let health = value.as_object_mut().and_then(|m| m.remove("health"));
+                match serde_json::from_value::<status::StatusReport>(value) {
+                    Ok(report) => return Ok((report, health)),
+                    Err(e) => eprintln!(
+                        "outpost: status endpoint at {addr} sent an unexpected shape ({e}); reading the database instead"
+                    ),
+                }
+            }
+            Ok(None) => {}
+            Err(e) => eprintln!("outpost: {e:#}; reading the database instead"),
+        }
+    }
+    Ok((status::read_report(&config.storage.db_path())?, None))
 }
 
 fn init_logging(level: &str) {

@@ -429,3 +429,63 @@ pub fn dead_letters(db: &Path, limit: usize) -> anyhow::Result<Vec<DeadLetterVie
         })
         .collect())
 }
+
+/// Asks a running gateway's status endpoint for `/status` (a JSON [`StatusReport`] plus a
+/// `health` object). `Ok(None)` when nothing answers there: the caller falls back to the database.
+pub async fn fetch_report(addr: std::net::SocketAddr) -> anyhow::Result<Option<serde_json::Value>> {
+    use anyhow::Context;
+    use http_body_util::{BodyExt, Empty};
+    const LIMIT: Duration = Duration::from_secs(3);
+    let addr = match addr.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv4() => {
+            std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()))
+        }
+        ip if ip.is_unspecified() => {
+            std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
+        }
+        _ => addr,
+    };
+    if addr.port() == 0 {
+        return Ok(None);
+    }
+    let stream = match tokio::time::timeout(LIMIT, tokio::net::TcpStream::connect(addr)).await {
+        Ok(Ok(stream)) => stream,
+        // Not running, or not listening there: not an error for `status`.
+        Ok(Err(_)) | Err(_) => return Ok(None),
+    };
+    let exchange = async {
+        let (mut sender, connection) = hyper::client::conn::http1::handshake::<
+            _,
+            Empty<bytes::Bytes>,
+        >(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .context("HTTP handshake with the status endpoint")?;
+        tokio::spawn(connection);
+        let request = hyper::Request::builder()
+            .uri("/status")
+            .header(hyper::header::HOST, addr.to_string())
+            .body(Empty::new())
+            .context("building the status request")?;
+        let response = sender
+            .send_request(request)
+            .await
+            .context("asking the status endpoint")?;
+        anyhow::ensure!(
+            response.status().is_success(),
+            "status endpoint at {addr} answered {}",
+            response.status()
+        );
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .context("reading the status response")?
+            .to_bytes();
+        let value: serde_json::Value =
+            serde_json::from_slice(&body).context("the status endpoint sent invalid JSON")?;
+        Ok(Some(value))
+    };
+    tokio::time::timeout(LIMIT, exchange)
+        .await
+        .with_context(|| format!("status endpoint at {addr} did not answer within {LIMIT:?}"))?
+}

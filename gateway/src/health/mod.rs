@@ -61,6 +61,9 @@ pub async fn sample_resources(
     state: Arc<HealthState>,
     stop: CancellationToken,
 ) {
+    let Some(interval) = config.resource_interval else {
+        return;
+    };
     let sampler = match tokio::task::spawn_blocking(move || ResourceSampler::new(&data_dir)).await {
         Ok(Ok(sampler)) => sampler,
         Ok(Err(e)) => {
@@ -73,8 +76,8 @@ pub async fn sample_resources(
         }
     };
     let sampler = Arc::new(Mutex::new(sampler));
-    let start = tokio::time::Instant::now() + config.resource_interval;
-    let mut tick = tokio::time::interval_at(start, config.resource_interval);
+    let start = tokio::time::Instant::now() + interval;
+    let mut tick = tokio::time::interval_at(start, interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
