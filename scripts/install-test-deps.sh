@@ -24,3 +24,8 @@ fi
 if ! python3 -c 'import aiocoap, link_header' 2>/dev/null || ! command -v aiocoap-client >/dev/null 2>&1; then
   python3 -m pip install --quiet --disable-pip-version-check 'aiocoap>=0.4.7,<0.5' 'LinkHeader>=0.4,<0.5'
 fi
+
+# The health scenarios parse /metrics with prometheus-client's own parser (tests/py/health_metrics.py).
+if ! python3 -c 'import prometheus_client.parser' 2>/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check 'prometheus-client>=0.17,<1'
+fi

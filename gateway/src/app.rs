@@ -241,6 +241,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             db: db.clone(),
             metrics: Arc::clone(&metrics),
             broker: broker_handle.clone(),
+            coap: coap_handle.clone(),
             identity: identity.clone(),
             extra: Arc::clone(&health) as Arc<dyn crate::http::ExtraMetrics>,
         };

@@ -19,6 +19,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get as route_get;
+use outpost_protocols::coap::{CoapHandle, CoapStats};
 use outpost_protocols::{BrokerHandle, BrokerStats};
 use outpost_storage::{Store, StoreStats};
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -40,6 +41,8 @@ pub struct HttpState {
     pub db: PathBuf,
     pub metrics: Arc<Metrics>,
     pub broker: BrokerHandle,
+    /// The CoAP endpoint, when it is on.
+    pub coap: Option<CoapHandle>,
     pub identity: Identity,
     /// Extra metric families from components wired later (health checks, resources).
     pub extra: Arc<dyn ExtraMetrics>,
@@ -128,7 +131,12 @@ async fn readyz(State(state): State<HttpState>) -> Response {
 async fn status_json(State(state): State<HttpState>) -> Response {
     match state.store.stats().await {
         Ok(stats) => {
-            let runtime = status::snapshot(&state.identity, &state.metrics, &state.broker);
+            let runtime = status::snapshot(
+                &state.identity,
+                &state.metrics,
+                &state.broker,
+                state.coap.as_ref(),
+            );
             let report = status::build_report(&state.db, &stats, Some(runtime), true);
             let mut value = serde_json::to_value(&report).unwrap_or(serde_json::Value::Null);
             if let serde_json::Value::Object(map) = &mut value {
@@ -155,6 +163,7 @@ async fn metrics(State(state): State<HttpState>) -> Response {
     let snapshot = Snapshot {
         stats,
         broker: state.broker.stats(),
+        coap: state.coap.as_ref().map(CoapHandle::stats),
         metrics: Arc::clone(&state.metrics),
         identity: state.identity.clone(),
         extra: Arc::clone(&state.extra),
@@ -184,6 +193,7 @@ async fn metrics(State(state): State<HttpState>) -> Response {
 struct Snapshot {
     stats: Option<StoreStats>,
     broker: BrokerStats,
+    coap: Option<CoapStats>,
     metrics: Arc<Metrics>,
     identity: Identity,
     extra: Arc<dyn ExtraMetrics>,
@@ -514,6 +524,49 @@ impl prometheus_client::collector::Collector for Snapshot {
             "Connections closed by keep-alive timeout.",
             b.keepalive_timeouts,
         )?;
+        if let Some(c) = &self.coap {
+            f.counter(
+                "outpost_coap_requests",
+                "Well-formed CoAP requests (duplicates included).",
+                c.requests,
+            )?;
+            f.counter(
+                "outpost_coap_duplicates",
+                "Duplicate confirmable requests answered from the exchange cache.",
+                c.duplicates,
+            )?;
+            f.counter(
+                "outpost_coap_bad_requests",
+                "Malformed CoAP datagrams dropped.",
+                c.bad_requests,
+            )?;
+            f.counter("outpost_coap_stored", "CoAP readings committed.", c.stored)?;
+            f.counter(
+                "outpost_coap_refused",
+                "CoAP readings refused (bad payload, store full or unavailable).",
+                c.refused,
+            )?;
+            f.counter(
+                "outpost_coap_overloaded",
+                "CoAP readings answered 5.03 because too many were in flight.",
+                c.overloaded,
+            )?;
+            f.gauge(
+                "outpost_coap_observers",
+                "Observers of the CoAP status resource.",
+                c.observers as f64,
+            )?;
+            f.counter(
+                "outpost_coap_notifications",
+                "Observe notifications sent.",
+                c.notifications,
+            )?;
+            f.counter(
+                "outpost_coap_retransmissions",
+                "Confirmable CoAP messages retransmitted.",
+                c.retransmissions,
+            )?;
+        }
         self.extra.encode(&mut f)
     }
 }

@@ -63,6 +63,25 @@ pub struct RuntimeStatus {
     pub broker_invalid_topics: u64,
     pub broker_dropped_queue_full: u64,
     pub broker_keepalive_timeouts: u64,
+    /// CoAP endpoint counters; None when CoAP is off.
+    #[serde(default)]
+    pub coap: Option<CoapCounters>,
+}
+
+/// The CoAP endpoint's counters, as the status shows them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CoapCounters {
+    pub requests: u64,
+    pub duplicates: u64,
+    pub bad_requests: u64,
+    pub stored: u64,
+    pub refused: u64,
+    pub overloaded: u64,
+    pub observers: u64,
+    pub notifications: u64,
+    pub observers_lost: u64,
+    pub retransmissions: u64,
+    pub block_uploads: u64,
 }
 
 /// Identity of the running process that goes into every snapshot.
@@ -74,7 +93,12 @@ pub struct Identity {
     pub upstream: Option<String>,
 }
 
-pub fn snapshot(identity: &Identity, metrics: &Metrics, broker: &BrokerHandle) -> RuntimeStatus {
+pub fn snapshot(
+    identity: &Identity,
+    metrics: &Metrics,
+    broker: &BrokerHandle,
+    coap: Option<&CoapHandle>,
+) -> RuntimeStatus {
     let b = broker.stats();
     RuntimeStatus {
         version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -113,6 +137,22 @@ pub fn snapshot(identity: &Identity, metrics: &Metrics, broker: &BrokerHandle) -
         broker_invalid_topics: b.invalid_topics,
         broker_dropped_queue_full: b.dropped_queue_full,
         broker_keepalive_timeouts: b.keepalive_timeouts,
+        coap: coap.map(|c| {
+            let c = c.stats();
+            CoapCounters {
+                requests: c.requests,
+                duplicates: c.duplicates,
+                bad_requests: c.bad_requests,
+                stored: c.stored,
+                refused: c.refused,
+                overloaded: c.overloaded,
+                observers: c.observers,
+                notifications: c.notifications,
+                observers_lost: c.observers_lost,
+                retransmissions: c.retransmissions,
+                block_uploads: c.block_uploads,
+            }
+        }),
     }
 }
 
@@ -139,7 +179,7 @@ pub async fn report(
             metrics.set_ack_rate(acked.saturating_sub(last.1) as f64 / elapsed);
         }
         last = (std::time::Instant::now(), acked);
-        let status = snapshot(&identity, &metrics, &broker);
+        let status = snapshot(&identity, &metrics, &broker, coap.as_ref());
         match serde_json::to_vec(&status) {
             Ok(bytes) => {
                 if let Some(coap) = &coap {

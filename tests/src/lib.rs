@@ -2080,3 +2080,495 @@ pub fn find_key<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
         _ => None,
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Health: the gateway's HTTP endpoint and metrics, local peers for its checks, its own messages
+// ---------------------------------------------------------------------------------------------
+//
+// The health scenarios (`tests/tests/health_*.rs`) read the endpoint that [`GatewayConfig`]
+// puts on `health_port`, and parse `/metrics` with a real parser: `python3` with
+// `prometheus-client` (pip; `scripts/install-test-deps.sh` installs it) in
+// `tests/py/health_metrics.py`. The HTTP check's peer is Python's own `http.server`
+// (`tests/py/health_http_server.py`).
+
+/// One answer of the gateway's HTTP endpoint.
+#[derive(Debug, Clone)]
+pub struct HealthResponse {
+    /// HTTP status code.
+    pub status: u16,
+    /// The Content-Type header, if any.
+    pub content_type: Option<String>,
+    /// The body (lossy UTF-8).
+    pub body: String,
+}
+
+/// `GET http://127.0.0.1:<port><path>`, sent as HTTP/1.0 so the answer is close-delimited (never
+/// chunked) and reading to EOF is the whole of it. Connect deadline 2 s, read deadline 10 s.
+pub fn health_get(port: u16, path: &str) -> Result<HealthResponse> {
+    use std::io::Write as _;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .with_context(|| format!("connecting to the health endpoint {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_write_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)
+        .with_context(|| format!("reading GET {path}"))?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("GET {path}: no end of headers in {text:?}"))?;
+    let mut lines = head.lines();
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow!("GET {path}: bad status line {status_line:?}"))?;
+    let content_type = lines.find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case("content-type")
+            .then(|| v.trim().to_owned())
+    });
+    Ok(HealthResponse {
+        status,
+        content_type,
+        body: body.to_owned(),
+    })
+}
+
+/// `GET <path>` on the health endpoint, requiring 200 and a JSON body.
+pub fn health_json(port: u16, path: &str) -> Result<Value> {
+    let r = health_get(port, path)?;
+    if r.status != 200 {
+        bail!("GET {path}: status {} ({})", r.status, r.body);
+    }
+    serde_json::from_str(&r.body).with_context(|| format!("GET {path}: not JSON: {}", r.body))
+}
+
+/// Like [`wait_for`], polling every `period`, for a probe that can fail: the last error (or
+/// the last value that did not satisfy, as `describe` puts it) is part of the timeout error.
+pub fn poll<T>(
+    what: &str,
+    timeout: Duration,
+    period: Duration,
+    mut probe: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        let last = match probe() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => "<condition not met>".to_owned(),
+            Err(e) => format!("{e:#}"),
+        };
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}; last: {last}");
+        }
+        std::thread::sleep(period);
+    }
+}
+
+/// Polls the endpoint's `/status` (every 100 ms) until `pred` holds; the last status is in the
+/// timeout error.
+pub fn wait_health_status(
+    port: u16,
+    what: &str,
+    timeout: Duration,
+    mut pred: impl FnMut(&Value) -> bool,
+) -> Result<Value> {
+    let mut last = Value::Null;
+    let r = poll(what, timeout, Duration::from_millis(100), || {
+        let s = health_json(port, "/status")?;
+        let ok = pred(&s);
+        last = s.clone();
+        Ok(ok.then_some(s))
+    });
+    r.with_context(|| format!("last /status: {last:#}"))
+}
+
+/// The status of check `name` in a `/status` document (`health.checks[]`).
+pub fn check_status<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {
+    status
+        .get("health")?
+        .get("checks")?
+        .as_array()?
+        .iter()
+        .find(|c| c.get("name").and_then(Value::as_str) == Some(name))
+}
+
+/// The state (`unknown`, `healthy`, `degraded`, `unhealthy`) of check `name` in a `/status`.
+pub fn check_state<'a>(status: &'a Value, name: &str) -> Option<&'a str> {
+    check_status(status, name)?.get("state")?.as_str()
+}
+
+/// One sample of a scrape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricSample {
+    /// The sample's name (a counter's ends in `_total`).
+    pub name: String,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+    /// Its value.
+    pub value: f64,
+}
+
+/// One metric family of a scrape, as prometheus-client's Python parser read it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricFamily {
+    /// The family name (the parser drops a counter's `_total`).
+    pub name: String,
+    /// `counter`, `gauge`, ...
+    pub kind: String,
+    /// The HELP text.
+    pub help: String,
+    /// Its samples.
+    pub samples: Vec<MetricSample>,
+}
+
+/// One scrape of `/metrics` that parsed and passed every format check of
+/// `tests/py/health_metrics.py`.
+#[derive(Debug, Clone)]
+pub struct Scrape {
+    /// The Content-Type header.
+    pub content_type: String,
+    /// The families, in exposition order.
+    pub families: Vec<MetricFamily>,
+    /// The raw text.
+    pub text: String,
+}
+
+impl Scrape {
+    /// The value of the sample named `name` whose labels are exactly `labels`.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let want: BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        self.samples()
+            .find(|s| s.name == name && s.labels == want)
+            .map(|s| s.value)
+    }
+
+    /// [`Scrape::value`], failing with the sample's name when it is absent.
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
+        self.value(name, labels)
+            .ok_or_else(|| anyhow!("no sample {name}{labels:?} in the scrape"))
+    }
+
+    /// Every sample.
+    pub fn samples(&self) -> impl Iterator<Item = &MetricSample> {
+        self.families.iter().flat_map(|f| f.samples.iter())
+    }
+
+    /// The family named `name` (as the parser names it: a counter without `_total`).
+    pub fn family(&self, name: &str) -> Option<&MetricFamily> {
+        self.families.iter().find(|f| f.name == name)
+    }
+}
+
+/// Scrapes `http://127.0.0.1:<port>/metrics` with `tests/py/health_metrics.py` and fails,
+/// listing the problems, unless the text parses with prometheus-client's parser, the
+/// Content-Type is `text/plain; version=0.0.4`, and every family has HELP and TYPE.
+pub fn scrape_metrics(port: u16) -> Result<Scrape> {
+    let out = Command::new("python3")
+        .arg(py_script("health_metrics.py"))
+        .args(["--url", &format!("http://127.0.0.1:{port}/metrics")])
+        .stdin(Stdio::null())
+        .output()
+        .context("running health_metrics.py")?;
+    if !out.status.success() {
+        bail!(
+            "health_metrics.py failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let doc: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "health_metrics.py output is not JSON: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    let text = doc["text"].as_str().unwrap_or_default().to_owned();
+    let problems: Vec<&str> = doc["problems"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    if !problems.is_empty() {
+        bail!(
+            "/metrics is not valid Prometheus text 0.0.4:\n  {}\n--- exposition ---\n{text}",
+            problems.join("\n  ")
+        );
+    }
+    let mut families = Vec::new();
+    for f in doc["families"].as_array().into_iter().flatten() {
+        let mut samples = Vec::new();
+        for s in f["samples"].as_array().into_iter().flatten() {
+            let raw = s["value"].as_str().unwrap_or_default();
+            samples.push(MetricSample {
+                name: s["name"].as_str().unwrap_or_default().to_owned(),
+                labels: s["labels"]
+                    .as_object()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                value: raw
+                    .parse()
+                    .with_context(|| format!("sample value {raw:?} is not a float"))?,
+            });
+        }
+        families.push(MetricFamily {
+            name: f["name"].as_str().unwrap_or_default().to_owned(),
+            kind: f["type"].as_str().unwrap_or_default().to_owned(),
+            help: f["help"].as_str().unwrap_or_default().to_owned(),
+            samples,
+        });
+    }
+    Ok(Scrape {
+        content_type: doc["content_type"].as_str().unwrap_or_default().to_owned(),
+        families,
+        text,
+    })
+}
+
+/// Scrapes (every 250 ms: each scrape starts a Python) until `pred` holds; the last scrape's
+/// failure or the caller's description of it is in the timeout error.
+pub fn wait_metrics(
+    port: u16,
+    what: &str,
+    timeout: Duration,
+    mut pred: impl FnMut(&Scrape) -> bool,
+) -> Result<Scrape> {
+    poll(what, timeout, Duration::from_millis(250), || {
+        let s = scrape_metrics(port)?;
+        if pred(&s) {
+            Ok(Some(s))
+        } else {
+            let interesting: Vec<String> = s
+                .samples()
+                .filter(|m| {
+                    [
+                        "outpost_ingested_total",
+                        "outpost_stored_total",
+                        "outpost_synced_total",
+                        "outpost_backlog_records",
+                        "outpost_uplink_connected",
+                        "outpost_sync_lag_seconds",
+                        "outpost_check_state",
+                    ]
+                    .contains(&m.name.as_str())
+                })
+                .map(|m| format!("{}{:?}={}", m.name, m.labels, m.value))
+                .collect();
+            bail!("condition not met; {}", interesting.join(" "))
+        }
+    })
+}
+
+/// Python's `http.server` answering every GET with the status code in a file
+/// (`tests/py/health_http_server.py`): the local service of an HTTP check.
+#[derive(Debug)]
+pub struct StatusHttpServer {
+    /// The process.
+    proc: Proc,
+    /// Where the status code is written.
+    status_file: PathBuf,
+}
+
+impl StatusHttpServer {
+    /// Starts it on 127.0.0.1:`port` answering `status` (its file is `dir/<name>.status`, its
+    /// output `dir/<name>.log`) and waits until it listens.
+    pub fn spawn(dir: &TestDir, name: &str, port: u16, status: u16) -> Result<Self> {
+        let status_file = dir.join(&format!("{name}.status"));
+        fs::write(&status_file, status.to_string())?;
+        let mut cmd = Command::new("python3");
+        cmd.arg(py_script("health_http_server.py"))
+            .args(["--port", &port.to_string()])
+            .arg("--status-file")
+            .arg(&status_file);
+        let mut proc = Proc::spawn(
+            &format!("http server {name}"),
+            cmd,
+            &dir.join(&format!("{name}.log")),
+        )?;
+        let log = proc.log().to_path_buf();
+        wait_for(
+            &format!("http server {name} to listen on {port}"),
+            Duration::from_secs(30),
+            || {
+                if let Ok(Some(st)) = proc.try_status() {
+                    return Some(Err(anyhow!("exited ({st}):\n{}", tail(&log, 20))));
+                }
+                port_open(port).then_some(Ok(()))
+            },
+        )??;
+        Ok(Self { proc, status_file })
+    }
+
+    /// Answers `status` from the next request on.
+    pub fn set_status(&self, status: u16) -> Result<()> {
+        // Written whole then renamed, so a request never reads a half-written file.
+        let tmp = self.status_file.with_extension("tmp");
+        fs::write(&tmp, status.to_string())?;
+        fs::rename(&tmp, &self.status_file)?;
+        Ok(())
+    }
+
+    /// Request lines so far (`GET <path> -> <status> ua=<User-Agent>`).
+    pub fn requests(&self) -> Vec<String> {
+        fs::read_to_string(self.proc.log())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("GET "))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// SIGKILL: the port closes.
+    pub fn kill(&mut self) -> Result<()> {
+        self.proc.kill()?;
+        Ok(())
+    }
+}
+
+/// A TCP listener on 127.0.0.1 that accepts (and at once closes) every connection in a
+/// thread, until stopped: the peer of a TCP check. Stopping closes the port.
+#[derive(Debug)]
+pub struct TcpAcceptor {
+    /// The port.
+    port: u16,
+    /// Tells the thread to stop (it then drops the listener).
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Connections accepted.
+    accepted: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The accepting thread while listening.
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TcpAcceptor {
+    /// Listens on 127.0.0.1:`port` (retrying for up to 10 s while the port is still held).
+    pub fn start(port: u16) -> Result<Self> {
+        let mut a = Self {
+            port,
+            stop: std::sync::Arc::default(),
+            accepted: std::sync::Arc::default(),
+            thread: None,
+        };
+        a.listen()?;
+        Ok(a)
+    }
+
+    fn listen(&mut self) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        let port = self.port;
+        let listener = poll(
+            &format!("binding 127.0.0.1:{port}"),
+            Duration::from_secs(10),
+            Duration::from_millis(100),
+            || Ok(TcpListener::bind(("127.0.0.1", port)).ok()),
+        )?;
+        listener.set_nonblocking(true)?;
+        self.stop.store(false, Ordering::SeqCst);
+        let stop = std::sync::Arc::clone(&self.stop);
+        let accepted = std::sync::Arc::clone(&self.accepted);
+        self.thread = Some(std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        accepted.fetch_add(1, Ordering::SeqCst);
+                        drop(conn);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        }));
+        Ok(())
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Stops listening (connections are refused from now on).
+    pub fn stop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().ok();
+        }
+    }
+
+    /// Listens again on the same port.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        self.listen()
+    }
+}
+
+impl Drop for TcpAcceptor {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `outpost/<node>/$gateway/<suffix>`: where the gateway's own messages arrive upstream.
+pub fn gateway_topic(node: &str, suffix: &str) -> String {
+    format!("outpost/{node}/$gateway/{suffix}")
+}
+
+/// The messages `sub` received on exactly `outpost/<node>/$gateway/<suffix>`, in arrival
+/// order, each with its payload parsed as JSON (a payload that is not JSON is an error).
+pub fn gateway_messages(
+    sub: &Subscriber,
+    node: &str,
+    suffix: &str,
+) -> Result<Vec<(Received, Value)>> {
+    let topic = gateway_topic(node, suffix);
+    sub.messages()?
+        .into_iter()
+        .filter(|m| m.topic == topic)
+        .map(|m| {
+            let v = serde_json::from_slice(&m.payload).with_context(|| {
+                format!(
+                    "payload on {topic} is not JSON: {:?}",
+                    String::from_utf8_lossy(&m.payload)
+                )
+            })?;
+            Ok((m, v))
+        })
+        .collect()
+}
+
+/// Subscribes a fresh client (`dir/<name>.jsonl`) to `topic` on the broker at `port` and
+/// returns the first message it gets (a retained one, if the broker holds it), failing after
+/// `timeout` if none comes.
+pub fn first_message(
+    dir: &TestDir,
+    name: &str,
+    port: u16,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Received> {
+    let sub = Subscriber::spawn(dir, name, &SubscriberSpec::new(port, topic))?;
+    wait_for(
+        &format!("a message on {topic} for subscriber {name}"),
+        timeout,
+        || sub.messages().ok()?.into_iter().next(),
+    )
+}
+
+/// `payload` parsed as JSON (Null when it is not JSON).
+pub fn payload_json(payload: &[u8]) -> Value {
+    serde_json::from_slice(payload).unwrap_or(Value::Null)
+}
