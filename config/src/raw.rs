@@ -45,12 +45,50 @@ pub(crate) struct RawNode {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawBroker {
     pub listeners: Option<Vec<String>>,
+    /// `[[broker.listener]]` tables: the other way to list listeners, with per-listener settings.
+    pub listener: Option<Vec<RawListener>>,
+    pub allow_anonymous: Option<RawAnonymous>,
+    pub password_file: Option<PathBuf>,
+    pub acl_file: Option<PathBuf>,
     pub max_connections: Option<i64>,
     pub max_packet_size: Option<RawSize>,
     pub max_inflight: Option<i64>,
     pub max_inbound_pending: Option<i64>,
     pub max_queued_messages: Option<i64>,
     pub connect_timeout: Option<RawDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawListener {
+    pub address: Option<String>,
+    pub allow_anonymous: Option<RawAnonymous>,
+}
+
+/// `allow_anonymous` as written: `true`, `false` or a string (`"loopback-only"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum RawAnonymous {
+    Bool(bool),
+    Text(String),
+}
+
+impl<'de> Deserialize<'de> for RawAnonymous {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct AnonymousVisitor;
+        impl Visitor<'_> for AnonymousVisitor {
+            type Value = RawAnonymous;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("true, false or \"loopback-only\"")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<RawAnonymous, E> {
+                Ok(RawAnonymous::Bool(v))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawAnonymous, E> {
+                Ok(RawAnonymous::Text(v.to_owned()))
+            }
+        }
+        deserializer.deserialize_any(AnonymousVisitor)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -506,6 +506,50 @@ impl fmt::Display for Secret {
 }
 
 // ---------------------------------------------------------------------------------------------
+// AllowAnonymous
+
+/// Which broker listeners admit clients that connect without a username (`allow_anonymous`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AllowAnonymous {
+    /// `true`: every listener.
+    Always,
+    /// `false`: none; every client logs in with a user of `broker.password_file`.
+    Never,
+    /// `"loopback-only"`: listeners on a loopback address (127.0.0.0/8, ::1) only, so nothing
+    /// on the network reaches the broker without credentials.
+    LoopbackOnly,
+}
+
+impl AllowAnonymous {
+    /// The spellings accepted in the config file.
+    pub const NAMES: &'static [&'static str] = &["true", "false", "loopback-only"];
+
+    /// Whether a listener bound to `address` admits anonymous clients under this policy.
+    pub fn allows(self, address: std::net::SocketAddr) -> bool {
+        match self {
+            Self::Always => true,
+            Self::Never => false,
+            Self::LoopbackOnly => address.ip().to_canonical().is_loopback(),
+        }
+    }
+
+    /// The config-file spelling (`true`, `false`, `"loopback-only"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Always => "true",
+            Self::Never => "false",
+            Self::LoopbackOnly => "loopback-only",
+        }
+    }
+}
+
+impl fmt::Display for AllowAnonymous {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Enums
 
 /// Generates a config enum with its TOML spelling, `as_str`, `Display` and a parser that

@@ -5,23 +5,25 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
+use crate::auth_files::{AclFile, AuthFileError, PasswordFile};
 use crate::check::{CheckName, HostPort, HttpUrl};
 use crate::coap::{check_ingest_path, parse_coap_uri};
 use crate::error::{Collector, ConfigErrors};
 use crate::raw::{
-    RawBroker, RawCheck, RawCoap, RawConfig, RawDuration, RawHealth, RawLog, RawNode, RawObserve,
+    RawAnonymous, RawBroker, RawCheck, RawCoap, RawConfig, RawDuration, RawHealth, RawLog, RawNode, RawObserve,
     RawRoute, RawSize, RawStorage, RawSync, RawUpstream,
 };
 use crate::types::{
-    Durability, MQTT_MAX_STRING_BYTES, MqttVersion, NodeName, PayloadFormat, Priority, RouteTarget,
+    AllowAnonymous, Durability, MQTT_MAX_STRING_BYTES, MqttVersion, NodeName, PayloadFormat, Priority, RouteTarget,
     Secret, StoreMode, TopicFilter, TopicTemplate, UpstreamUrl, WhenFull,
 };
 use crate::units::{parse_duration, parse_size};
 use crate::{
-    BrokerConfig, CheckConfig, CheckKind, CoapConfig, Config, Env, HealthConfig, LogConfig,
-    NodeConfig, ObserveConfig, Overrides, Route, StorageConfig, SyncConfig, UpstreamConfig,
+    BrokerConfig, CheckConfig, CheckKind, CoapConfig, Config, Env, HealthConfig, ListenerConfig,
+    LogConfig, NodeConfig, ObserveConfig, Overrides, Route, StorageConfig, SyncConfig, UpstreamConfig,
 };
 
 /// MQTT's "Remaining Length" can encode at most this many bytes.
@@ -53,7 +55,9 @@ const RESERVED_HEADERS: &[&str] = &[
 
 pub(crate) fn apply_overrides(raw: &mut RawConfig, overrides: &Overrides) {
     if let Some(listen) = overrides.listen {
-        raw.broker.get_or_insert_default().listeners = Some(vec![listen.to_string()]);
+        let broker = raw.broker.get_or_insert_default();
+        broker.listeners = Some(vec![listen.to_string()]);
+        broker.listener = None;
     }
     if let Some(url) = &overrides.upstream_url {
         raw.upstream.get_or_insert_default().url = Some(url.clone());
@@ -138,15 +142,118 @@ fn node(c: &mut Collector, raw: RawNode) -> NodeConfig {
 
 fn broker(c: &mut Collector, raw: RawBroker) -> BrokerConfig {
     let d = BrokerConfig::default();
-    let listeners = match raw.listeners {
-        None => d.listeners,
-        Some(texts) => {
+    let password_file = raw
+        .password_file
+        .as_deref()
+        .and_then(|p| auth_file(c, "broker.password_file", p, PasswordFile::load));
+    let acl_file = raw
+        .acl_file
+        .as_deref()
+        .and_then(|p| auth_file(c, "broker.acl_file", p, AclFile::load));
+    // A password file that failed to load still counts as set: its errors are reported, and
+    // the defaults below must not add a second, misleading one.
+    let has_passwords = raw.password_file.is_some();
+    let allow_anonymous = match raw.allow_anonymous {
+        None if has_passwords => AllowAnonymous::LoopbackOnly,
+        None => AllowAnonymous::Always,
+        Some(value) => anonymous(c, "broker.allow_anonymous", value),
+    };
+    // Each listener with its own `allow_anonymous` (None: the broker-wide one) and the key
+    // that decided it, for errors.
+    let mut entries: Vec<(SocketAddr, Option<AllowAnonymous>)> = Vec::new();
+    match (raw.listeners, raw.listener) {
+        (Some(_), Some(_)) => c.push(
+            "broker.listener",
+            "use either broker.listeners or [[broker.listener]] tables, not both",
+        ),
+        (Some(texts), None) => {
             if texts.is_empty() {
                 c.push("broker.listeners", "at least one listener is required");
             }
-            listeners(c, "broker.listeners", &texts, 1883)
+            let addrs = listeners(c, "broker.listeners", &texts, 1883);
+            entries.extend(addrs.into_iter().map(|a| (a, None)));
         }
-    };
+        (None, Some(tables)) => {
+            if tables.is_empty() {
+                c.push("broker.listener", "at least one listener is required");
+            }
+            let mut seen: Vec<Option<SocketAddr>> = Vec::with_capacity(tables.len());
+            for (i, t) in tables.into_iter().enumerate() {
+                let path = |key: &str| format!("broker.listener[{i}].{key}");
+                let own = t
+                    .allow_anonymous
+                    .map(|v| anonymous(c, &path("allow_anonymous"), v));
+                let addr = match t.address.as_deref().map(str::trim) {
+                    None => {
+                        c.push(path("address"), "required: IP:port, e.g. \"0.0.0.0:1883\"");
+                        None
+                    }
+                    Some(text) => match text.parse::<SocketAddr>() {
+                        Err(_) => {
+                            c.push(
+                                path("address"),
+                                format!(
+                                    "invalid socket address {text:?}; expected IP:port, e.g. \"0.0.0.0:1883\" or \"[::]:1883\""
+                                ),
+                            );
+                            None
+                        }
+                        Ok(addr) => {
+                            // Port 0 asks the OS for a free port each time: no collision.
+                            let first = seen
+                                .iter()
+                                .position(|s| *s == Some(addr) && addr.port() != 0);
+                            match first {
+                                Some(first) => {
+                                    c.push(
+                                        path("address"),
+                                        format!(
+                                            "duplicate of broker.listener[{first}].address ({addr})"
+                                        ),
+                                    );
+                                    None
+                                }
+                                None => Some(addr),
+                            }
+                        }
+                    },
+                };
+                seen.push(addr);
+                if let Some(addr) = addr {
+                    entries.push((addr, own));
+                    if own.is_some_and(|p| !p.allows(addr)) && !has_passwords {
+                        c.push(
+                            path("allow_anonymous"),
+                            format!(
+                                "{addr} would refuse every client: anonymous clients are refused there and no broker.password_file is set"
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        (None, None) => entries.extend(d.listeners.iter().map(|a| (*a, None))),
+    }
+    if !has_passwords
+        && let Some((addr, _)) = entries
+            .iter()
+            .find(|(a, own)| own.is_none() && !allow_anonymous.allows(*a))
+    {
+        c.push(
+            "broker.allow_anonymous",
+            format!(
+                "{allow_anonymous} refuses anonymous clients on {addr}, and no broker.password_file is set: no client could connect there"
+            ),
+        );
+    }
+    let listener_settings: Vec<ListenerConfig> = entries
+        .iter()
+        .map(|(address, own)| ListenerConfig {
+            address: *address,
+            allow_anonymous: own.unwrap_or(allow_anonymous).allows(*address),
+        })
+        .collect();
+    let listeners = listener_settings.iter().map(|l| l.address).collect();
     BrokerConfig {
         listeners,
         max_connections: int(
@@ -197,6 +304,52 @@ fn broker(c: &mut Collector, raw: RawBroker) -> BrokerConfig {
             Duration::from_millis(1),
             None,
         ),
+        allow_anonymous,
+        listener_settings,
+        password_file,
+        acl_file,
+    }
+}
+
+/// `true`, `false` or `"loopback-only"`.
+fn anonymous(c: &mut Collector, path: &str, raw: RawAnonymous) -> AllowAnonymous {
+    match raw {
+        RawAnonymous::Bool(true) => AllowAnonymous::Always,
+        RawAnonymous::Bool(false) => AllowAnonymous::Never,
+        RawAnonymous::Text(text) if text == "loopback-only" => AllowAnonymous::LoopbackOnly,
+        RawAnonymous::Text(text) => {
+            c.push(
+                path,
+                format!("unknown value {text:?}; expected true, false or \"loopback-only\""),
+            );
+            AllowAnonymous::LoopbackOnly
+        }
+    }
+}
+
+/// Loads one of the broker's access files; each bad line is one error at `path`.
+fn auth_file<T>(
+    c: &mut Collector,
+    path: &str,
+    file: &Path,
+    load: fn(&Path) -> Result<T, AuthFileError>,
+) -> Option<T> {
+    if file.as_os_str().is_empty() {
+        c.push(path, "must not be empty");
+        return None;
+    }
+    match load(file) {
+        Ok(parsed) => Some(parsed),
+        Err(AuthFileError::Read { source, .. }) => {
+            c.push(path, format!("cannot read {}: {source}", file.display()));
+            None
+        }
+        Err(AuthFileError::Invalid { errors, .. }) => {
+            for e in errors {
+                c.push(path, e);
+            }
+            None
+        }
     }
 }
 

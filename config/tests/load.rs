@@ -89,7 +89,7 @@ fn no_file_gives_documented_defaults() {
     assert_eq!(c.storage.ttl, None);
     assert_eq!(c.storage.when_full, WhenFull::EvictLowestOldest);
     assert_eq!(c.storage.commit_batch_records, 512);
-    assert_eq!(c.storage.commit_interval, Duration::from_millis(5));
+    assert_eq!(c.storage.commit_interval, Duration::ZERO);
     assert_eq!(c.storage.durability, Durability::Full);
     assert_eq!(c.storage.dead_letter_max_records, 1000);
     assert_eq!(c.storage.dead_letter_max_bytes, 4 << 20);
