@@ -604,6 +604,17 @@ fn evict_for(
     Ok(fits(counters))
 }
 
+/// Takes a deleted record out of the totals, from a `RETURNING priority, size` row.
+fn forget(counters: &mut Counters, row: &rusqlite::Row<'_>) -> rusqlite::Result<()> {
+    let priority: i64 = row.get(0)?;
+    let size: i64 = row.get(1)?;
+    counters.remove(
+        usize::try_from(priority).unwrap_or(usize::MAX),
+        to_u64(size),
+    );
+    Ok(())
+}
+
 /// Deletes the given records; returns how many existed.
 fn ack(conn: &Connection, counters: &mut Counters, seqs: &[u64]) -> rusqlite::Result<u64> {
     let mut stmt =
@@ -612,12 +623,7 @@ fn ack(conn: &Connection, counters: &mut Counters, seqs: &[u64]) -> rusqlite::Re
     for &seq in seqs {
         let mut rows = stmt.query([to_i64(seq)])?;
         if let Some(row) = rows.next()? {
-            let priority: i64 = row.get(0)?;
-            let size: i64 = row.get(1)?;
-            counters.remove(
-                usize::try_from(priority).unwrap_or(usize::MAX),
-                to_u64(size),
-            );
+            forget(counters, row)?;
             counters.acked_total += 1;
             existed += 1;
         }
@@ -643,12 +649,7 @@ fn expire(
     ])?;
     let mut expired = 0;
     while let Some(row) = rows.next()? {
-        let priority: i64 = row.get(0)?;
-        let size: i64 = row.get(1)?;
-        counters.remove(
-            usize::try_from(priority).unwrap_or(usize::MAX),
-            to_u64(size),
-        );
+        forget(counters, row)?;
         counters.expired_total += 1;
         expired += 1;
     }
