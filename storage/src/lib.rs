@@ -658,6 +658,17 @@ impl Store {
             .await
     }
 
+    /// Every committed state entry whose key starts with `prefix`, in key order (for small
+    /// collections the gateway keeps there, such as the device registry).
+    pub async fn states_with_prefix(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let prefix = prefix.to_owned();
+        self.request(|reply| Command::Read(Read::StatePrefix { prefix, reply }))
+            .await
+    }
+
     /// Keeps a payload that could not be decoded; resolves with its id after the transaction
     /// holding it committed (group-committed with the other writes). Within the dead-letter
     /// bounds the oldest dead letters make room; an oversized one is truncated, never refused.
@@ -761,6 +772,15 @@ pub fn read_stats(path: &Path) -> Result<StoreStats, StoreError> {
     let oldest = schema::oldest_ingested_at(&tx)?;
     tx.finish()?;
     Ok(counters.to_stats(oldest, false))
+}
+
+/// Reads the state entries under `prefix` of a store another process has open (read-only).
+pub fn read_states_with_prefix(
+    path: &Path,
+    prefix: &str,
+) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    let ro = schema::open_read_only(path)?;
+    Ok(schema::states_with_prefix(&ro.conn, prefix)?)
 }
 
 /// Reads one state value of a store another process has open, through a read-only connection.

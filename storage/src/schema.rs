@@ -397,6 +397,22 @@ pub(crate) fn get_state(conn: &Connection, key: &str) -> rusqlite::Result<Option
         .optional()
 }
 
+/// Every state entry whose key starts with `prefix`, in key order (a range scan on the primary
+/// key, not a table scan).
+pub(crate) fn states_with_prefix(
+    conn: &Connection,
+    prefix: &str,
+) -> rusqlite::Result<Vec<(String, Vec<u8>)>> {
+    // Keys in [prefix, prefix + U+10FFFF): every key with that prefix, in key order.
+    let upper = format!("{prefix}\u{10FFFF}");
+    let mut stmt = conn
+        .prepare_cached("SELECT key, value FROM state WHERE key >= ?1 AND key < ?2 ORDER BY key")?;
+    let rows = stmt.query_map([prefix, upper.as_str()], |row| {
+        Ok((row.get(0)?, row.get(1)?))
+    })?;
+    rows.collect()
+}
+
 /// Dead letters, newest first, at most `limit`. A file at `version` 1 has none.
 pub(crate) fn read_dead_letters(
     conn: &Connection,

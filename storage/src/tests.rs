@@ -9,7 +9,7 @@ use crate::{
     DEAD_LETTER_MIN_BYTES, DEAD_LETTER_OVERHEAD_BYTES, DeadLetter, DeadLetterLimits, Durability,
     NewRecord, Priority, RECORD_OVERHEAD_BYTES, Store, StoreError, StoreSettings, StoreStats,
     StoredDeadLetter, WhenFull, dead_letter_accounted_size, read_dead_letters, read_state,
-    read_stats,
+    read_states_with_prefix, read_stats,
 };
 
 fn settings(dir: &Path, quota_bytes: u64) -> StoreSettings {
@@ -1167,4 +1167,27 @@ async fn read_dead_letters_while_the_writer_runs() {
     assert_eq!(stats.dead_letter_bytes, 101 + 102 + 103 + 104);
     // The read-only connection really is read-only: the store is untouched and still writable.
     assert_eq!(store.dead_letter(letter(100, 5)).await.unwrap(), 5);
+}
+
+#[tokio::test]
+async fn state_entries_are_listed_by_prefix_in_key_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path(), 1 << 20);
+    let store = Store::open(s.clone()).unwrap();
+    for key in ["device/b", "device/a", "devices", "other", "device/\u{e9}"] {
+        store.put_state(key, key.as_bytes().to_vec()).await.unwrap();
+    }
+    let listed = store.states_with_prefix("device/").await.unwrap();
+    let keys: Vec<&str> = listed.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(keys, ["device/a", "device/b", "device/\u{e9}"]);
+    assert_eq!(listed[0].1, b"device/a");
+    assert_eq!(read_states_with_prefix(&s.path, "device/").unwrap(), listed);
+    assert!(
+        store
+            .states_with_prefix("nothing/")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    store.close().await.unwrap();
 }

@@ -140,6 +140,10 @@ pub(crate) enum Read {
         key: String,
         reply: Reply<Option<Vec<u8>>>,
     },
+    StatePrefix {
+        prefix: String,
+        reply: Reply<Vec<(String, Vec<u8>)>>,
+    },
     DeadLetters {
         limit: usize,
         reply: Reply<Vec<StoredDeadLetter>>,
@@ -373,6 +377,11 @@ impl Writer {
             }
             Read::State { key, reply } => {
                 let _ = reply.send(schema::get_state(&self.conn, &key).map_err(StoreError::from));
+            }
+            Read::StatePrefix { prefix, reply } => {
+                let _ = reply.send(
+                    schema::states_with_prefix(&self.conn, &prefix).map_err(StoreError::from),
+                );
             }
             Read::DeadLetters { limit, reply } => {
                 let _ = reply.send(schema::read_dead_letters(
