@@ -278,7 +278,11 @@ fn parse_hash(field: &str) -> Result<PasswordHash, String> {
             hash: hash_of(hash)?,
         }),
         ["6", ..] => Err("expected $6$<salt>$<hash>".into()),
-        [kind, ..] if !kind.is_empty() && kind.len() <= 4 && kind.bytes().all(|b| b.is_ascii_alphanumeric()) => {
+        [kind, ..]
+            if !kind.is_empty()
+                && kind.len() <= 4
+                && kind.bytes().all(|b| b.is_ascii_alphanumeric()) =>
+        {
             Err(format!(
                 "unsupported hash type ${kind}$; expected $7$ (PBKDF2-SHA512) or $6$ (SHA-512)"
             ))
@@ -522,24 +526,30 @@ mod tests {
     fn password_hash_debug_hides_salt_and_hash() {
         let f = pw(ALICE_PBKDF2).unwrap();
         let printed = format!("{f:?}");
-        assert!(printed.contains("***") && printed.contains("101"), "{printed}");
-        assert!(!printed.contains("OGHa") && !printed.contains("VTsr"), "{printed}");
+        assert!(
+            printed.contains("***") && printed.contains("101"),
+            "{printed}"
+        );
+        assert!(
+            !printed.contains("OGHa") && !printed.contains("VTsr"),
+            "{printed}"
+        );
         assert!(!printed.contains("56, 97"), "no salt bytes: {printed}");
     }
 
     #[test]
     fn password_file_errors_name_every_bad_line_and_never_the_secret() {
         let text = [
-            ALICE_PBKDF2,                           // 1 ok
-            "bob:plaintext-secret",                 // 2 not hashed
-            "no colon here",                        // 3
-            ":$6$AAAA$AAAA",                        // 4 empty user
-            "dave:$7$0$OGHa2DYnj9xUSOMu$AAAA",      // 5 zero iterations
-            "erin:$7$101$!!!$AAAA",                 // 6 bad base64 salt
-            "fred:$7$101$OGHa2DYnj9xUSOMu$AAAA",    // 7 short hash
-            "gina:$5$abc$def",                      // 8 unsupported
-            "hank:$7$101$OGHa",                     // 9 missing field
-            &ALICE_PBKDF2.replace("alice", "alice"), // 10 duplicate
+            ALICE_PBKDF2,                        // 1 ok
+            "bob:plaintext-secret",              // 2 not hashed
+            "no colon here",                     // 3
+            ":$6$AAAA$AAAA",                     // 4 empty user
+            "dave:$7$0$OGHa2DYnj9xUSOMu$AAAA",   // 5 zero iterations
+            "erin:$7$101$!!!$AAAA",              // 6 bad base64 salt
+            "fred:$7$101$OGHa2DYnj9xUSOMu$AAAA", // 7 short hash
+            "gina:$5$abc$def",                   // 8 unsupported
+            "hank:$7$101$OGHa",                  // 9 missing field
+            ALICE_PBKDF2,                        // 10 duplicate
         ]
         .join("\n");
         let errs = pw(&text).unwrap_err();
@@ -551,11 +561,23 @@ mod tests {
             .join("\n");
         assert!(!all.contains("plaintext-secret"), "{all}");
         assert!(!all.contains("OGHa"), "{all}");
-        assert!(all.contains("line 2: user \"bob\": the password is not hashed"), "{all}");
-        assert!(all.contains("line 5: user \"dave\": the iteration count"), "{all}");
-        assert!(all.contains("line 7: user \"fred\": the hash is 3 bytes"), "{all}");
+        assert!(
+            all.contains("line 2: user \"bob\": the password is not hashed"),
+            "{all}"
+        );
+        assert!(
+            all.contains("line 5: user \"dave\": the iteration count"),
+            "{all}"
+        );
+        assert!(
+            all.contains("line 7: user \"fred\": the hash is 3 bytes"),
+            "{all}"
+        );
         assert!(all.contains("unsupported hash type $5$"), "{all}");
-        assert!(all.contains("line 10: user \"alice\" already defined on line 1"), "{all}");
+        assert!(
+            all.contains("line 10: user \"alice\" already defined on line 1"),
+            "{all}"
+        );
     }
 
     #[test]
@@ -659,7 +681,12 @@ pattern a+/b
         let bad = dir.join("acl");
         std::fs::write(&bad, "topic read a\nnope\n").unwrap();
         let e = AclFile::load(&bad).unwrap_err();
-        assert!(e.to_string().ends_with("acl: line 2: unknown keyword \"nope\"; expected user, topic or pattern"), "{e}");
+        assert!(
+            e.to_string().ends_with(
+                "acl: line 2: unknown keyword \"nope\"; expected user, topic or pattern"
+            ),
+            "{e}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

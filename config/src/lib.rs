@@ -59,9 +59,9 @@ pub use auth_files::{
 pub use check::{AuthorityError, CheckName, CheckNameError, HostPort, HttpUrl, HttpUrlError};
 pub use error::{ConfigError, ConfigErrors};
 pub use types::{
-    AllowAnonymous, Durability, MQTT_MAX_STRING_BYTES, MqttVersion, NodeName, NodeNameError, PayloadFormat,
-    Priority, RouteTarget, Secret, StoreMode, TopicFilter, TopicFilterError, TopicTemplate,
-    TopicTemplateError, UpstreamUrl, UpstreamUrlError, WhenFull,
+    AllowAnonymous, Durability, MQTT_MAX_STRING_BYTES, MqttVersion, NodeName, NodeNameError,
+    PayloadFormat, Priority, RouteTarget, Secret, StoreMode, TopicFilter, TopicFilterError,
+    TopicTemplate, TopicTemplateError, UpstreamUrl, UpstreamUrlError, WhenFull,
 };
 pub use units::{DurationError, SizeError, parse_duration, parse_size};
 

@@ -13,17 +13,18 @@ use crate::check::{CheckName, HostPort, HttpUrl};
 use crate::coap::{check_ingest_path, parse_coap_uri};
 use crate::error::{Collector, ConfigErrors};
 use crate::raw::{
-    RawAnonymous, RawBroker, RawCheck, RawCoap, RawConfig, RawDuration, RawHealth, RawLog, RawNode, RawObserve,
-    RawRoute, RawSize, RawStorage, RawSync, RawUpstream,
+    RawAnonymous, RawBroker, RawCheck, RawCoap, RawConfig, RawDuration, RawHealth, RawLog, RawNode,
+    RawObserve, RawRoute, RawSize, RawStorage, RawSync, RawUpstream,
 };
 use crate::types::{
-    AllowAnonymous, Durability, MQTT_MAX_STRING_BYTES, MqttVersion, NodeName, PayloadFormat, Priority, RouteTarget,
-    Secret, StoreMode, TopicFilter, TopicTemplate, UpstreamUrl, WhenFull,
+    AllowAnonymous, Durability, MQTT_MAX_STRING_BYTES, MqttVersion, NodeName, PayloadFormat,
+    Priority, RouteTarget, Secret, StoreMode, TopicFilter, TopicTemplate, UpstreamUrl, WhenFull,
 };
 use crate::units::{parse_duration, parse_size};
 use crate::{
     BrokerConfig, CheckConfig, CheckKind, CoapConfig, Config, Env, HealthConfig, ListenerConfig,
-    LogConfig, NodeConfig, ObserveConfig, Overrides, Route, StorageConfig, SyncConfig, UpstreamConfig,
+    LogConfig, NodeConfig, ObserveConfig, Overrides, Route, StorageConfig, SyncConfig,
+    UpstreamConfig,
 };
 
 /// MQTT's "Remaining Length" can encode at most this many bytes.
@@ -153,11 +154,14 @@ fn broker(c: &mut Collector, raw: RawBroker) -> BrokerConfig {
     // A password file that failed to load still counts as set: its errors are reported, and
     // the defaults below must not add a second, misleading one.
     let has_passwords = raw.password_file.is_some();
-    let allow_anonymous = match raw.allow_anonymous {
-        None if has_passwords => AllowAnonymous::LoopbackOnly,
-        None => AllowAnonymous::Always,
-        Some(value) => anonymous(c, "broker.allow_anonymous", value),
-    };
+    let allow_anonymous = raw
+        .allow_anonymous
+        .and_then(|value| anonymous(c, "broker.allow_anonymous", value))
+        .unwrap_or(if has_passwords {
+            AllowAnonymous::LoopbackOnly
+        } else {
+            AllowAnonymous::Always
+        });
     // Each listener with its own `allow_anonymous` (None: the broker-wide one) and the key
     // that decided it, for errors.
     let mut entries: Vec<(SocketAddr, Option<AllowAnonymous>)> = Vec::new();
@@ -182,7 +186,7 @@ fn broker(c: &mut Collector, raw: RawBroker) -> BrokerConfig {
                 let path = |key: &str| format!("broker.listener[{i}].{key}");
                 let own = t
                     .allow_anonymous
-                    .map(|v| anonymous(c, &path("allow_anonymous"), v));
+                    .and_then(|v| anonymous(c, &path("allow_anonymous"), v));
                 let addr = match t.address.as_deref().map(str::trim) {
                     None => {
                         c.push(path("address"), "required: IP:port, e.g. \"0.0.0.0:1883\"");
@@ -311,18 +315,19 @@ fn broker(c: &mut Collector, raw: RawBroker) -> BrokerConfig {
     }
 }
 
-/// `true`, `false` or `"loopback-only"`.
-fn anonymous(c: &mut Collector, path: &str, raw: RawAnonymous) -> AllowAnonymous {
+/// `true`, `false` or `"loopback-only"`; `None` (reported) for anything else, so the caller
+/// falls back to its default instead of adding follow-on errors.
+fn anonymous(c: &mut Collector, path: &str, raw: RawAnonymous) -> Option<AllowAnonymous> {
     match raw {
-        RawAnonymous::Bool(true) => AllowAnonymous::Always,
-        RawAnonymous::Bool(false) => AllowAnonymous::Never,
-        RawAnonymous::Text(text) if text == "loopback-only" => AllowAnonymous::LoopbackOnly,
+        RawAnonymous::Bool(true) => Some(AllowAnonymous::Always),
+        RawAnonymous::Bool(false) => Some(AllowAnonymous::Never),
+        RawAnonymous::Text(text) if text == "loopback-only" => Some(AllowAnonymous::LoopbackOnly),
         RawAnonymous::Text(text) => {
             c.push(
                 path,
                 format!("unknown value {text:?}; expected true, false or \"loopback-only\""),
             );
-            AllowAnonymous::LoopbackOnly
+            None
         }
     }
 }

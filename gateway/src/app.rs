@@ -22,6 +22,7 @@ use crate::http::{self, HttpState};
 use crate::ingest::Ingest;
 use crate::lifecycle::{Heartbeat, NodeIdentity};
 use crate::metrics::{Metrics, UplinkState, now_ms};
+use crate::registry::{Registry, RegistrySettings};
 use crate::route::{self, Router};
 use crate::status::{self, Identity};
 use crate::sync::{Lifecycle, Sync};
@@ -74,6 +75,8 @@ pub fn broker_settings(config: &Config) -> BrokerSettings {
         max_inbound_pending: b.max_inbound_pending,
         max_queued_messages: b.max_queued_messages,
         connect_timeout: b.connect_timeout,
+        // Who may connect, publish and subscribe: the password and ACL files parsed at load.
+        auth: Some(Arc::new(outpost_protocols::Auth::from_config(b))),
     }
 }
 
@@ -122,6 +125,28 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         observers.push(observer);
     }
 
+    // SIGHUP re-reads the password and ACL files without dropping any connection.
+    {
+        let handle = broker_handle.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move { reload_on_sighup(handle, stop).await });
+    }
+
+    // The device registry sees every message ingest handles and keeps its changes in the store.
+    let registry = Arc::new(
+        Registry::load(RegistrySettings::default(), &store)
+            .await
+            .context("loading the device registry")?,
+    );
+    let registry_stop = CancellationToken::new();
+    let registry_task = {
+        let registry = Arc::clone(&registry);
+        let store = store.clone();
+        let stop = registry_stop.clone();
+        let metrics = Arc::clone(&metrics);
+        tokio::spawn(async move { registry.run(store, metrics, stop).await })
+    };
+
     // Sources hand accepted readings to ingest; the channel closes when the last of them stops.
     let (ingest_tx, ingest_rx) = mpsc::channel(INGEST_CHANNEL);
     let mut sources = tokio::task::JoinSet::new();
@@ -152,6 +177,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             ingest_rx,
             Arc::clone(&metrics),
             broker_handle.clone(),
+            Arc::clone(&registry),
         )
         .run(),
     );
@@ -268,6 +294,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     info!("broker stopped; committing what was accepted");
     ingest_task.await.context("ingest task")?;
+    registry_stop.cancel();
+    registry_task.await.context("registry task")?;
     sync_stop.cancel();
     if let Some(task) = sync_task {
         task.await.context("sync task")?;
@@ -325,5 +353,36 @@ fn lifecycle(
                     .and_then(|r| r.disk.as_ref().map(|d| d.available)),
             }
         }),
+    }
+}
+
+/// Reloads the broker's password and ACL files on every SIGHUP; a file that no longer parses
+/// keeps the previous policy in force (logged), it never opens the broker up.
+async fn reload_on_sighup(broker: outpost_protocols::BrokerHandle, stop: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; auth files are not reloadable");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            got = hup.recv() => if got.is_none() { return },
+        }
+        match broker.auth() {
+            Some(current) => match current.reloaded() {
+                Ok(auth) => {
+                    broker.reload_auth(Some(Arc::new(auth)));
+                    info!("SIGHUP: password and ACL files reloaded");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "SIGHUP: reload failed; the previous password and ACL files stay in force")
+                }
+            },
+            None => info!("SIGHUP: no password or ACL file configured; nothing to reload"),
+        }
     }
 }

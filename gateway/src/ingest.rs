@@ -31,6 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use crate::metrics::{Metrics, inc, now_ms};
+use crate::registry::Registry;
 use crate::route::{Decision, Router};
 
 /// The most messages taken from the broker's channel for one round of submissions.
@@ -49,6 +50,8 @@ pub struct Ingest {
     metrics: Arc<Metrics>,
     /// Where CoAP readings are republished for local subscribers.
     broker: BrokerHandle,
+    /// Sees every message (announcements, implicit registration, counts).
+    registry: Arc<Registry>,
 }
 
 /// A publisher waiting for its message to be committed (None for QoS 0 and wills).
@@ -61,6 +64,7 @@ impl Ingest {
         inbound: mpsc::Receiver<Inbound>,
         metrics: Arc<Metrics>,
         broker: BrokerHandle,
+        registry: Arc<Registry>,
     ) -> Self {
         Self {
             router,
@@ -68,6 +72,7 @@ impl Ingest {
             inbound,
             metrics,
             broker,
+            registry,
         }
     }
 
@@ -86,6 +91,7 @@ impl Ingest {
             let ingested_at_ms = now_ms();
             for mut msg in buf.drain(..) {
                 inc(&self.metrics.ingested);
+                self.registry.observe(&msg);
                 match self.router.decide(&msg.topic) {
                     Decision::Local => {
                         inc(&self.metrics.ingested_local_only);

@@ -10,6 +10,7 @@ mod http;
 mod ingest;
 mod lifecycle;
 mod metrics;
+mod registry;
 mod route;
 mod status;
 mod sync;
@@ -62,6 +63,18 @@ enum Command {
     },
     /// Print the annotated default configuration.
     PrintDefaultConfig,
+    /// List the devices in the registry (how found, status, last seen, message counts).
+    Devices {
+        /// Configuration file (to find the data directory).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Data directory (overrides the file).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the dead letters: payloads that did not decode as their route's format.
     DeadLetters {
         /// Configuration file (to find the data directory).
@@ -105,6 +118,59 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Devices {
+            config,
+            data_dir,
+            json,
+        } => {
+            let overrides = Overrides {
+                data_dir,
+                ..Overrides::default()
+            };
+            let config = match load(config.as_deref(), &overrides) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match status::devices(&config.storage.db_path()) {
+                Ok(list) if json => match serde_json::to_string_pretty(&list) {
+                    Ok(s) => {
+                        println!("{s}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("outpost: {e}");
+                        ExitCode::FAILURE
+                    }
+                },
+                Ok(list) => {
+                    let now = metrics::now_ms();
+                    println!(
+                        "{:<32} {:<8} {:>10} {:>12}  found by",
+                        "device", "status", "messages", "last seen"
+                    );
+                    for d in list {
+                        let found: Vec<String> = d
+                            .found_by
+                            .iter()
+                            .map(|f| format!("{f:?}").to_lowercase())
+                            .collect();
+                        println!(
+                            "{:<32} {:<8} {:>10} {:>10.0} s  {}",
+                            d.id.as_str(),
+                            format!("{:?}", d.status).to_lowercase(),
+                            d.messages,
+                            now.saturating_sub(d.last_seen_ms) as f64 / 1000.0,
+                            found.join(",")
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("outpost: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::DeadLetters {
             config,
             data_dir,

@@ -62,6 +62,8 @@ pub struct Metrics {
     pub dead_letter_failures: AtomicU64,
     /// CoAP requests whose content format the route does not take.
     pub payload_unsupported: AtomicU64,
+    /// Devices in the registry by status: online, stale, offline (set by the registry).
+    pub devices: [AtomicU64; 3],
     /// Records handed to the upstream client.
     pub sync_published: AtomicU64,
     /// Records the upstream acknowledged (and that were then deleted).

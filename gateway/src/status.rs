@@ -52,6 +52,13 @@ pub struct RuntimeStatus {
     pub ack_write_failures: u64,
     pub dead_lettered: u64,
     pub payload_unsupported: u64,
+    /// Devices in the registry: online, stale, offline.
+    #[serde(default)]
+    pub devices_online: u64,
+    #[serde(default)]
+    pub devices_stale: u64,
+    #[serde(default)]
+    pub devices_offline: u64,
     pub sync_bytes: u64,
     pub uplink_rtt_ms: Option<f64>,
     pub ack_rate_per_s: f64,
@@ -126,6 +133,9 @@ pub fn snapshot(
         ack_write_failures: get(&metrics.ack_write_failures),
         dead_lettered: get(&metrics.dead_lettered),
         payload_unsupported: get(&metrics.payload_unsupported),
+        devices_online: get(&metrics.devices[0]),
+        devices_stale: get(&metrics.devices[1]),
+        devices_offline: get(&metrics.devices[2]),
         sync_bytes: get(&metrics.sync_bytes),
         uplink_rtt_ms: metrics.uplink_rtt().map(|d| d.as_secs_f64() * 1000.0),
         ack_rate_per_s: metrics.ack_rate(),
@@ -397,6 +407,14 @@ pub fn render(report: &StatusReport) -> String {
         line(&mut out, "reconnects", r.reconnects.to_string());
         line(
             &mut out,
+            "devices",
+            format!(
+                "{} online, {} stale, {} offline",
+                r.devices_online, r.devices_stale, r.devices_offline
+            ),
+        );
+        line(
+            &mut out,
             "uplink rtt",
             r.uplink_rtt_ms
                 .map_or("-".to_owned(), |ms| format!("{ms:.1} ms")),
@@ -528,4 +546,15 @@ pub async fn fetch_report(addr: std::net::SocketAddr) -> anyhow::Result<Option<s
     tokio::time::timeout(LIMIT, exchange)
         .await
         .with_context(|| format!("status endpoint at {addr} did not answer within {LIMIT:?}"))?
+}
+
+/// The registry's devices as `outpost devices` shows them (read from the database).
+pub fn devices(db: &Path) -> anyhow::Result<Vec<crate::registry::Device>> {
+    use anyhow::Context;
+    let entries = outpost_storage::read_states_with_prefix(db, crate::registry::STATE_PREFIX)
+        .with_context(|| format!("reading the device registry at {}", db.display()))?;
+    Ok(entries
+        .into_iter()
+        .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+        .collect())
 }

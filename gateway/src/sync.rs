@@ -631,10 +631,12 @@ impl Sync {
                 (topic.len() + record.payload.len()) as u64,
                 std::sync::atomic::Ordering::Relaxed,
             );
+            // Registry changes are retained: a cloud subscriber sees every device's last state.
+            let retain = crate::registry::is_retained_stream(&record.stream);
             client.publish(
                 topic,
                 record.payload,
-                false,
+                retain,
                 Some((record.seq, record.ingested_at_ms)),
             )?;
             inc(&self.metrics.sync_published);

@@ -21,6 +21,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         max_inbound_pending: 20,
         max_queued_messages: 1000,
         connect_timeout: Duration::from_secs(10),
+        auth: None,
     })
     .await?;
     println!("listening on {:?}", broker.local_addrs());

@@ -15,14 +15,18 @@
 //!   blocking publishers.
 //! - **No panics on input.** Nothing from the network is unwrapped; parsing is rumqttc's codec
 //!   (MQTT), coap-lite's (CoAP messages), serde_json and minicbor (payloads), each behind bounds.
+//! - **Access control is the broker's.** With an [`Auth`] in force, a client that failed to log
+//!   in never gets past CONNECT, a publish the ACL refuses never reaches the gateway, and no
+//!   client is sent a message on a topic it may not read (checked per message, per subscriber,
+//!   for the gateway's own publishes too). No password is logged or printed.
 //! - **CoAP gets the same guarantee.** The CoAP endpoint hands readings over as the same
 //!   [`Inbound`] (`source: Coap`) and sends 2.01/2.04 only after the gateway's `Ok`.
 //!
 //! # Layout
 //!
 //! - [`topic`]: validated [`topic::TopicName`] / [`topic::TopicFilter`] and matching.
-//! - [`broker`]: the public API ([`Broker`], [`BrokerHandle`], [`Inbound`]) and, inside it,
-//!   `codec` (rumqttc v4/v5 adapters to one internal packet set), `session` (sans-IO per-client
+//! - [`broker`]: the public API ([`Broker`], [`BrokerHandle`], [`Inbound`], [`Auth`]) and,
+//!   inside it, `auth` (password and ACL checks, mosquitto's semantics), `codec` (rumqttc v4/v5 adapters to one internal packet set), `session` (sans-IO per-client
 //!   state), `router` (sessions and retained messages), `connection` (the per-socket task).
 //! - [`coap`]: [`coap::CoapServer`] (ingest resource, `/.well-known/core`, observable
 //!   `/status`) and [`coap::CoapObserver`] (observes a device resource).
@@ -32,10 +36,11 @@
 
 pub mod broker;
 pub mod coap;
+pub mod discovery;
 pub mod payload;
 pub mod topic;
 
 pub use broker::{
-    Broker, BrokerError, BrokerHandle, BrokerSettings, BrokerStats, Inbound, IngestRefusal,
-    IngestReply, QoS, Source,
+    Access, Auth, Broker, BrokerError, BrokerHandle, BrokerSettings, BrokerStats, Inbound,
+    IngestRefusal, IngestReply, QoS, Source,
 };

@@ -9,6 +9,8 @@ use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes as m5root;
 use rumqttc::v5::mqttbytes::v5;
 
+use outpost_config::Secret;
+
 use super::QoS;
 
 /// Which codec a connection speaks, fixed by its CONNECT.
@@ -43,6 +45,10 @@ pub(crate) struct ConnectIn {
     pub receive_maximum: Option<u16>,
     /// MQTT 5 maximum packet size the client accepts.
     pub max_packet_size: Option<u32>,
+    /// The username flag's value; `None` when absent (rumqttc also reads an empty one as absent).
+    pub username: Option<String>,
+    /// The password; `Debug` prints `***`.
+    pub password: Option<Secret>,
 }
 
 /// What the first packet of a connection turned out to be.
@@ -109,6 +115,10 @@ pub(crate) enum ConnAckCode {
     Accepted,
     IdentifierRejected,
     ServerUnavailable,
+    /// 3.1.1 0x04, MQTT 5 0x86.
+    BadUsernameOrPassword,
+    /// 3.1.1 0x05, MQTT 5 0x87.
+    NotAuthorized,
 }
 
 /// Why an inbound QoS 1/2 publish was not accepted (MQTT 5 reason codes).
@@ -118,6 +128,18 @@ pub(crate) enum AckReason {
     QuotaExceeded,
     PayloadFormatInvalid,
     Unspecified,
+    /// The ACL does not let the client publish there (MQTT 5 0x87).
+    NotAuthorized,
+}
+
+/// The outcome of one filter of a SUBSCRIBE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SubAckCode {
+    Granted(QoS),
+    /// 3.1.1 0x80, MQTT 5 0x8F.
+    InvalidFilter,
+    /// 3.1.1 0x80, MQTT 5 0x87.
+    NotAuthorized,
 }
 
 /// Every packet the broker sends.
@@ -155,8 +177,8 @@ pub(crate) enum Outgoing {
     },
     SubAck {
         pkid: u16,
-        /// `Some(granted)` or `None` for a refused filter.
-        codes: Vec<Option<QoS>>,
+        /// One per requested filter, in order.
+        codes: Vec<SubAckCode>,
     },
     UnsubAck {
         pkid: u16,
@@ -310,12 +332,14 @@ pub(crate) fn read_handshake(
                 session_expiry: None,
                 receive_maximum: None,
                 max_packet_size: None,
+                username: c.login.as_ref().map(|l| l.username.clone()),
+                password: c.login.map(|l| Secret::new(l.password)),
             })))),
             Ok(_) => Err(FrameError::Malformed("expected CONNECT".into())),
             Err(e) => Err(map4(e, max_packet_size)),
         },
         5 => match v5::Packet::read(buf, Some(clamp_u32(max_packet_size))) {
-            Ok(v5::Packet::Connect(c, will, _login)) => {
+            Ok(v5::Packet::Connect(c, will, login)) => {
                 let props = c.properties.as_ref();
                 Ok(Some(Handshake::Connect(Box::new(ConnectIn {
                     protocol: Protocol::V5,
@@ -331,6 +355,8 @@ pub(crate) fn read_handshake(
                     session_expiry: props.and_then(|p| p.session_expiry_interval),
                     receive_maximum: props.and_then(|p| p.receive_maximum),
                     max_packet_size: props.and_then(|p| p.max_packet_size),
+                    username: login.as_ref().map(|l| l.username.clone()),
+                    password: login.map(|l| Secret::new(l.password)),
                 }))))
             }
             Ok(_) => Err(FrameError::Malformed("expected CONNECT".into())),
@@ -524,6 +550,8 @@ fn write4(packet: &Outgoing, out: &mut BytesMut, max_size: usize) -> Result<(), 
                 ConnAckCode::Accepted => v4::ConnectReturnCode::Success,
                 ConnAckCode::IdentifierRejected => v4::ConnectReturnCode::BadClientId,
                 ConnAckCode::ServerUnavailable => v4::ConnectReturnCode::ServiceUnavailable,
+                ConnAckCode::BadUsernameOrPassword => v4::ConnectReturnCode::BadUserNamePassword,
+                ConnAckCode::NotAuthorized => v4::ConnectReturnCode::NotAuthorized,
             },
             *session_present,
         )),
@@ -550,8 +578,10 @@ fn write4(packet: &Outgoing, out: &mut BytesMut, max_size: usize) -> Result<(), 
             codes
                 .iter()
                 .map(|c| match c {
-                    Some(q) => v4::SubscribeReasonCode::Success(qos_to4(*q)),
-                    None => v4::SubscribeReasonCode::Failure,
+                    SubAckCode::Granted(q) => v4::SubscribeReasonCode::Success(qos_to4(*q)),
+                    SubAckCode::InvalidFilter | SubAckCode::NotAuthorized => {
+                        v4::SubscribeReasonCode::Failure
+                    }
                 })
                 .collect(),
         )),
@@ -579,6 +609,8 @@ fn write5(packet: &Outgoing, out: &mut BytesMut, max_size: usize) -> Result<(), 
                 ConnAckCode::Accepted => v5::ConnectReturnCode::Success,
                 ConnAckCode::IdentifierRejected => v5::ConnectReturnCode::ClientIdentifierNotValid,
                 ConnAckCode::ServerUnavailable => v5::ConnectReturnCode::QuotaExceeded,
+                ConnAckCode::BadUsernameOrPassword => v5::ConnectReturnCode::BadUserNamePassword,
+                ConnAckCode::NotAuthorized => v5::ConnectReturnCode::NotAuthorized,
             },
             properties: (*code == ConnAckCode::Accepted).then(|| v5::ConnAckProperties {
                 session_expiry_interval: None,
@@ -623,6 +655,7 @@ fn write5(packet: &Outgoing, out: &mut BytesMut, max_size: usize) -> Result<(), 
                 AckReason::QuotaExceeded => v5::PubAckReason::QuotaExceeded,
                 AckReason::PayloadFormatInvalid => v5::PubAckReason::PayloadFormatInvalid,
                 AckReason::Unspecified => v5::PubAckReason::UnspecifiedError,
+                AckReason::NotAuthorized => v5::PubAckReason::NotAuthorized,
             },
             properties: None,
         }),
@@ -633,6 +666,7 @@ fn write5(packet: &Outgoing, out: &mut BytesMut, max_size: usize) -> Result<(), 
                 AckReason::QuotaExceeded => v5::PubRecReason::QuotaExceeded,
                 AckReason::PayloadFormatInvalid => v5::PubRecReason::PayloadFormatInvalid,
                 AckReason::Unspecified => v5::PubRecReason::UnspecifiedError,
+                AckReason::NotAuthorized => v5::PubRecReason::NotAuthorized,
             },
             properties: None,
         }),
@@ -643,8 +677,9 @@ fn write5(packet: &Outgoing, out: &mut BytesMut, max_size: usize) -> Result<(), 
             return_codes: codes
                 .iter()
                 .map(|c| match c {
-                    Some(q) => v5::SubscribeReasonCode::Success(qos_to5(*q)),
-                    None => v5::SubscribeReasonCode::TopicFilterInvalid,
+                    SubAckCode::Granted(q) => v5::SubscribeReasonCode::Success(qos_to5(*q)),
+                    SubAckCode::InvalidFilter => v5::SubscribeReasonCode::TopicFilterInvalid,
+                    SubAckCode::NotAuthorized => v5::SubscribeReasonCode::NotAuthorized,
                 })
                 .collect(),
             properties: None,
@@ -714,6 +749,25 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn connect_credentials_are_read_and_the_password_never_printed() {
+        let mut c = v4::Connect::new("dev1");
+        c.set_login("alice", "hunter2");
+        let mut buf = encode4(v4::Packet::Connect(c));
+        match read_handshake(&mut buf, 1024) {
+            Ok(Some(Handshake::Connect(c))) => {
+                assert_eq!(c.username.as_deref(), Some("alice"));
+                assert_eq!(c.password.as_ref().map(Secret::expose), Some("hunter2"));
+                let printed = format!("{c:?}");
+                assert!(
+                    !printed.contains("hunter2") && printed.contains("***"),
+                    "{printed}"
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        }
     }
 
     #[test]
@@ -830,13 +884,29 @@ mod tests {
             Protocol::V5,
             &Outgoing::SubAck {
                 pkid: 7,
-                codes: vec![Some(QoS::AtLeastOnce), None],
+                codes: vec![
+                    SubAckCode::Granted(QoS::AtLeastOnce),
+                    SubAckCode::InvalidFilter,
+                    SubAckCode::NotAuthorized,
+                ],
             },
             &mut buf,
             1000,
         )
         .expect("encodes");
-        assert_eq!(&buf[..], &[0x90, 5, 0, 7, 0, 0x01, 0x8F]);
+        assert_eq!(&buf[..], &[0x90, 6, 0, 7, 0, 0x01, 0x8F, 0x87]);
+        let mut buf = BytesMut::new();
+        write_packet(
+            Protocol::V4,
+            &Outgoing::SubAck {
+                pkid: 7,
+                codes: vec![SubAckCode::InvalidFilter, SubAckCode::NotAuthorized],
+            },
+            &mut buf,
+            1000,
+        )
+        .expect("encodes");
+        assert_eq!(&buf[..], &[0x90, 4, 0, 7, 0x80, 0x80]);
     }
 
     proptest! {

@@ -19,9 +19,10 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::auth::{Access, LoginRefusal};
 use super::codec::{
     self, AckReason, ConnAckCode, ConnectIn, DisconnectReason, FrameError, Handshake, Incoming,
-    Outgoing, Protocol, PublishIn, SubscriptionRequest,
+    Outgoing, Protocol, PublishIn, SubAckCode, SubscriptionRequest,
 };
 use super::router::Link;
 use super::session::{Send, Subscription};
@@ -99,8 +100,11 @@ struct Will {
 struct Pending {
     pkid: u16,
     qos: QoS,
-    /// The gateway's reply; `None` for a duplicate QoS 2 publish that is only re-acknowledged.
+    /// The gateway's reply; `None` for a message answered without the gateway (a duplicate
+    /// QoS 2 publish, re-acknowledged; a publish the ACL refused), acked with `reason`.
     wait: Option<oneshot::Receiver<IngestReply>>,
+    /// The ack's reason when `wait` is `None`.
+    reason: AckReason,
     /// Delivered to local subscribers once the gateway accepted it.
     message: Option<(Arc<str>, Bytes, bool)>,
 }
@@ -121,6 +125,7 @@ impl Drop for SlotGuard<'_> {
 pub(crate) async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
+    listener: usize,
     shared: Arc<Shared>,
     ingest: mpsc::Sender<Inbound>,
     shutdown: CancellationToken,
@@ -147,6 +152,45 @@ pub(crate) async fn serve(
     };
     let settings = &shared.settings;
     let protocol = connect.protocol;
+
+    // Authentication first: a refused login must not take a connection slot.
+    let auth = shared.auth();
+    let username: Option<Arc<str>> = match &auth {
+        None => None,
+        Some(auth) => {
+            let (auth, user, pass) = (
+                auth.clone(),
+                connect.username.clone(),
+                connect.password.clone(),
+            );
+            // PBKDF2 is CPU work (the iteration count is the file's): keep it off the workers.
+            let login = tokio::task::spawn_blocking(move || {
+                auth.login(
+                    listener,
+                    user.as_deref(),
+                    pass.as_ref().map(outpost_config::Secret::expose),
+                )
+            })
+            .await
+            .unwrap_or(Err(LoginRefusal::BadCredentials));
+            match login {
+                Ok(name) => name,
+                Err(refusal) => {
+                    bump(&shared.counters.connections_refused);
+                    bump(&shared.counters.auth_refused);
+                    let code = match refusal {
+                        LoginRefusal::BadCredentials => ConnAckCode::BadUsernameOrPassword,
+                        LoginRefusal::NotAuthorized => ConnAckCode::NotAuthorized,
+                    };
+                    tracing::warn!(%peer, client_id = %connect.client_id,
+                        username = connect.username.as_deref().unwrap_or(""), ?refusal,
+                        "MQTT connection refused: not authenticated");
+                    refuse(&mut wr, protocol, code).await;
+                    return;
+                }
+            }
+        }
+    };
 
     // Admission: the limit counts connected clients.
     let admitted = shared
@@ -202,6 +246,18 @@ pub(crate) async fn serve(
             return;
         }
     };
+    // A will is a publish the client arranges now: refused now if it may not write there (as
+    // mosquitto does), rather than dropped silently later.
+    if let (Some(w), Some(auth)) = (&will, &auth)
+        && !auth.allows(&client_id, username.as_deref(), &w.topic, Access::Write)
+    {
+        bump(&shared.counters.connections_refused);
+        bump(&shared.counters.publishes_denied);
+        tracing::warn!(%peer, %client_id, topic = %w.topic,
+            "MQTT connection refused: the ACL does not allow its will topic");
+        refuse(&mut wr, protocol, ConnAckCode::NotAuthorized).await;
+        return;
+    }
 
     let persistent = match protocol {
         Protocol::V4 => !connect.clean_start,
@@ -221,9 +277,11 @@ pub(crate) async fn serve(
             notify: notify.clone(),
             kick: kick.clone(),
         },
+        username.clone(),
     );
     bump(&shared.counters.connections_total);
-    tracing::debug!(%peer, %client_id, ?protocol, keep_alive = connect.keep_alive,
+    tracing::debug!(%peer, %client_id, username = username.as_deref().unwrap_or(""), ?protocol,
+        keep_alive = connect.keep_alive,
         clean = connect.clean_start, session_present = attached.session_present, "MQTT client connected");
 
     let keep_alive = (connect.keep_alive > 0)
@@ -234,6 +292,7 @@ pub(crate) async fn serve(
         peer,
         protocol,
         client_id: client_id.clone(),
+        username,
         conn_id,
         rd,
         wr,
@@ -365,6 +424,8 @@ struct Conn {
     peer: SocketAddr,
     protocol: Protocol,
     client_id: Arc<str>,
+    /// The verified login; `None` for an anonymous client (ACL checks).
+    username: Option<Arc<str>>,
     /// Identifies this connection to the router (a takeover gets a new id).
     conn_id: u64,
     rd: OwnedReadHalf,
@@ -503,6 +564,35 @@ impl Conn {
             }
         };
         bump(&self.shared.counters.publishes_received);
+        if let Some(auth) = self.shared.auth()
+            && !auth.allows(
+                &self.client_id,
+                self.username.as_deref(),
+                &topic,
+                Access::Write,
+            )
+        {
+            bump(&self.shared.counters.publishes_denied);
+            tracing::warn!(peer = %self.peer, client_id = %self.client_id, %topic, qos = ?p.qos,
+                "publish refused by the ACL, dropped");
+            if p.qos != QoS::AtMostOnce {
+                // MQTT 5 says why; 3.1.1 has no negative ack: acknowledged and dropped, as
+                // mosquitto does (closing would only make the client send it again). Queued
+                // behind the acks still pending, which leave in arrival order.
+                let reason = match self.protocol {
+                    Protocol::V5 => AckReason::NotAuthorized,
+                    Protocol::V4 => AckReason::Success,
+                };
+                self.pending.push_back(Pending {
+                    pkid: p.pkid,
+                    qos: p.qos,
+                    wait: None,
+                    reason,
+                    message: None,
+                });
+            }
+            return Ok(());
+        }
         let shared_topic: Arc<str> = Arc::from(topic.as_str());
         match p.qos {
             QoS::AtMostOnce => {
@@ -534,6 +624,7 @@ impl Conn {
                         pkid: p.pkid,
                         qos: p.qos,
                         wait: None,
+                        reason: AckReason::Success,
                         message: None,
                     });
                     return Ok(());
@@ -556,6 +647,7 @@ impl Conn {
                     pkid: p.pkid,
                     qos: p.qos,
                     wait: Some(rx),
+                    reason: AckReason::Success,
                     message: Some((shared_topic, p.payload, p.retain)),
                 });
             }
@@ -579,11 +671,11 @@ impl Conn {
         }
     }
 
-    /// Acks for duplicates at the front, which need no reply.
+    /// Acks for the messages at the front that need no reply (duplicates, ACL refusals).
     fn ack_ready(&mut self) {
         while self.pending.front().is_some_and(|p| p.wait.is_none()) {
             if let Some(p) = self.pending.pop_front() {
-                self.queue_ack(p.pkid, p.qos, AckReason::Success);
+                self.queue_ack(p.pkid, p.qos, p.reason);
             }
         }
     }
@@ -658,10 +750,25 @@ impl Conn {
         }
         let mut codes = Vec::with_capacity(filters.len());
         let mut subs = Vec::with_capacity(filters.len());
+        let auth = self.shared.auth();
         for req in filters {
             match TopicFilter::new(req.filter.as_str()) {
+                Ok(filter)
+                    if auth.as_ref().is_some_and(|a| {
+                        !a.allows_subscribe(
+                            &self.client_id,
+                            self.username.as_deref(),
+                            filter.as_str(),
+                        )
+                    }) =>
+                {
+                    bump(&self.shared.counters.subscriptions_denied);
+                    tracing::warn!(peer = %self.peer, client_id = %self.client_id,
+                        filter = %req.filter, "subscription refused by the ACL");
+                    codes.push(SubAckCode::NotAuthorized);
+                }
                 Ok(filter) => {
-                    codes.push(Some(req.qos));
+                    codes.push(SubAckCode::Granted(req.qos));
                     subs.push((
                         Subscription {
                             filter,
@@ -675,14 +782,20 @@ impl Conn {
                 Err(e) => {
                     tracing::warn!(peer = %self.peer, client_id = %self.client_id,
                         filter = %req.filter, error = %e, "subscription refused: invalid filter");
-                    codes.push(None);
+                    codes.push(SubAckCode::InvalidFilter);
                 }
             }
         }
-        let (_, routed) = self
-            .shared
-            .router()
-            .subscribe(&self.client_id, self.conn_id, subs);
+        let (_, routed) =
+            self.shared
+                .router()
+                .subscribe(&self.client_id, self.conn_id, subs, auth.as_deref());
+        if routed.denied > 0 {
+            self.shared
+                .counters
+                .deliveries_denied
+                .fetch_add(routed.denied, Ordering::Relaxed);
+        }
         if routed.dropped > 0 {
             self.shared
                 .counters
@@ -837,6 +950,22 @@ impl Conn {
         })
         .await;
         self.shared.router().detach(&self.client_id, self.conn_id);
+        // Checked at CONNECT; checked again in case the policy was reloaded since.
+        let will = will.filter(|w| {
+            let allowed = self.shared.auth().is_none_or(|a| {
+                a.allows(
+                    &self.client_id,
+                    self.username.as_deref(),
+                    &w.topic,
+                    Access::Write,
+                )
+            });
+            if !allowed && end.publishes_will() {
+                bump(&self.shared.counters.publishes_denied);
+                tracing::warn!(%peer, %client_id, topic = %w.topic, "will refused by the ACL, dropped");
+            }
+            allowed
+        });
         if end.publishes_will()
             && let Some(w) = will
         {

@@ -23,7 +23,17 @@
 //!   ignored; topic aliases are announced as unsupported (maximum 0).
 //! - Sessions and retained messages live in memory only for now; `session::Session` is plain
 //!   data so it can be persisted later.
+//!
+//! Access control ([`Auth`], see the `auth` module for the rules): a CONNECT is checked against
+//! the password file and the listener's anonymous policy before anything else; a publish the
+//! ACL refuses is never handed to the gateway nor routed (MQTT 5: PUBACK/PUBREC 0x87; 3.1.1:
+//! acknowledged and dropped, as mosquitto does), a subscription it refuses gets a SUBACK
+//! failure, and every message is checked again per subscriber before it is queued (messages
+//! from [`BrokerHandle::publish`] and retained ones included), since a permitted wildcard
+//! filter can match forbidden topics. [`BrokerHandle::reload_auth`] swaps the policy for the
+//! next check; connected clients keep their login and subscriptions.
 
+mod auth;
 mod codec;
 mod connection;
 mod router;
@@ -32,7 +42,7 @@ mod session;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -43,6 +53,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::topic::{TopicError, TopicName};
 use router::Router;
+
+pub use auth::{Access, Auth};
 
 /// How long connections get, after shutdown is requested, to finish the acks for messages they
 /// already handed to the gateway.
@@ -68,6 +80,10 @@ pub struct BrokerSettings {
     pub max_queued_messages: usize,
     /// Time allowed between TCP accept and CONNECT.
     pub connect_timeout: Duration,
+    /// Who may connect and what each client may publish and receive. `None`: anyone may
+    /// connect, with or without a username (not checked), and do anything, on every listener.
+    /// The value in force later is the handle's ([`BrokerHandle::reload_auth`]).
+    pub auth: Option<Arc<Auth>>,
 }
 
 /// MQTT quality of service.
@@ -201,6 +217,16 @@ pub struct BrokerStats {
     pub keepalive_timeouts: u64,
     /// Connections closed for an invalid PUBLISH topic.
     pub invalid_topics: u64,
+    /// CONNECTs refused for a bad username or password, or for being anonymous where that is
+    /// not allowed (also counted in `connections_refused`).
+    pub auth_refused: u64,
+    /// PUBLISH packets (and wills) the ACL did not allow: dropped, never handed to the gateway.
+    pub publishes_denied: u64,
+    /// Subscription filters the ACL did not allow (SUBACK failure).
+    pub subscriptions_denied: u64,
+    /// Messages not delivered to a subscriber that may not read their topic (its filter
+    /// matched, the ACL did not).
+    pub deliveries_denied: u64,
 }
 
 /// Live counters behind [`BrokerStats`].
@@ -217,6 +243,10 @@ pub(crate) struct Counters {
     pub dropped_queue_full: AtomicU64,
     pub keepalive_timeouts: AtomicU64,
     pub invalid_topics: AtomicU64,
+    pub auth_refused: AtomicU64,
+    pub publishes_denied: AtomicU64,
+    pub subscriptions_denied: AtomicU64,
+    pub deliveries_denied: AtomicU64,
 }
 
 pub(crate) fn bump(c: &AtomicU64) {
@@ -238,6 +268,10 @@ impl Counters {
             dropped_queue_full: g(&self.dropped_queue_full),
             keepalive_timeouts: g(&self.keepalive_timeouts),
             invalid_topics: g(&self.invalid_topics),
+            auth_refused: g(&self.auth_refused),
+            publishes_denied: g(&self.publishes_denied),
+            subscriptions_denied: g(&self.subscriptions_denied),
+            deliveries_denied: g(&self.deliveries_denied),
         }
     }
 }
@@ -253,6 +287,8 @@ pub(crate) struct Shared {
     /// Sockets accepted but not yet past CONNECT; bounded by `max_connections` so a flood of
     /// idle sockets cannot exhaust memory or descriptors before `connect_timeout` reaps them.
     pub handshaking: AtomicU64,
+    /// The access policy in force; replaced whole by `reload_auth`, read once per check.
+    pub auth: RwLock<Option<Arc<Auth>>>,
 }
 
 impl Shared {
@@ -262,7 +298,12 @@ impl Shared {
         self.router.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Routes a message to local subscribers, counting drops.
+    /// The access policy in force now.
+    pub(crate) fn auth(&self) -> Option<Arc<Auth>> {
+        self.auth.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Routes a message to local subscribers that may read it, counting drops and refusals.
     pub(crate) fn route(
         &self,
         topic: &Arc<str>,
@@ -271,7 +312,22 @@ impl Shared {
         retain: bool,
         origin: Option<&str>,
     ) {
-        let routed = self.router().route(topic, payload, qos, retain, origin);
+        let auth = self.auth();
+        let routed = self
+            .router()
+            .route(topic, payload, qos, retain, origin, auth.as_deref());
+        self.count(routed, topic);
+    }
+
+    /// Adds up a routing pass's drops and refusals.
+    pub(crate) fn count(&self, routed: router::Routed, topic: &str) {
+        if routed.denied > 0 {
+            self.counters
+                .deliveries_denied
+                .fetch_add(routed.denied, Ordering::Relaxed);
+            tracing::debug!(%topic, subscribers = routed.denied,
+                "message not delivered: the ACL does not let the subscriber read it");
+        }
         if routed.dropped > 0 {
             self.counters
                 .dropped_queue_full
@@ -310,7 +366,17 @@ impl Broker {
                 })?;
             listeners.push(l);
         }
+        for (i, addr) in settings.listeners.iter().enumerate() {
+            let anonymous = settings.auth.as_ref().is_none_or(|a| a.allows_anonymous(i));
+            if anonymous && !addr.ip().to_canonical().is_loopback() {
+                tracing::warn!(listener = %addr,
+                    "MQTT listener admits clients without a username from the network: anyone \
+                     who reaches it may publish and subscribe (set broker.password_file to \
+                     require logins)");
+            }
+        }
         let router = Router::new(settings.max_queued_messages, settings.max_inflight);
+        let auth = RwLock::new(settings.auth.clone());
         Ok(Broker {
             listeners,
             shared: Arc::new(Shared {
@@ -319,6 +385,7 @@ impl Broker {
                 counters: Counters::default(),
                 next_id: AtomicU64::new(1),
                 handshaking: AtomicU64::new(0),
+                auth,
             }),
         })
     }
@@ -349,8 +416,9 @@ impl Broker {
         let tracker = TaskTracker::new();
         // Cancelled after the grace period: connections still busy are closed at once.
         let hard_stop = CancellationToken::new();
-        for listener in self.listeners {
+        for (index, listener) in self.listeners.into_iter().enumerate() {
             let ctx = AcceptCtx {
+                index,
                 shared: self.shared.clone(),
                 ingest: ingest.clone(),
                 shutdown: shutdown.clone(),
@@ -376,6 +444,8 @@ impl Broker {
 }
 
 struct AcceptCtx {
+    /// The listener's index in `BrokerSettings::listeners` (its anonymous policy).
+    index: usize,
     shared: Arc<Shared>,
     ingest: mpsc::Sender<Inbound>,
     shutdown: CancellationToken,
@@ -396,6 +466,7 @@ async fn accept_loop(listener: TcpListener, ctx: AcceptCtx) {
                 ctx.tracker.spawn(connection::serve(
                     stream,
                     peer,
+                    ctx.index,
                     ctx.shared.clone(),
                     ctx.ingest.clone(),
                     ctx.shutdown.clone(),
@@ -429,6 +500,20 @@ impl BrokerHandle {
         let topic: Arc<str> = Arc::from(name.into_string());
         self.shared.route(&topic, &payload, qos, retain, None);
         Ok(())
+    }
+
+    /// Replaces the access policy (after SIGHUP re-read the files: see [`Auth::reloaded`]).
+    /// It applies from the next check on: new CONNECTs, and every later publish, subscribe and
+    /// delivery of connected clients. Logins and subscriptions already granted are kept.
+    /// `None` turns access control off.
+    pub fn reload_auth(&self, auth: Option<Arc<Auth>>) {
+        *self.shared.auth.write().unwrap_or_else(|e| e.into_inner()) = auth;
+        tracing::info!("MQTT access policy replaced");
+    }
+
+    /// The access policy in force.
+    pub fn auth(&self) -> Option<Arc<Auth>> {
+        self.shared.auth()
     }
 
     /// A snapshot of the counters.

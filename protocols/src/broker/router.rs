@@ -11,6 +11,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::QoS;
+use super::auth::{Access, Auth};
 use super::session::{Enqueue, Message, Send, Session, Subscription};
 
 /// How the router reaches the connection currently serving a session.
@@ -28,6 +29,9 @@ pub(crate) struct Link {
 struct Entry {
     session: Session,
     link: Option<Link>,
+    /// The verified username of the last connection (ACL checks on delivery, also while the
+    /// session is offline); `None` for an anonymous client.
+    username: Option<Arc<str>>,
 }
 
 /// A retained message (MQTT 3.1.1 §3.3.1.3).
@@ -51,6 +55,8 @@ pub(crate) struct Attached {
 pub(crate) struct Routed {
     /// Messages dropped because a subscriber's queue was full.
     pub dropped: u64,
+    /// Subscribers whose filter matched but who may not read the topic (not delivered).
+    pub denied: u64,
 }
 
 /// Sessions and retained messages.
@@ -74,7 +80,8 @@ impl Router {
 
     /// Binds `link` to `client_id`, taking over from any connection that holds it (its `kick`
     /// is cancelled). `clean` discards an old session; `persistent` says whether the session
-    /// outlives this connection. `inflight_limit` is this connection's window.
+    /// outlives this connection. `inflight_limit` is this connection's window. `username` is
+    /// the verified login (`None`: anonymous), for ACL checks.
     pub(crate) fn attach(
         &mut self,
         client_id: &Arc<str>,
@@ -82,11 +89,13 @@ impl Router {
         persistent: bool,
         inflight_limit: u16,
         link: Link,
+        username: Option<Arc<str>>,
     ) -> Attached {
         let (max_queued, max_inflight) = (self.max_queued, self.max_inflight);
         let fresh = || Entry {
             session: Session::new(persistent, max_queued, max_inflight),
             link: None,
+            username: None,
         };
         let existed = self.sessions.contains_key(client_id);
         let entry = self.sessions.entry(client_id.clone()).or_insert_with(fresh);
@@ -107,6 +116,7 @@ impl Router {
             }
         };
         entry.session.persistent = persistent;
+        entry.username = username;
         entry
             .session
             .outbound
@@ -150,8 +160,9 @@ impl Router {
         Some(f(&mut entry.session))
     }
 
-    /// Delivers a message to every matching session and updates the retained store.
-    /// `origin` is the publishing client (for MQTT 5 no-local), `None` for the gateway itself.
+    /// Delivers a message to every matching session that `auth` lets read it, and updates the
+    /// retained store. `origin` is the publishing client (for MQTT 5 no-local), `None` for the
+    /// gateway itself.
     pub(crate) fn route(
         &mut self,
         topic: &Arc<str>,
@@ -159,6 +170,7 @@ impl Router {
         qos: QoS,
         retain: bool,
         origin: Option<&str>,
+        auth: Option<&Auth>,
     ) -> Routed {
         if retain {
             if payload.is_empty() {
@@ -179,6 +191,12 @@ impl Router {
             let Some((q, r)) = entry.session.delivery(topic, qos, retain, from_self) else {
                 continue;
             };
+            if let Some(auth) = auth
+                && !auth.allows(id, entry.username.as_deref(), topic, Access::Read)
+            {
+                routed.denied += 1;
+                continue;
+            }
             let msg = Message {
                 topic: topic.clone(),
                 payload: payload.clone(),
@@ -198,12 +216,14 @@ impl Router {
     }
 
     /// Adds subscriptions for a connected client and queues the retained messages they select
-    /// (with the retain flag set). Returns whether each filter was new, and the drop count.
+    /// (with the retain flag set) and `auth` lets it read. Returns whether each filter was new,
+    /// and the drop and refusal counts.
     pub(crate) fn subscribe(
         &mut self,
         client_id: &str,
         conn_id: u64,
         subs: Vec<(Subscription, u8)>,
+        auth: Option<&Auth>,
     ) -> (Vec<bool>, Routed) {
         let mut routed = Routed::default();
         let Some(entry) = self.sessions.get_mut(client_id) else {
@@ -228,6 +248,12 @@ impl Router {
             }
             for (topic, r) in &self.retained {
                 if !filter.matches(topic) {
+                    continue;
+                }
+                if let Some(auth) = auth
+                    && !auth.allows(client_id, entry.username.as_deref(), topic, Access::Read)
+                {
+                    routed.denied += 1;
                     continue;
                 }
                 let msg = Message {
@@ -286,8 +312,8 @@ mod tests {
         let id: Arc<str> = Arc::from("c");
         let old = link(1);
         let kick = old.kick.clone();
-        r.attach(&id, false, true, 10, old);
-        let a = r.attach(&id, false, true, 10, link(2));
+        r.attach(&id, false, true, 10, old, None);
+        let a = r.attach(&id, false, true, 10, link(2), None);
         assert!(kick.is_cancelled());
         assert!(a.session_present);
         r.detach("c", 1);
@@ -301,8 +327,8 @@ mod tests {
     fn persistent_session_queues_qos1_while_offline() {
         let mut r = Router::new(10, 10);
         let id: Arc<str> = Arc::from("p");
-        r.attach(&id, false, true, 10, link(1));
-        r.subscribe("p", 1, vec![sub("s/#", QoS::AtLeastOnce)]);
+        r.attach(&id, false, true, 10, link(1), None);
+        r.subscribe("p", 1, vec![sub("s/#", QoS::AtLeastOnce)], None);
         r.detach("p", 1);
         let topic: Arc<str> = Arc::from("s/1");
         r.route(
@@ -311,6 +337,7 @@ mod tests {
             QoS::AtLeastOnce,
             false,
             None,
+            None,
         );
         r.route(
             &topic,
@@ -318,8 +345,9 @@ mod tests {
             QoS::AtMostOnce,
             false,
             None,
+            None,
         );
-        let a = r.attach(&id, false, true, 10, link(2));
+        let a = r.attach(&id, false, true, 10, link(2), None);
         assert!(a.session_present);
         let sent = r.with_session("p", 2, |s| s.outbound.next_send()).flatten();
         match sent {
@@ -336,10 +364,10 @@ mod tests {
     fn clean_session_is_dropped_on_detach() {
         let mut r = Router::new(10, 10);
         let id: Arc<str> = Arc::from("c");
-        r.attach(&id, true, false, 10, link(1));
+        r.attach(&id, true, false, 10, link(1), None);
         r.detach("c", 1);
         assert_eq!(r.session_count(), 0);
-        let a = r.attach(&id, false, true, 10, link(2));
+        let a = r.attach(&id, false, true, 10, link(2), None);
         assert!(!a.session_present);
     }
 
@@ -347,10 +375,17 @@ mod tests {
     fn retained_set_cleared_and_sent_on_subscribe() {
         let mut r = Router::new(10, 10);
         let t: Arc<str> = Arc::from("r/1");
-        r.route(&t, &Bytes::from_static(b"v"), QoS::AtLeastOnce, true, None);
+        r.route(
+            &t,
+            &Bytes::from_static(b"v"),
+            QoS::AtLeastOnce,
+            true,
+            None,
+            None,
+        );
         let id: Arc<str> = Arc::from("s");
-        r.attach(&id, true, false, 10, link(1));
-        r.subscribe("s", 1, vec![sub("r/+", QoS::ExactlyOnce)]);
+        r.attach(&id, true, false, 10, link(1), None);
+        r.subscribe("s", 1, vec![sub("r/+", QoS::ExactlyOnce)], None);
         match r.with_session("s", 1, |s| s.outbound.next_send()).flatten() {
             Some(Send::Publish { msg, .. }) => {
                 assert!(msg.retain);
@@ -358,10 +393,10 @@ mod tests {
             }
             other => panic!("expected retained, got {other:?}"),
         }
-        r.route(&t, &Bytes::new(), QoS::AtMostOnce, true, None);
+        r.route(&t, &Bytes::new(), QoS::AtMostOnce, true, None, None);
         let id2: Arc<str> = Arc::from("s2");
-        r.attach(&id2, true, false, 10, link(2));
-        r.subscribe("s2", 2, vec![sub("r/+", QoS::ExactlyOnce)]);
+        r.attach(&id2, true, false, 10, link(2), None);
+        r.subscribe("s2", 2, vec![sub("r/+", QoS::ExactlyOnce)], None);
         assert_eq!(
             r.with_session("s2", 2, |s| s.outbound.next_send())
                 .flatten(),

@@ -24,6 +24,7 @@ pub fn settings() -> BrokerSettings {
         max_inbound_pending: 10,
         max_queued_messages: 100,
         connect_timeout: Duration::from_secs(2),
+        auth: None,
     }
 }
 
