@@ -129,6 +129,8 @@ pub struct Config {
     pub upstream: Option<UpstreamConfig>,
     /// How the backlog is sent upstream.
     pub sync: SyncConfig,
+    /// `[discovery]`: finding devices and keeping the device registry.
+    pub discovery: DiscoveryConfig,
     /// Logging.
     pub log: LogConfig,
     /// `[health]`: the local status endpoint, resource sampling and the upstream heartbeat.
@@ -428,6 +430,47 @@ pub struct SyncConfig {
     /// Cap on the reconnect delay, so a returning upstream is used within about this long.
     /// At least `backoff_min`. Default 1s.
     pub backoff_max: Duration,
+}
+
+/// `[discovery]`: how devices are found and when they count as stale or offline.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiscoveryConfig {
+    /// Devices announce themselves on `<announce_prefix>/<device id>` (a JSON or CBOR
+    /// descriptor; `{"status":"offline"}` or an empty payload, e.g. as their MQTT will, marks
+    /// them offline). A valid topic prefix without wildcards. Default `devices/announce`.
+    pub announce_prefix: String,
+    /// Register devices that publish data without announcing (by MQTT client id or CoAP host).
+    /// Default true.
+    pub implicit: bool,
+    /// A device without a message for this long is `stale`. Default 5m.
+    pub stale_after: Duration,
+    /// ...and `offline` after this long (more than `stale_after`). Default 30m.
+    pub offline_after: Duration,
+    /// LAN-side network interfaces on which the gateway advertises itself over mDNS, browses,
+    /// and sends CoAP multicast discovery. Never list the WAN side. Empty (default): mDNS and
+    /// CoAP multicast discovery are off.
+    pub interfaces: Vec<String>,
+    /// mDNS service types browsed for devices. Default `["_coap._udp.local."]`.
+    pub mdns_browse: Vec<String>,
+    /// How often CoAP multicast discovery runs. `None` ("off"): never. Default 5m.
+    pub coap_interval: Option<Duration>,
+    /// Observe and ingest the `obs` resources of discovered CoAP devices. Default false.
+    pub observe_discovered: bool,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        Self {
+            announce_prefix: "devices/announce".to_owned(),
+            implicit: true,
+            stale_after: Duration::from_secs(300),
+            offline_after: Duration::from_secs(1800),
+            interfaces: Vec::new(),
+            mdns_browse: vec!["_coap._udp.local.".to_owned()],
+            coap_interval: Some(Duration::from_secs(300)),
+            observe_discovered: false,
+        }
+    }
 }
 
 impl Default for SyncConfig {

@@ -27,6 +27,7 @@ pub(crate) struct RawConfig {
     pub default_route: Option<String>,
     pub upstream: Option<RawUpstream>,
     pub sync: Option<RawSync>,
+    pub discovery: Option<RawDiscovery>,
     pub log: Option<RawLog>,
     pub health: Option<RawHealth>,
     #[serde(default)]
@@ -149,6 +150,19 @@ pub(crate) struct RawUpstream {
     pub topic_prefix: Option<String>,
     pub command_topic: Option<bool>,
     pub clean_session: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDiscovery {
+    pub announce_prefix: Option<String>,
+    pub implicit: Option<bool>,
+    pub stale_after: Option<RawDuration>,
+    pub offline_after: Option<RawDuration>,
+    pub interfaces: Option<Vec<String>>,
+    pub mdns_browse: Option<Vec<String>>,
+    pub coap_interval: Option<RawDuration>,
+    pub observe_discovered: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -13,8 +13,8 @@ use crate::check::{CheckName, HostPort, HttpUrl};
 use crate::coap::{check_ingest_path, parse_coap_uri};
 use crate::error::{Collector, ConfigErrors};
 use crate::raw::{
-    RawAnonymous, RawBroker, RawCheck, RawCoap, RawConfig, RawDuration, RawHealth, RawLog, RawNode,
-    RawObserve, RawRoute, RawSize, RawStorage, RawSync, RawUpstream,
+    RawAnonymous, RawBroker, RawCheck, RawCoap, RawConfig, RawDiscovery, RawDuration, RawHealth,
+    RawLog, RawNode, RawObserve, RawRoute, RawSize, RawStorage, RawSync, RawUpstream,
 };
 use crate::types::{
     AllowAnonymous, Durability, MQTT_MAX_STRING_BYTES, MqttVersion, NodeName, PayloadFormat,
@@ -22,9 +22,9 @@ use crate::types::{
 };
 use crate::units::{parse_duration, parse_size};
 use crate::{
-    BrokerConfig, CheckConfig, CheckKind, CoapConfig, Config, Env, HealthConfig, ListenerConfig,
-    LogConfig, NodeConfig, ObserveConfig, Overrides, Route, StorageConfig, SyncConfig,
-    UpstreamConfig,
+    BrokerConfig, CheckConfig, CheckKind, CoapConfig, Config, DiscoveryConfig, Env, HealthConfig,
+    ListenerConfig, LogConfig, NodeConfig, ObserveConfig, Overrides, Route, StorageConfig,
+    SyncConfig, UpstreamConfig,
 };
 
 /// MQTT's "Remaining Length" can encode at most this many bytes.
@@ -85,6 +85,7 @@ pub(crate) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
     );
     let upstream = raw.upstream.map(|u| upstream(&mut c, u, &node.name, env));
     let sync = sync(&mut c, raw.sync.unwrap_or_default());
+    let discovery = discovery(&mut c, raw.discovery.unwrap_or_default());
     let log = log(&mut c, raw.log.unwrap_or_default());
     let health = health(&mut c, raw.health.unwrap_or_default(), &broker.listeners);
     let checks = checks(&mut c, raw.check);
@@ -98,10 +99,105 @@ pub(crate) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
         default_route,
         upstream: upstream.flatten(),
         sync,
+        discovery,
         log,
         health,
         checks,
     })
+}
+
+fn discovery(c: &mut Collector, raw: RawDiscovery) -> DiscoveryConfig {
+    let d = DiscoveryConfig::default();
+    let announce_prefix = match raw.announce_prefix {
+        None => d.announce_prefix.clone(),
+        Some(p) => {
+            if p.is_empty()
+                || p.starts_with('/')
+                || p.ends_with('/')
+                || p.contains(['+', '#', '\0'])
+                || p.starts_with('$')
+            {
+                c.push(
+                    "discovery.announce_prefix",
+                    format!("{p:?} is not a topic prefix: non-empty, no wildcards, no leading '$' or '/', no trailing '/'"),
+                );
+            }
+            p
+        }
+    };
+    let stale_after = duration(
+        c,
+        "discovery.stale_after",
+        raw.stale_after,
+        d.stale_after,
+        Duration::from_secs(1),
+        None,
+    );
+    let offline_after = duration(
+        c,
+        "discovery.offline_after",
+        raw.offline_after,
+        d.offline_after,
+        Duration::from_secs(1),
+        None,
+    );
+    if offline_after <= stale_after {
+        c.push(
+            "discovery.offline_after",
+            format!(
+                "{} must be longer than discovery.stale_after ({})",
+                show(offline_after),
+                show(stale_after)
+            ),
+        );
+    }
+    let interfaces = raw.interfaces.unwrap_or_default();
+    for (i, name) in interfaces.iter().enumerate() {
+        if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
+            c.push(
+                format!("discovery.interfaces[{i}]"),
+                format!("{name:?} is not a network interface name"),
+            );
+        } else if interfaces[..i].contains(name) {
+            c.push(
+                format!("discovery.interfaces[{i}]"),
+                format!("duplicate interface {name:?}"),
+            );
+        }
+    }
+    let mdns_browse = raw.mdns_browse.unwrap_or(d.mdns_browse);
+    for (i, t) in mdns_browse.iter().enumerate() {
+        let ok = t.starts_with('_')
+            && (t.ends_with("._udp.local.") || t.ends_with("._tcp.local."))
+            && t.len() <= 63 + 12;
+        if !ok {
+            c.push(
+                format!("discovery.mdns_browse[{i}]"),
+                format!("{t:?} is not an mDNS service type like \"_coap._udp.local.\""),
+            );
+        }
+    }
+    let coap_interval = match raw.coap_interval {
+        Some(RawDuration(text)) if text == "off" => None,
+        other => Some(duration(
+            c,
+            "discovery.coap_interval",
+            other,
+            d.coap_interval.unwrap_or(Duration::from_secs(300)),
+            Duration::from_secs(1),
+            None,
+        )),
+    };
+    DiscoveryConfig {
+        announce_prefix,
+        implicit: raw.implicit.unwrap_or(d.implicit),
+        stale_after,
+        offline_after,
+        interfaces,
+        mdns_browse,
+        coap_interval,
+        observe_discovered: raw.observe_discovered.unwrap_or(d.observe_discovered),
+    }
 }
 
 fn node(c: &mut Collector, raw: RawNode) -> NodeConfig {

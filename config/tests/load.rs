@@ -2092,3 +2092,29 @@ fn default_toml_listener_examples_are_valid() {
         .collect();
     assert_eq!(open, [true, false]);
 }
+
+#[test]
+fn discovery_section_is_validated_with_every_error_reported() {
+    let c = load_ok(
+        "[discovery]\nannounce_prefix = \"site/announce\"\nstale_after = \"10s\"\noffline_after = \"1m\"\ninterfaces = [\"eth0\"]\ncoap_interval = \"off\"\n",
+    );
+    assert_eq!(c.discovery.announce_prefix, "site/announce");
+    assert_eq!(c.discovery.stale_after, Duration::from_secs(10));
+    assert_eq!(c.discovery.interfaces, ["eth0"]);
+    assert_eq!(c.discovery.coap_interval, None);
+    let errs = errors(
+        "[discovery]\nannounce_prefix = \"a/#\"\nstale_after = \"10m\"\noffline_after = \"1m\"\ninterfaces = [\"eth0\", \"eth0\", \"\"]\nmdns_browse = [\"coap\"]\n",
+    );
+    let paths: Vec<&str> = errs.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "discovery.announce_prefix",
+            "discovery.offline_after",
+            "discovery.interfaces[1]",
+            "discovery.interfaces[2]",
+            "discovery.mdns_browse[0]"
+        ],
+        "{errs:#?}"
+    );
+}

@@ -50,6 +50,16 @@ pub fn store_settings(config: &Config) -> StoreSettings {
     }
 }
 
+pub fn registry_settings(config: &Config) -> RegistrySettings {
+    let d = &config.discovery;
+    RegistrySettings {
+        announce_prefix: d.announce_prefix.clone(),
+        stale_after: d.stale_after,
+        offline_after: d.offline_after,
+        implicit: d.implicit,
+    }
+}
+
 /// Slack on top of a device's Max-Age before an observation counts as lapsed.
 const OBSERVE_MARGIN: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -134,7 +144,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     // The device registry sees every message ingest handles and keeps its changes in the store.
     let registry = Arc::new(
-        Registry::load(RegistrySettings::default(), &store)
+        Registry::load(registry_settings(&config), &store)
             .await
             .context("loading the device registry")?,
     );

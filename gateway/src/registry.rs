@@ -157,17 +157,6 @@ pub struct RegistrySettings {
     pub implicit: bool,
 }
 
-impl Default for RegistrySettings {
-    fn default() -> Self {
-        Self {
-            announce_prefix: "devices/announce".into(),
-            stale_after: Duration::from_secs(300),
-            offline_after: Duration::from_secs(1800),
-            implicit: true,
-        }
-    }
-}
-
 /// Counters of the registry.
 #[derive(Debug, Default)]
 pub struct RegistryMetrics {

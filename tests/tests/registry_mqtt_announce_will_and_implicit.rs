@@ -224,3 +224,48 @@ fn announced_device_goes_online_then_offline_by_will_and_the_cloud_sees_it_retai
     cloud.stop()?;
     Ok(())
 }
+
+#[test]
+fn a_silent_device_goes_stale_then_offline_and_back_online_when_it_speaks() -> Result<()> {
+    let dir = TestDir::new("registry-aging")?;
+    let mut cloud = Mosquitto::start(&dir)?;
+    let mut cfg = GatewayConfig::new(&dir, "gw1", Some(cloud.port()))?;
+    cfg.extra
+        .push_str("[discovery]\nstale_after = \"2s\"\noffline_after = \"4s\"\n");
+    let gw = Outpost::start(&dir, &cfg)?;
+    let watch = spawn_mosquitto_sub(
+        &dir,
+        "cloud-aging",
+        cloud.port(),
+        &["-t", "outpost/+/$gateway/devices/#", "-v", "-q", "1"],
+    )?;
+    let log = dir.join("cloud-aging.log");
+    mosquitto_pub_ok(
+        gw.port(),
+        &["-q", "1", "-i", "quiet-1", "-t", "sensors/q", "-m", "1"],
+    )?;
+    let states = |want: &[&str]| {
+        let got: Vec<String> = upstream_states(&log, "quiet-1")
+            .iter()
+            .filter_map(|s| s["status"].as_str().map(str::to_owned))
+            .collect();
+        (got == want).then_some(())
+    };
+    wait_for(
+        "online, stale, offline upstream in that order",
+        WAIT,
+        || states(&["online", "stale", "offline"]),
+    )?;
+    let d = device(&gw, "quiet-1")?.context("quiet-1 registered")?;
+    assert_eq!(d["status"], "offline", "{d}");
+    mosquitto_pub_ok(
+        gw.port(),
+        &["-q", "1", "-i", "quiet-1", "-t", "sensors/q", "-m", "2"],
+    )?;
+    wait_for("back online upstream", WAIT, || {
+        states(&["online", "stale", "offline", "online"])
+    })?;
+    drop(watch);
+    cloud.stop()?;
+    Ok(())
+}
