@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
+use crate::discovery;
 use crate::health::{self, HealthState, checks::Checks};
 use crate::http::{self, HttpState};
 use crate::ingest::Ingest;
@@ -161,6 +162,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let (ingest_tx, ingest_rx) = mpsc::channel(INGEST_CHANNEL);
     let mut sources = tokio::task::JoinSet::new();
     let coap_handle = coap.as_ref().map(CoapServer::handle);
+    let coap_port = coap
+        .as_ref()
+        .and_then(|c| c.local_addrs().first().map(|a| a.port()));
     if let Some(server) = coap {
         let tx = ingest_tx.clone();
         let stop = shutdown.clone();
@@ -179,6 +183,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             }
         });
     }
+    discovery::start(
+        &config,
+        broker.local_addrs().first().map(|a| a.port()),
+        coap_port,
+        Arc::clone(&registry),
+        ingest_tx.clone(),
+        &mut sources,
+        shutdown.clone(),
+    )
+    .await
+    .context("starting discovery")?;
     let broker_task = tokio::spawn(broker.run(ingest_tx, shutdown.clone()));
     let ingest_task = tokio::spawn(
         Ingest::new(

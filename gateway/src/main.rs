@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod app;
+mod discovery;
 mod health;
 mod http;
 mod ingest;

@@ -375,7 +375,6 @@ impl Registry {
     }
 
     /// A device found on the network (mDNS or CoAP discovery).
-    #[allow(dead_code)] // wired with mDNS and CoAP discovery
     pub fn found(
         &self,
         id: &str,
@@ -398,6 +397,23 @@ impl Registry {
             }
             d.status = DeviceStatus::Online;
         });
+    }
+
+    /// A device's mDNS service said goodbye: it is offline until it is heard from again.
+    pub fn gone(&self, id: &str) {
+        let Some(id) = DeviceId::sanitised(id) else {
+            return;
+        };
+        let Ok(mut devices) = self.devices.lock() else {
+            return;
+        };
+        if let Some(d) = devices.get_mut(&id)
+            && d.status != DeviceStatus::Offline
+        {
+            d.status = DeviceStatus::Offline;
+            inc(&self.metrics.changes);
+            let _ = self.changes.send(Change(d.clone()));
+        }
     }
 
     /// Re-evaluates every device's status against the thresholds.
