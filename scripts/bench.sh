@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # Outpost benchmark: ingest, drain, latency, RSS, open time, disk writes, each against mosquitto
-# measured in the same run on the same machine. Results: BENCHMARKS.md explains them.
+# measured in the same run on the same machine; CoAP ingest against MQTT ingest, and SenML
+# decode throughput against serde_json. Results: BENCHMARKS.md explains them.
 #
-#   bash scripts/bench.sh                # full run (1,000,000-record backlog), ~4 min on 2 cores
-#   BENCH_QUICK=1 bash scripts/bench.sh  # 100,000-record backlog, 5 s latency runs, ~1.5 min
+#   bash scripts/bench.sh                # full run (1,000,000-record backlog), ~6 min on 2 cores
+#   BENCH_QUICK=1 bash scripts/bench.sh  # 100,000-record backlog, 5 s latency runs, ~3 min
+#   BENCH_ONLY=coap bash scripts/bench.sh  # only the CoAP/SenML section, ~1.5 min
 #
 # Environment:
 #   BENCH_QUICK=1      smaller run
-#   BENCH_ONLY=a,b     run only some sections: ingest, backlog, latency
+#   BENCH_ONLY=a,b     run only some sections: ingest, backlog, latency, coap
+#   BENCH_COMMIT_INTERVAL=5ms  storage.commit_interval of the Outpost runs (default: the config
+#                      default, 0ms)
+#   BENCH_COMPARE_INTERVAL=5ms also run Outpost with this commit_interval in the ingest and latency
+#                      sections, same run (default 5ms, the old default; empty: skip)
 #   BENCH_REPS=N       rounds of the ingest runs and open-time runs (default 3; the median is reported)
 #   BENCH_NO_BRIDGE=1  skip the mosquitto-bridge latency run
 #   BENCH_KEEP=1       keep the temporary directory (logs, databases, configs)
@@ -15,6 +21,7 @@
 #                      the gateway would use, not a tmpfs, so fsync and write_bytes mean something)
 #   MQTTWRK=PATH       the mqttwrk binary (default: on PATH, else `cargo install`ed into target/)
 #   OUTPOST_BIN=PATH   skip the build and use this binary
+#   SENML_BENCH=PATH   skip building scripts/bench/senml-decode and use this binary
 #
 # Needs what `bash scripts/test.sh` installs (mosquitto, mosquitto-clients, paho-mqtt 2.x) and
 # builds the gateway with `cargo build -p outpost --profile bench-fast`.
@@ -57,6 +64,18 @@ else
   OUTPOST="$ROOT/target/bench-fast/outpost"
 fi
 
+# The SenML decode benchmark: a standalone project (its own [workspace]) on ../../../protocols.
+SENML=""
+if [[ ",${BENCH_ONLY:-coap}," == *,coap,* ]]; then
+  if [ -n "${SENML_BENCH:-}" ]; then
+    SENML="$SENML_BENCH"
+  else
+    cargo build --profile bench-fast --manifest-path scripts/bench/senml-decode/Cargo.toml \
+      --target-dir "$ROOT/target/senml-decode"
+    SENML="$ROOT/target/senml-decode/bench-fast/senml-decode-bench"
+  fi
+fi
+
 TMPPARENT="${BENCH_TMPDIR:-$ROOT/target/bench-tmp}"
 mkdir -p "$TMPPARENT"
 RESULTS="$ROOT/target/bench-results.json"
@@ -67,6 +86,7 @@ args=(--outpost "$OUTPOST" --mqttwrk "$MQTTWRK" --mosquitto "$MOSQUITTO"
 [ "${BENCH_KEEP:-0}" = "1" ] && args+=(--keep)
 [ "${BENCH_NO_BRIDGE:-0}" = "1" ] && args+=(--no-bridge)
 [ -n "${BENCH_ONLY:-}" ] && args+=(--only "$BENCH_ONLY")
+[ -n "$SENML" ] && args+=(--senml-bench "$SENML")
 
 echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), kernel $(uname -r)"
 echo "outpost: $OUTPOST; mqttwrk: $MQTTWRK; $("$MOSQUITTO" -h 2>&1 | head -1)"

@@ -29,3 +29,8 @@ fi
 if ! python3 -c 'import prometheus_client.parser' 2>/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check 'prometheus-client>=0.17,<1'
 fi
+
+# The mDNS discovery scenarios use python-zeroconf as the peer (inside network namespaces).
+if ! python3 -c 'import zeroconf' 2>/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check 'zeroconf>=0.130,<1'
+fi

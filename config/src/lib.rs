@@ -32,6 +32,7 @@
 //! - `validate.rs`: raw -> typed, collecting every problem.
 //! - `types.rs`: validated newtypes and enums. `units.rs`: byte sizes and durations.
 //! - `auth_files.rs`: the broker's password file and ACL file, in mosquitto's formats.
+//! - `tls.rs`: a TLS listener's certificate, key and client CA files ([`TlsListenerConfig`]).
 //! - `check.rs`: the newtypes of `[[check]]` entries ([`CheckName`], [`HttpUrl`], [`HostPort`]).
 //! - `coap.rs`: the rules of the CoAP ingest path and of `[[observe]]` `coap://` URIs.
 //! - `default.toml`: the annotated default configuration (`outpost print-default-config`).
@@ -43,6 +44,7 @@ mod check;
 mod coap;
 mod error;
 mod raw;
+mod tls;
 mod types;
 mod units;
 mod validate;
@@ -58,6 +60,7 @@ pub use auth_files::{
 };
 pub use check::{AuthorityError, CheckName, CheckNameError, HostPort, HttpUrl, HttpUrlError};
 pub use error::{ConfigError, ConfigErrors};
+pub use tls::{TlsFileError, TlsFileKey, TlsListenerConfig, TlsMaterial};
 pub use types::{
     AllowAnonymous, Durability, MQTT_MAX_STRING_BYTES, MqttVersion, NodeName, NodeNameError,
     PayloadFormat, Priority, RouteTarget, Secret, StoreMode, TopicFilter, TopicFilterError,
@@ -98,7 +101,8 @@ impl<S: std::hash::BuildHasher> Env for HashMap<String, String, S> {
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
     /// `--listen`: replaces every broker listener (the `broker.listeners` list and any
-    /// `[[broker.listener]]` tables) with this one address, under `broker.allow_anonymous`.
+    /// `[[broker.listener]]` tables, TLS ones included) with this one plain-TCP address, under
+    /// `broker.allow_anonymous`.
     pub listen: Option<SocketAddr>,
     /// `--upstream`: sets `upstream.url`, creating the `[upstream]` section if the file has none.
     pub upstream_url: Option<String>,
@@ -200,13 +204,16 @@ pub struct BrokerConfig {
 }
 
 /// One MQTT listener and its own settings (from `listeners` or a `[[broker.listener]]` table).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenerConfig {
     /// Where it listens.
     pub address: SocketAddr,
     /// Whether clients without a username are admitted here: the table's `allow_anonymous`, or
     /// `broker.allow_anonymous` applied to `address`.
     pub allow_anonymous: bool,
+    /// `Some`: MQTT over TLS on this listener (a table's `tls = {..}`; its files were read and
+    /// checked at load). `None` (the default, and always for the `listeners` list): plain TCP.
+    pub tls: Option<TlsListenerConfig>,
 }
 
 impl Default for BrokerConfig {
@@ -223,6 +230,7 @@ impl Default for BrokerConfig {
             listener_settings: vec![ListenerConfig {
                 address: SocketAddr::from(([0, 0, 0, 0], 1883)),
                 allow_anonymous: true,
+                tls: None,
             }],
             password_file: None,
             acl_file: None,

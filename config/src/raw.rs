@@ -64,6 +64,17 @@ pub(crate) struct RawBroker {
 pub(crate) struct RawListener {
     pub address: Option<String>,
     pub allow_anonymous: Option<RawAnonymous>,
+    pub tls: Option<RawTls>,
+}
+
+/// A listener's `tls = { cert_file = .., key_file = .., .. }` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTls {
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub client_ca_file: Option<PathBuf>,
+    pub require_client_cert: Option<bool>,
 }
 
 /// `allow_anonymous` as written: `true`, `false` or a string (`"loopback-only"`).

@@ -14,8 +14,9 @@ use crate::coap::{check_ingest_path, parse_coap_uri};
 use crate::error::{Collector, ConfigErrors};
 use crate::raw::{
     RawAnonymous, RawBroker, RawCheck, RawCoap, RawConfig, RawDiscovery, RawDuration, RawHealth,
-    RawLog, RawNode, RawObserve, RawRoute, RawSize, RawStorage, RawSync, RawUpstream,
+    RawLog, RawNode, RawObserve, RawRoute, RawSize, RawStorage, RawSync, RawTls, RawUpstream,
 };
+use crate::tls::TlsListenerConfig;
 use crate::types::{
     AllowAnonymous, Durability, MQTT_MAX_STRING_BYTES, MqttVersion, NodeName, PayloadFormat,
     Priority, RouteTarget, Secret, StoreMode, TopicFilter, TopicTemplate, UpstreamUrl, WhenFull,
@@ -258,9 +259,13 @@ fn broker(c: &mut Collector, raw: RawBroker) -> BrokerConfig {
         } else {
             AllowAnonymous::Always
         });
-    // Each listener with its own `allow_anonymous` (None: the broker-wide one) and the key
-    // that decided it, for errors.
-    let mut entries: Vec<(SocketAddr, Option<AllowAnonymous>)> = Vec::new();
+    // Each listener with its own `allow_anonymous` (None: the broker-wide one) and its TLS
+    // settings.
+    let mut entries: Vec<(
+        SocketAddr,
+        Option<AllowAnonymous>,
+        Option<TlsListenerConfig>,
+    )> = Vec::new();
     match (raw.listeners, raw.listener) {
         (Some(_), Some(_)) => c.push(
             "broker.listener",
@@ -271,7 +276,7 @@ fn broker(c: &mut Collector, raw: RawBroker) -> BrokerConfig {
                 c.push("broker.listeners", "at least one listener is required");
             }
             let addrs = listeners(c, "broker.listeners", &texts, 1883);
-            entries.extend(addrs.into_iter().map(|a| (a, None)));
+            entries.extend(addrs.into_iter().map(|a| (a, None, None)));
         }
         (None, Some(tables)) => {
             if tables.is_empty() {
@@ -283,6 +288,11 @@ fn broker(c: &mut Collector, raw: RawBroker) -> BrokerConfig {
                 let own = t
                     .allow_anonymous
                     .and_then(|v| anonymous(c, &path("allow_anonymous"), v));
+                let tls = t
+                    .tls
+                    .and_then(|raw| tls(c, &format!("broker.listener[{i}].tls"), raw));
+                // Clients can log in with a certificate there: refusing anonymous ones is fine.
+                let client_certs = tls.as_ref().is_some_and(|t| t.client_ca_file.is_some());
                 let addr = match t.address.as_deref().map(str::trim) {
                     None => {
                         c.push(path("address"), "required: IP:port, e.g. \"0.0.0.0:1883\"");
@@ -320,8 +330,8 @@ fn broker(c: &mut Collector, raw: RawBroker) -> BrokerConfig {
                 };
                 seen.push(addr);
                 if let Some(addr) = addr {
-                    entries.push((addr, own));
-                    if own.is_some_and(|p| !p.allows(addr)) && !has_passwords {
+                    entries.push((addr, own, tls));
+                    if own.is_some_and(|p| !p.allows(addr)) && !has_passwords && !client_certs {
                         c.push(
                             path("allow_anonymous"),
                             format!(
@@ -332,12 +342,14 @@ fn broker(c: &mut Collector, raw: RawBroker) -> BrokerConfig {
                 }
             }
         }
-        (None, None) => entries.extend(d.listeners.iter().map(|a| (*a, None))),
+        (None, None) => entries.extend(d.listeners.iter().map(|a| (*a, None, None))),
     }
     if !has_passwords
-        && let Some((addr, _)) = entries
-            .iter()
-            .find(|(a, own)| own.is_none() && !allow_anonymous.allows(*a))
+        && let Some((addr, _, _)) = entries.iter().find(|(a, own, tls)| {
+            own.is_none()
+                && !allow_anonymous.allows(*a)
+                && tls.as_ref().is_none_or(|t| t.client_ca_file.is_none())
+        })
     {
         c.push(
             "broker.allow_anonymous",
@@ -347,10 +359,11 @@ fn broker(c: &mut Collector, raw: RawBroker) -> BrokerConfig {
         );
     }
     let listener_settings: Vec<ListenerConfig> = entries
-        .iter()
-        .map(|(address, own)| ListenerConfig {
-            address: *address,
-            allow_anonymous: own.unwrap_or(allow_anonymous).allows(*address),
+        .into_iter()
+        .map(|(address, own, tls)| ListenerConfig {
+            address,
+            allow_anonymous: own.unwrap_or(allow_anonymous).allows(address),
+            tls,
         })
         .collect();
     let listeners = listener_settings.iter().map(|l| l.address).collect();
@@ -409,6 +422,53 @@ fn broker(c: &mut Collector, raw: RawBroker) -> BrokerConfig {
         password_file,
         acl_file,
     }
+}
+
+/// A listener's `tls` table at `key` (`broker.listener[i].tls`): required keys present, the
+/// files read and checked (each problem at its own key). `None` when a key is missing; the
+/// settings (reported) when a file is bad.
+fn tls(c: &mut Collector, key: &str, raw: RawTls) -> Option<TlsListenerConfig> {
+    let mut file = |name: &str, value: Option<std::path::PathBuf>, required: bool| match value {
+        None if required => {
+            c.push(
+                format!("{key}.{name}"),
+                "required in a tls table: the path of a PEM file",
+            );
+            None
+        }
+        Some(p) if p.as_os_str().is_empty() => {
+            c.push(format!("{key}.{name}"), "must not be empty");
+            None
+        }
+        other => other,
+    };
+    let cert_file = file("cert_file", raw.cert_file, true);
+    let key_file = file("key_file", raw.key_file, true);
+    let client_ca_given = raw.client_ca_file.is_some();
+    let client_ca_file = file("client_ca_file", raw.client_ca_file, false);
+    let require_client_cert = raw.require_client_cert.unwrap_or(false);
+    if require_client_cert && !client_ca_given {
+        c.push(
+            format!("{key}.require_client_cert"),
+            "needs client_ca_file: the CA that client certificates are checked against",
+        );
+    }
+    let config = TlsListenerConfig {
+        cert_file: cert_file?,
+        key_file: key_file?,
+        client_ca_file,
+        require_client_cert,
+    };
+    if client_ca_given && config.client_ca_file.is_none() {
+        return None;
+    }
+    if let Err(errors) = config.load_all() {
+        for e in errors {
+            // Names the file and what is wrong with it; never its contents.
+            c.push(format!("{key}.{}", e.key().as_str()), e.to_string());
+        }
+    }
+    Some(config)
 }
 
 /// `true`, `false` or `"loopback-only"`; `None` (reported) for anything else, so the caller

@@ -12,7 +12,7 @@ use std::time::Duration;
 use outpost_config::{
     AllowAnonymous, CheckKind, CoapConfig, Config, ConfigErrors, Durability, Env, HealthConfig,
     ListenerConfig, MqttVersion, ObserveConfig, Overrides, PasswordHash, PayloadFormat, Priority,
-    RouteTarget, Secret, StoreMode, UpstreamUrl, WhenFull, default_config_toml,
+    RouteTarget, Secret, StoreMode, TlsListenerConfig, UpstreamUrl, WhenFull, default_config_toml,
 };
 
 /// An environment with nothing set.
@@ -1837,7 +1837,8 @@ fn no_auth_keys_keep_every_listener_open() {
         c.broker.listener_settings,
         [ListenerConfig {
             address: "0.0.0.0:1883".parse().unwrap(),
-            allow_anonymous: true
+            allow_anonymous: true,
+            tls: None,
         }]
     );
     assert!(c.broker.password_file.is_none() && c.broker.acl_file.is_none());
@@ -2022,7 +2023,8 @@ fn listener_tables_set_anonymous_per_listener() {
         c.broker.listener_settings,
         [ListenerConfig {
             address: "127.0.0.1:0".parse().unwrap(),
-            allow_anonymous: true
+            allow_anonymous: true,
+            tls: None,
         }]
     );
 }
@@ -2117,4 +2119,222 @@ fn discovery_section_is_validated_with_every_error_reported() {
         ],
         "{errs:#?}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS listeners
+
+/// A CA, a server certificate signed by it (with its key), and an unrelated key, as PEM files
+/// in `dir`; returns their paths as TOML-ready strings: (ca, cert, key, other_key).
+fn tls_files(dir: &tempfile::TempDir) -> (String, String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "Outpost test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let other = KeyPair::generate().unwrap();
+    (
+        write(dir, "ca.pem", &ca.pem()),
+        write(dir, "server.pem", &cert.pem()),
+        write(dir, "server.key", &key.serialize_pem()),
+        write(dir, "other.key", &other.serialize_pem()),
+    )
+}
+
+#[test]
+fn tls_listener_files_are_read_and_checked_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key, _) = tls_files(&dir);
+    let c = load_ok(&format!(
+        r#"
+        [[broker.listener]]
+        address = "127.0.0.1:1883"
+        [[broker.listener]]
+        address = "0.0.0.0:8883"
+        tls = {{ cert_file = "{cert}", key_file = "{key}" }}
+        [[broker.listener]]
+        address = "0.0.0.0:8884"
+        [broker.listener.tls]
+        cert_file = "{cert}"
+        key_file = "{key}"
+        client_ca_file = "{ca}"
+        require_client_cert = true
+    "#
+    ));
+    let l = &c.broker.listener_settings;
+    assert_eq!(l[0].tls, None);
+    assert_eq!(
+        l[1].tls,
+        Some(TlsListenerConfig {
+            cert_file: PathBuf::from(&cert),
+            key_file: PathBuf::from(&key),
+            client_ca_file: None,
+            require_client_cert: false,
+        })
+    );
+    let t = l[2].tls.as_ref().unwrap();
+    assert_eq!(
+        t.client_ca_file.as_deref(),
+        Some(PathBuf::from(&ca).as_path())
+    );
+    assert!(t.require_client_cert);
+    // The same loader the broker uses; nothing of the key in Debug output.
+    let material = t.load().unwrap();
+    assert_eq!(material.cert_chain.len(), 1);
+    assert!(material.client_roots.is_some());
+    let key_text = std::fs::read_to_string(&key).unwrap();
+    let key_body = key_text.lines().nth(1).unwrap();
+    assert!(!format!("{material:?}{c:?}").contains(key_body));
+}
+
+#[test]
+fn tls_problems_are_reported_at_their_keys_without_key_material() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key, other) = tls_files(&dir);
+    let missing = dir.path().join("nope.pem").display().to_string();
+    let garbage_key = write(
+        &dir,
+        "garbage.key",
+        "-----BEGIN PRIVATE KEY-----\nTOPSECRETMATERIAL!!\n-----END PRIVATE KEY-----\n",
+    );
+    let at = |i: usize, k: &str| format!("broker.listener[{i}].tls.{k}");
+    let listener = |i: usize, tls: &str| {
+        format!(
+            "[[broker.listener]]\naddress = \"127.0.0.1:{}\"\ntls = {tls}\n",
+            8000 + i
+        )
+    };
+    let text = [
+        listener(
+            0,
+            &format!(r#"{{ cert_file = "{missing}", key_file = "{missing}" }}"#),
+        ),
+        listener(
+            1,
+            &format!(r#"{{ cert_file = "{key}", key_file = "{cert}" }}"#),
+        ),
+        listener(
+            2,
+            &format!(r#"{{ cert_file = "{cert}", key_file = "{other}" }}"#),
+        ),
+        listener(
+            3,
+            &format!(r#"{{ cert_file = "{cert}", key_file = "{garbage_key}" }}"#),
+        ),
+        listener(
+            4,
+            &format!(r#"{{ key_file = "{key}", require_client_cert = true }}"#),
+        ),
+        listener(
+            5,
+            &format!(r#"{{ cert_file = "{cert}", key_file = "{key}", client_ca_file = "{key}" }}"#),
+        ),
+        listener(
+            6,
+            &format!(r#"{{ cert_file = "", key_file = "{key}", client_ca_file = "{ca}" }}"#),
+        ),
+    ]
+    .concat();
+    let errs = errors(&text);
+    let paths: Vec<&str> = errs.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            at(0, "cert_file"),
+            at(0, "key_file"),
+            at(1, "cert_file"),
+            at(1, "key_file"),
+            at(2, "key_file"),
+            at(3, "key_file"),
+            at(4, "cert_file"),
+            at(4, "require_client_cert"),
+            at(5, "client_ca_file"),
+            at(6, "cert_file"),
+        ],
+        "{errs:#?}"
+    );
+    let msg = |i: usize| errs[i].1.as_str();
+    assert!(
+        msg(0).contains("cannot read") && msg(0).contains("nope.pem"),
+        "{errs:#?}"
+    );
+    assert!(msg(2).contains("no PEM certificate"), "{errs:#?}");
+    assert!(msg(3).contains("no PEM private key"), "{errs:#?}");
+    assert!(msg(4).contains("does not match"), "{errs:#?}");
+    assert!(msg(6).contains("required"), "{errs:#?}");
+    assert!(msg(7).contains("needs client_ca_file"), "{errs:#?}");
+    assert!(msg(9).contains("must not be empty"), "{errs:#?}");
+    let all = format!("{errs:?}");
+    assert!(!all.contains("TOPSECRET"), "{all}");
+    for k in [&key, &other] {
+        let body = std::fs::read_to_string(k).unwrap();
+        assert!(!all.contains(body.lines().nth(1).unwrap()), "{all}");
+    }
+    assert_one_error(
+        &format!(
+            "[[broker.listener]]\naddress = \"127.0.0.1:1\"\ntls = {{ cert_file = \"{cert}\", key_file = \"{key}\", certfile = \"x\" }}"
+        ),
+        "broker.listener[0].tls.certfile",
+        "unknown field",
+    );
+}
+
+#[test]
+fn client_certificates_make_refusing_anonymous_clients_valid_without_passwords() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key, _) = tls_files(&dir);
+    let c = load_ok(&format!(
+        "[[broker.listener]]\naddress = \"0.0.0.0:8883\"\nallow_anonymous = false\ntls = {{ cert_file = \"{cert}\", key_file = \"{key}\", client_ca_file = \"{ca}\" }}\n"
+    ));
+    assert!(!c.broker.listener_settings[0].allow_anonymous);
+    // Without a client CA nobody could log in there.
+    assert_one_error(
+        &format!(
+            "[[broker.listener]]\naddress = \"0.0.0.0:8883\"\nallow_anonymous = false\ntls = {{ cert_file = \"{cert}\", key_file = \"{key}\" }}\n"
+        ),
+        "broker.listener[0].allow_anonymous",
+        "no broker.password_file",
+    );
+}
+
+#[test]
+fn default_toml_tls_listener_examples_are_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key, _) = tls_files(&dir);
+    let pw = write(&dir, "passwd", ALICE);
+    let tables = uncomment_block(
+        default_config_toml(),
+        "# [[broker.listener]]   # MQTT over TLS",
+    )
+    .replace("/etc/outpost/tls/server.pem", &cert)
+    .replace("/etc/outpost/tls/server.key", &key)
+    .replace("/etc/outpost/tls/devices-ca.pem", &ca);
+    let text = format!("[broker]\npassword_file = \"{pw}\"\n{tables}\n");
+    let c = load(&text).unwrap_or_else(|e| panic!("{text}\n=> {e}"));
+    let l = &c.broker.listener_settings;
+    assert_eq!(l.len(), 2);
+    assert!(
+        l[0].tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca_file.is_none())
+    );
+    assert!(l[1].tls.as_ref().is_some_and(|t| t.require_client_cert));
+    for key in [
+        "tls",
+        "cert_file",
+        "key_file",
+        "client_ca_file",
+        "require_client_cert",
+    ] {
+        assert!(default_config_toml().contains(&format!("{key} =")), "{key}");
+    }
 }

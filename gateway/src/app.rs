@@ -88,6 +88,8 @@ pub fn broker_settings(config: &Config) -> BrokerSettings {
         connect_timeout: b.connect_timeout,
         // Who may connect, publish and subscribe: the password and ACL files parsed at load.
         auth: Some(Arc::new(outpost_protocols::Auth::from_config(b))),
+        // Per listener: TLS certificate and key (and client CA) files, or plain TCP.
+        tls: b.listener_settings.iter().map(|l| l.tls.clone()).collect(),
     }
 }
 
@@ -408,6 +410,12 @@ async fn reload_on_sighup(broker: outpost_protocols::BrokerHandle, stop: Cancell
                 }
             },
             None => info!("SIGHUP: no password or ACL file configured; nothing to reload"),
+        }
+        match broker.reload_tls() {
+            Ok(()) => info!("SIGHUP: TLS certificates reloaded for new connections"),
+            Err(e) => {
+                tracing::warn!(error = %e, "SIGHUP: TLS reload failed; the previous certificates stay in force")
+            }
         }
     }
 }

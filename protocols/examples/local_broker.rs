@@ -22,6 +22,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         max_queued_messages: 1000,
         connect_timeout: Duration::from_secs(10),
         auth: None,
+        tls: Vec::new(),
     })
     .await?;
     println!("listening on {:?}", broker.local_addrs());

@@ -51,6 +51,17 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+async fn wait_for(cond: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met in time"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn is_ours(v: &Value, event: &str, ty: &str) -> bool {
     v["event"] == event && v["type"] == ty && v["name"] == format!("Outpost Test GW.{ty}")
 }
@@ -118,13 +129,29 @@ fn zeroconf_finds_our_services_then_sees_goodbye() {
         // A new address on the LAN interface: the daemon notices it within its 5 s check,
         // we re-announce, and zeroconf resolves the services again with it.
         discovery_netns::ip(&["addr", "add", "10.77.0.9/24", "dev", &lan]).expect("add address");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while handle.stats().reannouncements == 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        let stats = handle.stats();
-        assert!(stats.address_changes >= 1, "{stats:?}");
-        assert!(stats.reannouncements >= 1, "{stats:?}");
+        zc.until(Duration::from_secs(20), |v| {
+            is_ours(v, "updated", "_mqtt._tcp.local.") && has_addr(v, "10.77.0.9")
+        })
+        .await
+        .expect("zeroconf resolved the new address");
+        wait_for(|| handle.stats().reannouncements == 1).await;
+        assert_eq!(handle.stats().address_changes, 1);
+
+        // The address goes away: mdns-sd alone would leave peers with the stale A record until
+        // its TTL; our re-announcement (cache-flush) replaces it.
+        discovery_netns::ip(&["addr", "del", "10.77.0.9/24", "dev", &lan]).expect("del address");
+        wait_for(|| handle.stats().reannouncements == 2).await;
+        // zeroconf expires the flushed record a second after the announcement.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        zc.say("resolve _mqtt._tcp.local. Outpost Test GW._mqtt._tcp.local.")
+            .await;
+        let v = zc
+            .until(Duration::from_secs(5), |v| v["event"] == "resolved")
+            .await
+            .expect("zeroconf resolved");
+        assert!(has_addr(&v, &gw) && !has_addr(&v, "10.77.0.9"), "{v}");
+        wait_for(|| handle.stats().reannouncements == 2).await;
+        assert_eq!(handle.stats().address_changes, 2);
 
         shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(10), task)

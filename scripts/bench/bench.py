@@ -10,6 +10,8 @@ Sections (see BENCHMARKS.md for what each one means):
   4  RSS idle and peak (from 1 and 2)
   5  open time with the backlog vs an empty store
   6  disk bytes written per payload byte during ingest (from 1)
+  7  CoAP ingest of 100 B SenML CBOR (coap_load.py) vs MQTT ingest (mqttwrk), same gateway
+     configuration, same run; SenML decode MB/s (scripts/bench/senml-decode) vs serde_json
 """
 
 import argparse
@@ -261,33 +263,53 @@ def start_mosquitto(env, name, persistence=False, upstream=False, bridge_to=None
     return p
 
 
-def outpost_config(env, name, durability="full", upstream_port=None, data_dir=None, port=None):
+def free_udp_port():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def outpost_config(env, name, durability="full", upstream_port=None, data_dir=None, port=None,
+                   commit_interval=None, coap_port=None, routes=""):
+    """Group-commit settings are the configuration defaults (commit_batch_records 512,
+    commit_interval 0ms since the change in docs/ARCHITECTURE.md) unless BENCH_COMMIT_INTERVAL
+    or `commit_interval` says otherwise. The health endpoint gets its own free port (the default
+    127.0.0.1:9180 could be another gateway's on a shared machine, and `outpost status` asks
+    whatever answers there); CoAP is off unless `coap_port` is given (the default would bind
+    0.0.0.0:5683)."""
     d = env.dir(name)
     port = port or free_port()
     data_dir = data_dir or os.path.join(d, "data")
     os.makedirs(data_dir, exist_ok=True)
+    ci = commit_interval or env.a.commit_interval
+    coap = f'"127.0.0.1:{coap_port}"' if coap_port else ""
     cfg = f"""[node]
 name = "bench"
 [broker]
 listeners = ["127.0.0.1:{port}"]
+[coap]
+listeners = [{coap}]
 [storage]
 data_dir = "{data_dir}"
 quota = "4GiB"
 durability = "{durability}"
-commit_batch_records = 512
-commit_interval = "5ms"
-[sync]
+""" + (f'commit_interval = "{ci}"\n' if ci else "") + f"""[sync]
 inflight_window = 100
+[health]
+listen = "127.0.0.1:{free_port()}"
 """
     if upstream_port is not None:
         cfg += f"""[upstream]
 url = "mqtt://127.0.0.1:{upstream_port}"
 protocol = "5"
 """
+    cfg += routes
     path = os.path.join(d, "outpost.toml")
     with open(path, "w") as f:
         f.write(cfg)
-    return {"path": path, "port": port, "data_dir": data_dir, "dir": d}
+    return {"path": path, "port": port, "data_dir": data_dir, "dir": d, "coap_port": coap_port}
 
 
 def start_outpost(env, cfg, wait=True):
@@ -362,6 +384,8 @@ def bench_ingest(env, R):
         ("outpost-full", "Outpost, durability full"),
         ("outpost-normal", "Outpost, durability normal"),
     ]
+    if a.compare_interval:
+        systems.append(("outpost-full-old", f"Outpost, durability full, commit_interval {a.compare_interval} (old default)"))
     runs = {k: [] for k, _ in systems}
     log(f"1. ingest: {pubs} publishers x {per} QoS1 x 100 B, {a.reps} rounds (systems interleaved)")
     for rep in range(a.reps):
@@ -370,7 +394,8 @@ def bench_ingest(env, R):
                 p = start_mosquitto(env, key, persistence=key.endswith("on"))
                 cfg = None
             else:
-                cfg = outpost_config(env, key, durability=key.split("-")[1])
+                cfg = outpost_config(env, key, durability=key.split("-")[1],
+                                     commit_interval=a.compare_interval if key.endswith("-old") else None)
                 p = start_outpost(env, cfg)
             time.sleep(1.0)
             idle = proc_status(p.pid).get("VmRSS")
@@ -434,6 +459,8 @@ def bench_ingest_single(env, R):
     n = 20_000
     systems = [("mosquitto-persist-on", "mosquitto, persistence on (defaults)"),
                ("outpost-full", "Outpost, durability full")]
+    if a.compare_interval:
+        systems.append(("outpost-full-old", f"Outpost, durability full, commit_interval {a.compare_interval} (old default)"))
     runs = {k: [] for k, _ in systems}
     log(f"1b. ingest, one publisher: 1 x {n} QoS1 x 100 B, {a.reps} rounds")
     for rep in range(a.reps):
@@ -441,7 +468,8 @@ def bench_ingest_single(env, R):
             if key.startswith("mosquitto"):
                 p, cfg = start_mosquitto(env, key + "-1pub", persistence=True), None
             else:
-                cfg = outpost_config(env, key + "-1pub", durability="full")
+                cfg = outpost_config(env, key + "-1pub", durability="full",
+                                     commit_interval=a.compare_interval if key.endswith("-old") else None)
                 p = start_outpost(env, cfg)
             time.sleep(0.5)
             res = mqttwrk(env, p.port, 1, n, logname=f"ingest1-{key}")
@@ -610,7 +638,12 @@ def bench_backlog(env, R):
     t0 = time.monotonic()
     up = spawn([a.mosquitto, "-c", conf], os.path.join(d, "mosquitto.log"))
     wait_port(up_port, proc=up)
-    sub = SubCounter(env, up_port, "outpost/bench/hello/#", expect)  # mqttwrk's topics, not birth/health
+    # The subscriber counts mqttwrk's readings only; `expect` (buffered_records) also holds the
+    # gateway's own records (one `$gateway/devices/<client id>` registry record per new client,
+    # resource samples), which the drain sends too.
+    readings = fill["acked"] or N
+    out["own_records"] = expect - readings
+    sub = SubCounter(env, up_port, "outpost/bench/hello/#", readings)  # mqttwrk's topics, not birth/health
     drained_at = None
     cpu_at_drain = {}
     samples = []
@@ -629,7 +662,7 @@ def bench_backlog(env, R):
             log(f"  ! outpost exited ({p.returncode}) during the drain")
             break
         time.sleep(0.2)
-    got_all = sub.wait_count(expect, 30)
+    got_all = sub.wait_count(readings, 30)
     time.sleep(1.5)  # the runtime counters in `outpost status` are a snapshot written every second
     st = outpost_status(env, cfg)
     drain = {
@@ -750,6 +783,18 @@ def bench_latency(env, R):
     out["outpost"]["peak_rss"] = proc_status(p.pid).get("VmHWM")
     stop(p)
     stop(up)
+    if a.compare_interval:
+        up = start_mosquitto(env, "lat-upstream-old", upstream=True)
+        cfg = outpost_config(env, "lat-outpost-old", durability="full", upstream_port=up.port,
+                             commit_interval=a.compare_interval)
+        p = start_outpost(env, cfg)
+        if wait_status(env, cfg, lambda s: (s.get("runtime") or {}).get("uplink_state") == "connected",
+                       timeout=30) is None:
+            log("  ! Outpost did not report uplink_state=connected within 30 s")
+        out["outpost_old"] = latency_run(
+            env, f"publisher -> Outpost (full, commit_interval {a.compare_interval}) -> mosquitto", p.port, up.port)
+        stop(p)
+        stop(up)
     # A mosquitto bridge (persistence on, defaults) in front of the upstream mosquitto.
     if not a.no_bridge:
         up = start_mosquitto(env, "lat-bridge-upstream", upstream=True)
@@ -766,6 +811,129 @@ def bench_latency(env, R):
         stop(br)
         stop(up)
     R["latency"] = out
+
+
+
+# ---------------------------------------------------------------- 7: CoAP ingest, SenML decode
+
+
+def udp_drops(port):
+    """Datagrams the kernel dropped at the 127.0.0.1:port UDP socket because its receive buffer
+    was full (the `drops` column of /proc/net/udp)."""
+    want = f"0100007F:{port:04X}"
+    try:
+        with open("/proc/net/udp") as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if cols[1] == want:
+                    return int(cols[-1])
+    except (OSError, IndexError, ValueError):
+        pass
+    return None
+
+
+SENML_ROUTE = '[[route]]\nfilter = "sensors/#"\nformat = "senml+cbor"\n'
+
+
+def bench_coap(env, R):
+    """CoAP ingest of 100 B SenML CBOR packs (coap_load.py: raw UDP, CON POST /t/bench/<i>,
+    Content-Format 112) vs MQTT ingest (mqttwrk, 100 B, QoS 1) with the same number of clients
+    and the same window, against the same gateway configuration, interleaved in each round."""
+    a = env.a
+    clients = 8
+    big, small = a.coap_count, max(1, a.coap_count // 5)
+    variants = []
+    for window, count in ((1, small), (16, big), (64, big)):
+        variants.append((f"coap-{window}", "coap", window, count))
+        variants.append((f"mqtt-{window}", "mqtt", window, count))
+    runs = {k: [] for k, *_ in variants}
+    log(f"7. CoAP vs MQTT ingest: {clients} clients, windows 1/16/64, 100 B, {a.reps} rounds (interleaved)")
+    for rep in range(a.reps):
+        for key, proto, window, count in variants:
+            cport = free_udp_port()
+            cfg = outpost_config(env, key, durability="full", coap_port=cport, routes=SENML_ROUTE)
+            p = start_outpost(env, cfg)
+            time.sleep(1.0)
+            sc0 = cpu_s(p.pid)
+            if proto == "coap":
+                c0 = children_cpu_s()
+                t0 = time.monotonic()
+                r = subprocess.run([sys.executable, os.path.join(HERE, "coap_load.py"), "--port", str(cport),
+                                    "--clients", str(clients), "--inflight", str(window),
+                                    "--count", str(count), "--procs", "2"],
+                                   capture_output=True, text=True, timeout=1800)
+                wall = time.monotonic() - t0
+                with open(os.path.join(env.tmp, "coap_load.log"), "a") as f:
+                    f.write(r.stdout + r.stderr + "\n")
+                try:
+                    res = json.loads(r.stdout)
+                except ValueError:
+                    res = {"error": f"coap_load rc={r.returncode}: {(r.stderr or r.stdout)[-300:]}", "created": 0}
+                res["client_cpu_s"] = children_cpu_s() - c0
+                res["wall_s"] = wall
+                res["acked"] = res.get("created", 0)
+                res["throughput"] = res.get("rate")
+                res["rcvbuf_drops"] = udp_drops(cport)
+                if res["acked"] != clients * count and "error" not in res:
+                    res["error"] = f"{res['acked']} of {clients * count} answered 2.01: {res.get('codes')}"
+            else:
+                res = mqttwrk(env, cfg["port"], clients, count, inflight=window, logname=f"coap-mqtt-{window}")
+            res["server_cpu_s"] = delta(sc0, cpu_s(p.pid))
+            st = wait_status(env, cfg, lambda s: s.get("runtime") is not None and
+                             s["runtime"]["pid"] == p.pid and s["runtime"]["ingested"] >= res["acked"], timeout=5)
+            if st is not None:
+                res["stored"] = st["store"]["appended_total"]
+                res["dead_letters"] = st["store"]["dead_lettered_total"]
+                res["records_per_commit"] = (st["store"]["appended_total"] / st["store"]["commits_total"]
+                                             if st["store"]["commits_total"] else None)
+                if res["stored"] < res["acked"] or res["dead_letters"]:
+                    res.setdefault("error", f"acked {res['acked']}, stored {res['stored']}, "
+                                            f"dead letters {res['dead_letters']}")
+            res["peak_rss"] = proc_status(p.pid).get("VmHWM")
+            stop(p)
+            if res.get("error"):
+                log(f"  ! {key}: {res['error']}")
+            runs[key].append(res)
+            extra = ""
+            if proto == "coap":
+                extra = (f", retransmissions {res.get('retransmissions')}, gateway socket drops "
+                         f"{res.get('rcvbuf_drops')}, p50/p99 {fmt((res.get('latency_ms') or {}).get('p50'), '{:.1f}')}/"
+                         f"{fmt((res.get('latency_ms') or {}).get('p99'), '{:.1f}')} ms")
+            log(f"  round {rep + 1} {key:<8} {clients} x {count} window {window:<3} "
+                f"{res.get('throughput') or 0:>8.0f} msg/s, {fmt(res.get('records_per_commit'), '{:.0f}')} rec/commit{extra}")
+    out = {}
+    for key, proto, window, count in variants:
+        rs = runs[key]
+        ok = [r for r in rs if not r.get("error") or r.get("acked")]
+        out[key] = {
+            "proto": proto, "window": window, "clients": clients, "count": count, "runs": rs,
+            "throughput_median": median([r.get("throughput") for r in ok]),
+            "server_cpu_us_per_msg_median": median([r["server_cpu_s"] / r["acked"] * 1e6 for r in rs
+                                                    if r.get("server_cpu_s") is not None and r.get("acked")]),
+            "client_cpu_us_per_msg_median": median([r["client_cpu_s"] / r["acked"] * 1e6 for r in rs
+                                                    if r.get("client_cpu_s") is not None and r.get("acked")]),
+            "records_per_commit_median": median([r.get("records_per_commit") for r in rs]),
+            "retransmissions": [r.get("retransmissions") for r in rs] if proto == "coap" else None,
+            "rcvbuf_drops": [r.get("rcvbuf_drops") for r in rs] if proto == "coap" else None,
+            "latency_p50_ms_median": median([(r.get("latency_ms") or {}).get("p50") for r in rs]),
+            "latency_p99_ms_median": median([(r.get("latency_ms") or {}).get("p99") for r in rs]),
+            "peak_rss_max": max([r.get("peak_rss") or 0 for r in rs]),
+            "errors": [r["error"] for r in rs if r.get("error")],
+        }
+    R["coap"] = {"clients": clients, "payload": 100, "variants": out,
+                 "payload_hex": next((r.get("payload_hex") for r in runs["coap-16"] if r.get("payload_hex")), None)}
+
+    if a.senml_bench:
+        secs, reps = ("0.3", "3") if a.quick else ("0.5", "5")
+        log(f"7b. SenML decode throughput ({a.senml_bench}, {reps} x {secs} s per case)")
+        r = subprocess.run([a.senml_bench, "--json", "--seconds", secs, "--reps", reps],
+                           capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            raise RuntimeError(f"senml-decode bench failed: {r.stderr[-500:]}")
+        R["senml_decode"] = json.loads(r.stdout)
+        for c in R["senml_decode"]["cases"]:
+            log(f"  {c['pack']:<5} {c['bytes']:>6} B {c['what']:<52} {c['mb_per_s_median']:>8.1f} MB/s "
+                f"{c['records_per_s_median']:>10.0f} rec/s")
 
 
 # ---------------------------------------------------------------- report
@@ -799,7 +967,7 @@ def report(env, R):
         P("| system | msg/s (mqttwrk) | msg/s (wall) | vs mosquitto off | vs mosquitto on | idle RSS | "
           "peak RSS | disk written / payload | store on disk | server CPU / msg | mqttwrk CPU / msg |")
         P("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for key in ("mosquitto-persist-off", "mosquitto-persist-on", "outpost-full", "outpost-normal"):
+        for key in ing:
             s = ing[key]
             db = s["db_bytes_running_median"] if key.startswith("outpost") else None
             P(f"| {s['label']} | {fmt(s['throughput_median'])} | {fmt(s['wall_rate_median'])} | "
@@ -815,15 +983,19 @@ def report(env, R):
         P("")
     one = R.get("ingest_single")
     if one:
-        m, o = one["systems"]["mosquitto-persist-on"], one["systems"]["outpost-full"]
+        m = one["systems"]["mosquitto-persist-on"]
         P(f"### 1b. Ingest, one publisher: 1 x {one['count']:,} QoS 1 x 100 B (mqttwrk, in-flight 100), median of {env.a.reps}")
         P("")
         P("| system | msg/s | ratio | records per commit |")
         P("|---|---:|---:|---:|")
         P(f"| {m['label']} | {fmt(m['throughput_median'])} | 1.00x | - |")
-        P(f"| {o['label']} | {fmt(o['throughput_median'])} | "
-          f"{fmt(ratio(o['throughput_median'], m['throughput_median']), '{:.2f}x')} | "
-          f"{fmt(o['records_per_commit_median'], '{:.0f}')} |")
+        for key in ("outpost-full", "outpost-full-old"):
+            if key not in one["systems"]:
+                continue
+            o = one["systems"][key]
+            P(f"| {o['label']} | {fmt(o['throughput_median'])} | "
+              f"{fmt(ratio(o['throughput_median'], m['throughput_median']), '{:.2f}x')} | "
+              f"{fmt(o['records_per_commit_median'], '{:.0f}')} |")
         P("")
     if bl:
         N = bl["records"]
@@ -839,6 +1011,7 @@ def report(env, R):
         P(f"| of which: upstream start -> first message at the subscriber | {fmt(dr.get('first_message_s'), '{:.2f} s')} |")
         P(f"| drain rate after the first message | {fmt(dr.get('rate_after_first_message'))} rec/s |")
         P(f"| drain rate while 90% -> 10% of the backlog is left | {fmt(dr.get('rate_steady_90_10'))} rec/s |")
+        P(f"| of the backlog: the gateway's own records (`$gateway/devices/<client>` registry entries, resource samples), not readings | {bl.get('own_records')} |")
         P(f"| subscriber received (QoS 1) / all of them by | {dr.get('subscriber_received')} / "
           f"{fmt(dr.get('subscriber_all_s'), '{:.2f} s')} |")
         for label, r in bl.get("peer", {}).items():
@@ -875,11 +1048,12 @@ def report(env, R):
     if lat:
         P(f"### 3. Latency, paho QoS 1 at {env.a.lat_rate} msg/s for {env.a.lat_duration} s, 100 B")
         P("")
-        P("Clients with TCP_NODELAY unless the row says otherwise; Outpost with commit_interval 5ms.")
+        P(f"Clients with TCP_NODELAY unless the row says otherwise; Outpost with commit_interval "
+          f"{env.a.commit_interval or 'default (0ms)'} unless the row says otherwise.")
         P("")
         P("| path | end-to-end p50 | p99 | p99.9 | max | received / sent | sensor PUBACK p50 | p99 |")
         P("|---|---:|---:|---:|---:|---:|---:|---:|")
-        for key in ("direct", "outpost", "outpost_nagle", "bridge"):
+        for key in ("direct", "outpost", "outpost_nagle", "outpost_old", "bridge"):
             if key not in lat:
                 continue
             r = lat[key]
@@ -889,7 +1063,49 @@ def report(env, R):
               f"{r['sub']['received']} / {r['pub']['sent']} | {fmt(A['p50_ms'], '{:.2f} ms')} | "
               f"{fmt(A['p99_ms'], '{:.2f} ms')} |")
         P("")
+    co = R.get("coap", {}).get("variants")
+    if co:
+        P(f"### 7. CoAP ingest vs MQTT ingest: {R['coap']['clients']} clients, 100 B, durability full, "
+          f"median of {env.a.reps}")
+        P("")
+        P("CoAP: coap_load.py, CON POST /t/bench/<i>, SenML CBOR (Content-Format 112), route "
+          "`sensors/#` format senml+cbor (decoded before the 2.01). MQTT: mqttwrk QoS 1, 100 B, not "
+          "decoded (its topics match no route). Same gateway configuration, fresh gateway per run.")
+        P("")
+        P("| window per client | CoAP msg/s (2.01) | MQTT msg/s (PUBACK) | CoAP / MQTT | CoAP rec/commit | "
+          "MQTT rec/commit | CoAP server CPU / msg | MQTT server CPU / msg | CoAP client CPU / msg | "
+          "mqttwrk CPU / msg | CoAP retransmissions (per round) | gateway UDP socket drops (per round) | "
+          "CoAP p50 / p99 |")
+        P("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|")
+        for w in (1, 16, 64):
+            c, m = co.get(f"coap-{w}"), co.get(f"mqtt-{w}")
+            if not c or not m:
+                continue
+            P(f"| {w} ({c['clients']} x {c['count']:,}) | {fmt(c['throughput_median'])} | {fmt(m['throughput_median'])} | "
+              f"{fmt(ratio(c['throughput_median'], m['throughput_median']), '{:.2f}x')} | "
+              f"{fmt(c['records_per_commit_median'], '{:.0f}')} | {fmt(m['records_per_commit_median'], '{:.0f}')} | "
+              f"{fmt(c['server_cpu_us_per_msg_median'], '{:.1f} us')} | {fmt(m['server_cpu_us_per_msg_median'], '{:.1f} us')} | "
+              f"{fmt(c['client_cpu_us_per_msg_median'], '{:.1f} us')} | {fmt(m['client_cpu_us_per_msg_median'], '{:.1f} us')} | "
+              f"{', '.join(str(x) for x in c['retransmissions'])} | {', '.join(str(x) for x in c['rcvbuf_drops'])} | "
+              f"{fmt(c['latency_p50_ms_median'], '{:.1f}')} / {fmt(c['latency_p99_ms_median'], '{:.1f}')} ms |")
+        P("")
+        for key, v in co.items():
+            P(f"- {key}: runs {', '.join(fmt(r.get('throughput')) for r in v['runs'])} msg/s"
+              + (f"; ERRORS: {v['errors']}" if v["errors"] else ""))
+        P("")
+    sd = R.get("senml_decode")
+    if sd:
+        P(f"### 7b. SenML decode throughput (scripts/bench/senml-decode), median of {sd['reps']} x {sd['seconds']} s, one core")
+        P("")
+        P("| pack | decoder | input bytes | MB/s | records/s |")
+        P("|---|---|---:|---:|---:|")
+        for c in sd["cases"]:
+            P(f"| {c['pack']} ({c['records']} rec) | {c['what']} | {c['bytes']:,} | "
+              f"{c['mb_per_s_median']:.1f} | {c['records_per_s_median']:,.0f} |")
+        P("")
     # Summary against the targets.
+    if not (ing or bl or lat):
+        return "\n".join(lines)
     P("### Summary against the targets (reported, not asserted)")
     P("")
     P("| figure | Outpost | peer | ratio | target |")
@@ -986,7 +1202,12 @@ def main():
     ap.add_argument("--results", required=True)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    ap.add_argument("--only", default="ingest,backlog,latency")
+    ap.add_argument("--only", default="ingest,backlog,latency,coap")
+    ap.add_argument("--senml-bench", help="the scripts/bench/senml-decode binary (section coap)")
+    ap.add_argument("--commit-interval", default=os.environ.get("BENCH_COMMIT_INTERVAL") or None,
+                    help="storage.commit_interval for Outpost (default: the configuration default)")
+    ap.add_argument("--compare-interval", default=os.environ.get("BENCH_COMPARE_INTERVAL", "5ms"),
+                    help="also run Outpost with this commit_interval in sections 1, 1b, 3 ('' for none)")
     ap.add_argument("--no-bridge", action="store_true")
     a = ap.parse_args()
     a.reps = max(1, int(os.environ.get("BENCH_REPS", "3")))
@@ -995,11 +1216,13 @@ def main():
     a.lat_rate = 1000
     a.lat_duration = 5 if a.quick else 20
     a.drain_timeout = 600
+    a.coap_count = 6_250 if a.quick else 12_500
     env = Env(a)
     if not a.keep:
         REMOVE_ON_SIGNAL.append(env.tmp)
     log(f"temporary directory {env.tmp}")
     R = {"started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "quick": a.quick,
+         "commit_interval": a.commit_interval or "default", "compare_interval": a.compare_interval,
          "machine": {"nproc": os.cpu_count(), "loadavg_at_start": os.getloadavg(), **fsync_probe(env.tmp)}}
     log(f"machine: {R['machine']}")
     only = set(a.only.split(","))
@@ -1013,6 +1236,8 @@ def main():
             bench_backlog(env, R)
         if "latency" in only:
             bench_latency(env, R)
+        if "coap" in only:
+            bench_coap(env, R)
     except Exception as e:  # report what we have, then fail
         failed = e
         log(f"FAILED: {e!r}")

@@ -9,8 +9,9 @@ browse prints one JSON object per line, flushed:
     {"event": "added"|"updated", "type": T, "name": FULLNAME, "port": P,
      "addresses": ["10.0.0.1", ...], "txt": {"k": "v", ...}}
     {"event": "removed", "type": T, "name": FULLNAME}
-(added/updated carry what zeroconf resolved; a service that cannot be resolved within 3 s is
-printed with port null.)
+    {"event": "resolved", ...}   (the answer to a line `resolve TYPE FULLNAME` on stdin)
+(added/updated/resolved carry what zeroconf resolved, from its cache when it has the records; a
+service that cannot be resolved within 3 s is printed with port null.)
 
 register prints {"event": "registered", "name": FULLNAME} once the service is announced, and
 on SIGTERM unregisters it (goodbye packets), prints {"event": "unregistered"} and exits 0.
@@ -62,14 +63,17 @@ def on_change(zeroconf, service_type, name, state_change):
         threading.Thread(target=describe, args=(zeroconf, service_type, name, event), daemon=True).start()
 
 
-def wait_until_stopped():
+def wait_until_stopped(zc=None):
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
 
     def stdin_closed():
         try:
-            sys.stdin.read()
+            for line in sys.stdin:
+                parts = line.split(None, 2)
+                if zc is not None and len(parts) == 3 and parts[0] == "resolve":
+                    describe(zc, parts[1], parts[2].strip(), "resolved")
         except Exception:
             pass
         done.set()
@@ -95,7 +99,7 @@ def main():
     if args.cmd == "browse":
         ServiceBrowser(zc, args.types, handlers=[on_change])
         emit({"event": "ready"})
-        wait_until_stopped()
+        wait_until_stopped(zc)
         zc.close()
         return 0
 

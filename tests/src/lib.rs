@@ -499,6 +499,12 @@ impl GatewayConfig {
         if !self.extra.contains("[coap]") {
             s.push_str("[coap]\nlisteners = []\n\n");
         }
+        // Implicit device registration appends registry changes (retained upstream records) to
+        // the store; tests that count records exactly would see them, so it is off unless a test
+        // configures [discovery] (the registry scenarios do).
+        if !self.extra.contains("[discovery]") {
+            s.push_str("[discovery]\nimplicit = false\n\n");
+        }
         s.push_str(&self.extra);
         s
     }
@@ -2571,4 +2577,438 @@ pub fn first_message(
 /// `payload` parsed as JSON (Null when it is not JSON).
 pub fn payload_json(payload: &[u8]) -> Value {
     serde_json::from_slice(payload).unwrap_or(Value::Null)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Discovery: network namespaces, the gateway inside one, python peers inside the others
+// ---------------------------------------------------------------------------------------------
+//
+// The discovery scenarios (`tests/tests/discovery_*.rs`) multicast (mDNS, All-CoAP-Nodes), so
+// they never run on the machine's real interfaces: they build their own network namespaces
+// (root only; elsewhere they print `SKIP: ...` and pass). Same pattern as the protocols crate's
+// `protocols/tests/discovery_netns`, without tokio:
+//
+// - The outer run (plain `cargo test`) builds the `outpost` binary, creates a namespace `gw`
+//   and N peer namespaces, each peer joined to `gw` by a veth pair (`lan<i>` in `gw` with
+//   10.77.<i>.1/24 and fd77:<i>::1/64; `eth0` in peer i with .2/::2; `lo` up everywhere; IPv6
+//   DAD off), then re-executes its own test binary inside `gw` with [`NETNS_ENV`] set
+//   (`ip netns exec <gw> <test binary> --exact <test> --nocapture --test-threads=1`), with a
+//   deadline. It asserts the inner run passed and, whatever happened, kills every process left
+//   in its namespaces (`ip netns pids`, each by PID) and deletes them (Drop).
+// - The inner run sees [`NETNS_ENV`] and runs the scenario: everything the harness starts
+//   (outpost, mosquitto on 127.0.0.1, paho subscribers, `outpost devices`) runs in `gw`; the
+//   peers ([`NsPeer`]) are started with `ip netns exec <peer>`.
+// Namespace names carry `oe2e-<pid>-<counter>`, so parallel tests do not collide.
+
+/// Set in the inner run: `gw,peer0,peer1,...`.
+pub const NETNS_ENV: &str = "OUTPOST_E2E_NETNS";
+
+/// The namespaces of one discovery scenario.
+#[derive(Debug)]
+pub struct NetnsTopology {
+    /// The gateway's namespace (the inner run runs here).
+    pub gw: String,
+    /// Peer namespaces; peer i is reached through `lan<i>`.
+    pub peers: Vec<String>,
+    /// Only the outer run owns (and deletes) the namespaces.
+    owned: bool,
+}
+
+/// Runs `ip ARGS`; the error is its stderr.
+pub fn ip_cmd(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("cannot run ip (apt iproute2)")?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    }
+}
+
+/// Fails (naming the pip package) when a python module a peer needs is missing: a skip would
+/// hide a missing install step in CI.
+pub fn require_python_module(module: &str, pip: &str) -> Result<()> {
+    let ok = Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        bail!("python module {module} missing: pip install {pip}");
+    }
+    Ok(())
+}
+
+impl NetnsTopology {
+    /// Our address towards peer `i` (on `lan<i>`).
+    pub fn gw_addr(i: usize) -> std::net::Ipv4Addr {
+        std::net::Ipv4Addr::new(10, 77, u8::try_from(i).unwrap_or(u8::MAX), 1)
+    }
+
+    /// Peer `i`'s address (on its `eth0`).
+    pub fn peer_addr(i: usize) -> std::net::Ipv4Addr {
+        std::net::Ipv4Addr::new(10, 77, u8::try_from(i).unwrap_or(u8::MAX), 2)
+    }
+
+    /// The gateway namespace's interface towards peer `i`.
+    pub fn lan(i: usize) -> String {
+        format!("lan{i}")
+    }
+
+    /// The entry point of a discovery scenario named `test` (its function name) with `peers`
+    /// peer namespaces. In the inner run: the topology, and the caller runs the scenario. In
+    /// the outer run: builds the binary and the namespaces, runs the inner run (failing if it
+    /// fails), cleans up and returns `None`, as it does (after printing `SKIP: ...`) where
+    /// namespaces cannot be created. `modules` are (python module, pip package) pairs the
+    /// peers need.
+    pub fn enter(
+        test: &str,
+        peers: usize,
+        modules: &[(&str, &str)],
+        deadline: Duration,
+    ) -> Result<Option<Self>> {
+        if let Some(v) = std::env::var_os(NETNS_ENV) {
+            let v = v.to_string_lossy().into_owned();
+            let mut names = v.split(',').map(str::to_owned);
+            let gw = names.next().ok_or_else(|| anyhow!("empty {NETNS_ENV}"))?;
+            return Ok(Some(Self {
+                gw,
+                peers: names.collect(),
+                owned: false,
+            }));
+        }
+        for (m, pip) in modules {
+            require_python_module(m, pip)?;
+        }
+        let bin = outpost_bin()?;
+        let Some(t) = Self::create(peers)? else {
+            return Ok(None);
+        };
+        t.run_inner(test, &bin, deadline)?;
+        Ok(None)
+    }
+
+    /// Creates the namespaces (outer run), or `None` after printing `SKIP:` when `ip netns add`
+    /// is refused.
+    pub fn create(peers: usize) -> Result<Option<Self>> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let base = format!("oe2e-{}-{n}", std::process::id());
+        let gw = format!("{base}-gw");
+        if let Err(e) = ip_cmd(&["netns", "add", &gw]) {
+            eprintln!("SKIP: cannot create a network namespace (need root): {e:#}");
+            return Ok(None);
+        }
+        // From here on Drop deletes whatever was made, also when a step below fails.
+        let mut t = Self {
+            gw: gw.clone(),
+            peers: Vec::new(),
+            owned: true,
+        };
+        for i in 0..peers {
+            let p = format!("{base}-p{i}");
+            ip_cmd(&["netns", "add", &p])?;
+            t.peers.push(p);
+        }
+        for ns in std::iter::once(&t.gw).chain(&t.peers) {
+            for key in ["default", "all"] {
+                let _ = Command::new("ip")
+                    .args(["netns", "exec", ns, "sysctl", "-qw"])
+                    .arg(format!("net.ipv6.conf.{key}.accept_dad=0"))
+                    .stdin(Stdio::null())
+                    .status();
+            }
+            ip_cmd(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        for (i, p) in t.peers.iter().enumerate() {
+            let lan = Self::lan(i);
+            ip_cmd(&[
+                "-n", &t.gw, "link", "add", &lan, "type", "veth", "peer", "name", "eth0", "netns",
+                p,
+            ])?;
+            ip_cmd(&[
+                "-n",
+                &t.gw,
+                "addr",
+                "add",
+                &format!("{}/24", Self::gw_addr(i)),
+                "dev",
+                &lan,
+            ])?;
+            ip_cmd(&[
+                "-n",
+                p,
+                "addr",
+                "add",
+                &format!("{}/24", Self::peer_addr(i)),
+                "dev",
+                "eth0",
+            ])?;
+            // A global IPv6 address each: aiocoap binds "::", and getaddrinfo (AI_ADDRCONFIG)
+            // refuses it without one.
+            let gw6 = format!("fd77:{i}::1/64");
+            let peer6 = format!("fd77:{i}::2/64");
+            ip_cmd(&["-n", &t.gw, "addr", "add", &gw6, "dev", &lan, "nodad"])?;
+            ip_cmd(&["-n", p, "addr", "add", &peer6, "dev", "eth0", "nodad"])?;
+            ip_cmd(&["-n", &t.gw, "link", "set", &lan, "up"])?;
+            ip_cmd(&["-n", p, "link", "set", "eth0", "up"])?;
+        }
+        Ok(Some(t))
+    }
+
+    /// Runs this test binary's test `test` inside the gateway namespace (with `OUTPOST_BIN`
+    /// set to `bin`), printing its output, and fails unless it passed within `deadline`.
+    pub fn run_inner(&self, test: &str, bin: &Path, deadline: Duration) -> Result<()> {
+        let exe = std::env::current_exe().context("test binary path")?;
+        let names: Vec<&str> = std::iter::once(self.gw.as_str())
+            .chain(self.peers.iter().map(String::as_str))
+            .collect();
+        let out_file = tempfile::NamedTempFile::new()?;
+        let err_file = tempfile::NamedTempFile::new()?;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.gw])
+            .arg(exe)
+            .args(["--exact", test, "--nocapture", "--test-threads=1"])
+            .env(NETNS_ENV, names.join(","))
+            .env("OUTPOST_BIN", bin)
+            .stdin(Stdio::null())
+            .stdout(out_file.reopen()?)
+            .stderr(err_file.reopen()?)
+            .spawn()
+            .context("running the inner test with ip netns exec")?;
+        let start = Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait()? {
+                break Some(st);
+            }
+            if start.elapsed() > deadline {
+                // The inner run's own guards do not run on SIGKILL: Drop kills what it left.
+                child.kill().ok();
+                child.wait().ok();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let stdout = fs::read_to_string(out_file.path()).unwrap_or_default();
+        let stderr = fs::read_to_string(err_file.path()).unwrap_or_default();
+        println!(
+            "--- inner run of {test} in {} ---\n{stdout}\n{stderr}",
+            self.gw
+        );
+        match status {
+            None => bail!("inner run of {test} did not finish within {deadline:?}"),
+            Some(st) if !st.success() => bail!("inner run of {test} failed ({st})"),
+            Some(_) if !stdout.contains("1 passed") => bail!("inner run of {test} ran no test"),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// The PIDs of the processes in namespace `ns` (`ip netns pids`).
+    pub fn pids(ns: &str) -> Vec<u32> {
+        Command::new("ip")
+            .args(["netns", "pids", ns])
+            .stdin(Stdio::null())
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for NetnsTopology {
+    fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
+        // Anything still running in our namespaces was started by this test (the inner run's
+        // gateway, broker and peers when it was killed at its deadline): kill each by PID, or
+        // it would outlive the namespace it holds.
+        for ns in std::iter::once(&self.gw).chain(&self.peers) {
+            for pid in Self::pids(ns) {
+                eprintln!("cleanup: killing pid {pid} left in {ns}");
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .stdin(Stdio::null())
+                    .status();
+            }
+        }
+        for ns in std::iter::once(&self.gw).chain(&self.peers) {
+            if let Err(e) = ip_cmd(&["netns", "del", ns]) {
+                eprintln!("cleanup: ip netns del {ns}: {e:#}");
+            }
+        }
+    }
+}
+
+/// A python peer (`tests/py/<script>`) in namespace `ns`: stdout and stderr to
+/// `dir/<name>.log`, standard input held open (the peers stop when it closes), JSON lines read
+/// back from the log. SIGKILLed by PID on drop (`ip netns exec` execs python: the PID is it).
+#[derive(Debug)]
+pub struct NsPeer {
+    /// What it is, for messages.
+    name: String,
+    /// The process; `None` once reaped.
+    child: Option<Child>,
+    /// Its output.
+    log: PathBuf,
+    /// How many log lines [`NsPeer::until`] has already looked at.
+    read: usize,
+}
+
+impl NsPeer {
+    /// Starts `python3 -u tests/py/<script> <args>` in `ns`.
+    pub fn spawn(dir: &TestDir, name: &str, ns: &str, script: &str, args: &[&str]) -> Result<Self> {
+        let log = dir.join(&format!("{name}.log"));
+        let out = OpenOptions::new().create(true).append(true).open(&log)?;
+        let err = out.try_clone()?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "python3", "-u"])
+            .arg(py_script(script))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("starting peer {name} in {ns}"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            child: Some(child),
+            log,
+            read: 0,
+        })
+    }
+
+    /// Every JSON line it printed so far.
+    pub fn events(&self) -> Vec<Value> {
+        fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Waits for a JSON line (after those returned by earlier calls) satisfying `pred`; fails at
+    /// the deadline, or when the peer exits, with its output.
+    pub fn until(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut pred: impl FnMut(&Value) -> bool,
+    ) -> Result<Value> {
+        let start = Instant::now();
+        loop {
+            let events = self.events();
+            for (i, v) in events.iter().enumerate().skip(self.read) {
+                if pred(v) {
+                    self.read = i + 1;
+                    return Ok(v.clone());
+                }
+            }
+            self.read = events.len();
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(st) = exited {
+                bail!(
+                    "peer {} exited ({st}) before {what}:\n{}",
+                    self.name,
+                    tail(&self.log, 30)
+                );
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "timed out after {timeout:?} waiting for {what} from peer {}:\n{}",
+                    self.name,
+                    tail(&self.log, 30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// [`NsPeer::until`] looks at every line again from the first.
+    pub fn read_from_start(&mut self) {
+        self.read = 0;
+    }
+
+    /// [`NsPeer::until`] looks only at lines printed from now on.
+    pub fn skip_seen(&mut self) {
+        self.read = self.events().len();
+    }
+
+    /// The first JSON line so far satisfying `pred`, not consuming anything.
+    pub fn any(&self, pred: impl FnMut(&Value) -> bool) -> Option<Value> {
+        self.events().into_iter().find(pred)
+    }
+
+    /// SIGTERM (the zeroconf peer unregisters, i.e. says goodbye, on it).
+    pub fn terminate(&mut self) -> Result<()> {
+        if let Some(c) = self.child.as_ref() {
+            let st = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status()?;
+            if !st.success() {
+                bail!("kill -TERM {} failed", c.id());
+            }
+        }
+        Ok(())
+    }
+
+    /// The log file.
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+}
+
+impl Drop for NsPeer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().ok();
+            c.wait().ok();
+        }
+        eprintln!(
+            "----- peer {}, last lines of {} -----\n{}",
+            self.name,
+            self.log.display(),
+            tail(&self.log, 30)
+        );
+    }
+}
+
+/// `outpost devices --json --config <config>` (read-only on the database), parsed.
+pub fn outpost_devices(config: &Path) -> Result<Vec<Value>> {
+    let out = outpost_command()?
+        .args(["devices", "--json", "--config"])
+        .arg(config)
+        .stdin(Stdio::null())
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "outpost devices failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "devices --json is not JSON: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })?;
+    v.as_array()
+        .cloned()
+        .ok_or_else(|| anyhow!("devices --json is not an array: {v}"))
 }

@@ -52,7 +52,8 @@ fn announced_device_goes_online_then_offline_by_will_and_the_cloud_sees_it_retai
 {
     let dir = TestDir::new("registry")?;
     let mut cloud = Mosquitto::start(&dir)?;
-    let cfg = GatewayConfig::new(&dir, "gw1", Some(cloud.port()))?;
+    let mut cfg = GatewayConfig::new(&dir, "gw1", Some(cloud.port()))?;
+    cfg.extra.push_str("[discovery]\nimplicit = true\n");
     let gw = Outpost::start(&dir, &cfg)?;
     let watch = spawn_mosquitto_sub(
         &dir,

@@ -51,6 +51,9 @@ pub struct Auth {
     passwords: Option<PasswordFile>,
     /// `None`: everything is allowed.
     acl: Option<AclFile>,
+    /// Per listener: the configuration it came from serves it over TLS. Only a guard:
+    /// [`super::Broker::bind`] refuses to serve such a listener in plain text.
+    tls: Vec<bool>,
 }
 
 /// What a client wants to do with a topic.
@@ -86,21 +89,29 @@ impl Auth {
             anonymous,
             passwords,
             acl,
+            tls: Vec::new(),
         }
     }
 
     /// The policy of a validated `[broker]` section, for listeners in the order of
     /// `broker.listeners` (build `BrokerSettings::listeners` from that same list).
     pub fn from_config(broker: &BrokerConfig) -> Self {
-        Self::new(
-            broker
+        Self {
+            tls: broker
                 .listener_settings
                 .iter()
-                .map(|l| l.allow_anonymous)
+                .map(|l| l.tls.is_some())
                 .collect(),
-            broker.password_file.clone(),
-            broker.acl_file.clone(),
-        )
+            ..Self::new(
+                broker
+                    .listener_settings
+                    .iter()
+                    .map(|l| l.allow_anonymous)
+                    .collect(),
+                broker.password_file.clone(),
+                broker.acl_file.clone(),
+            )
+        }
     }
 
     /// The same policy with the password and ACL files read again from their paths (SIGHUP).
@@ -114,7 +125,15 @@ impl Auth {
             Some(a) => Some(AclFile::load(a.path())?),
             None => None,
         };
-        Ok(Self::new(self.anonymous.clone(), passwords, acl))
+        Ok(Self {
+            tls: self.tls.clone(),
+            ..Self::new(self.anonymous.clone(), passwords, acl)
+        })
+    }
+
+    /// Whether the configuration this policy came from serves listener `index` over TLS.
+    pub(crate) fn expects_tls(&self, index: usize) -> bool {
+        self.tls.get(index).copied().unwrap_or(false)
     }
 
     /// Whether listener `index` admits clients without a username.

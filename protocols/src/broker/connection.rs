@@ -1,4 +1,5 @@
-//! One task per TCP connection: handshake, then a loop that reads packets, hands publishes to
+//! One task per TCP connection: the TLS handshake on a TLS listener, then the MQTT handshake,
+//! then a loop that reads packets, hands publishes to
 //! the gateway, writes acks in order as the gateway's replies arrive, and writes what the
 //! session has queued for this client.
 //!
@@ -12,11 +13,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::auth::{Access, LoginRefusal};
@@ -26,6 +27,7 @@ use super::codec::{
 };
 use super::router::Link;
 use super::session::{Send, Subscription};
+use super::tls::PeerCert;
 use super::{Inbound, IngestRefusal, IngestReply, QoS, Shared, Source, bump};
 use crate::topic::{TopicFilter, TopicName};
 
@@ -121,9 +123,21 @@ impl Drop for SlotGuard<'_> {
     }
 }
 
-/// Serves one accepted socket until it closes.
+/// Gives back the handshake slot (see `Shared::handshaking`) however the handshake ends.
+struct HandshakeSlot(Arc<Shared>);
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.0.handshaking.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Serves one accepted socket until it closes: over TLS first when `tls` is given (the
+/// listener's configuration in force at accept).
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn serve(
     stream: TcpStream,
+    tls: Option<TlsAcceptor>,
     peer: SocketAddr,
     listener: usize,
     shared: Arc<Shared>,
@@ -131,8 +145,6 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
     hard_stop: CancellationToken,
 ) {
-    let (mut rd, mut wr) = stream.into_split();
-    let mut read_buf = BytesMut::with_capacity(4096);
     let in_handshake = shared
         .handshaking
         .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
@@ -145,19 +157,108 @@ pub(crate) async fn serve(
         tracing::warn!(%peer, "MQTT connection refused: too many connections waiting for CONNECT");
         return;
     }
-    let connect = handshake(&mut rd, &mut wr, &mut read_buf, peer, &shared, &shutdown).await;
-    shared.handshaking.fetch_sub(1, Ordering::AcqRel);
+    let slot = HandshakeSlot(shared.clone());
+    // TLS and CONNECT together get `connect_timeout`.
+    let deadline = Instant::now() + shared.settings.connect_timeout;
+    let ctx = Ctx {
+        peer,
+        listener,
+        shared,
+        ingest,
+        shutdown,
+        hard_stop,
+    };
+    let Some(acceptor) = tls else {
+        let (rd, wr) = stream.into_split();
+        return session(rd, wr, PeerCert::None, deadline, slot, ctx).await;
+    };
+    let accepted = tokio::select! {
+        _ = ctx.shutdown.cancelled() => return,
+        a = tokio::time::timeout_at(deadline, acceptor.accept(stream)) => a,
+    };
+    let stream = match accepted {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            bump(&ctx.shared.counters.tls_handshake_failures);
+            tracing::warn!(%peer, error = %e, "MQTT TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            bump(&ctx.shared.counters.tls_handshake_failures);
+            tracing::warn!(%peer, timeout = ?ctx.shared.settings.connect_timeout,
+                "MQTT TLS handshake not finished in time");
+            return;
+        }
+    };
+    let cert = PeerCert::from_chain(stream.get_ref().1.peer_certificates());
+    let (rd, wr) = tokio::io::split(stream);
+    session(rd, wr, cert, deadline, slot, ctx).await;
+}
+
+/// What a connection task was started with.
+struct Ctx {
+    peer: SocketAddr,
+    /// The listener's index (its anonymous policy).
+    listener: usize,
+    shared: Arc<Shared>,
+    ingest: mpsc::Sender<Inbound>,
+    shutdown: CancellationToken,
+    hard_stop: CancellationToken,
+}
+
+/// The MQTT part, the same over TCP and over TLS: CONNECT (by `deadline`), login, the session.
+async fn session<R, W>(
+    mut rd: R,
+    mut wr: W,
+    cert: PeerCert,
+    deadline: Instant,
+    slot: HandshakeSlot,
+    ctx: Ctx,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let Ctx {
+        peer,
+        listener,
+        shared,
+        ingest,
+        shutdown,
+        hard_stop,
+    } = ctx;
+    let mut read_buf = BytesMut::with_capacity(4096);
+    let connect = handshake(
+        &mut rd,
+        &mut wr,
+        &mut read_buf,
+        peer,
+        &shared,
+        &shutdown,
+        deadline,
+    )
+    .await;
+    drop(slot);
     let Some(connect) = connect else {
         return;
     };
     let settings = &shared.settings;
     let protocol = connect.protocol;
 
-    // Authentication first: a refused login must not take a connection slot.
+    // Authentication first: a refused login must not take a connection slot. A verified client
+    // certificate is the login (its name the username); the CONNECT's credentials are ignored.
     let auth = shared.auth();
-    let username: Option<Arc<str>> = match &auth {
-        None => None,
-        Some(auth) => {
+    let username: Option<Arc<str>> = match (&cert, &auth) {
+        (PeerCert::Named(name), _) => Some(Arc::from(name.as_str())),
+        (PeerCert::Unnamed, _) => {
+            bump(&shared.counters.connections_refused);
+            bump(&shared.counters.auth_refused);
+            tracing::warn!(%peer, client_id = %connect.client_id,
+                "MQTT connection refused: its client certificate names no CN or DNS/email SAN");
+            refuse(&mut wr, protocol, ConnAckCode::NotAuthorized).await;
+            return;
+        }
+        (PeerCert::None, None) => None,
+        (PeerCert::None, Some(auth)) => {
             let (auth, user, pass) = (
                 auth.clone(),
                 connect.username.clone(),
@@ -324,17 +425,17 @@ pub(crate) async fn serve(
     conn.finish(end, will).await;
 }
 
-/// Reads the CONNECT (within `connect_timeout`) and answers the refusals that need no session.
-async fn handshake(
-    rd: &mut OwnedReadHalf,
-    wr: &mut OwnedWriteHalf,
+/// Reads the CONNECT (by `deadline`) and answers the refusals that need no session.
+async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    rd: &mut R,
+    wr: &mut W,
     buf: &mut BytesMut,
     peer: SocketAddr,
     shared: &Shared,
     shutdown: &CancellationToken,
+    deadline: Instant,
 ) -> Option<Box<ConnectIn>> {
     let settings = &shared.settings;
-    let deadline = Instant::now() + settings.connect_timeout;
     loop {
         match codec::read_handshake(buf, settings.max_packet_size) {
             Ok(Some(Handshake::Connect(c))) => return Some(c),
@@ -343,7 +444,11 @@ async fn handshake(
                 tracing::warn!(%peer, level, "MQTT connection refused: unacceptable protocol version");
                 let mut out = BytesMut::new();
                 if codec::write_unsupported_protocol(&mut out).is_ok() {
-                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, wr.write_all(&out)).await;
+                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+                        let _ = wr.write_all(&out).await;
+                        let _ = wr.shutdown().await;
+                    })
+                    .await;
                 }
                 return None;
             }
@@ -388,7 +493,7 @@ async fn handshake(
 }
 
 /// Writes a refusing CONNACK and lets the socket close.
-async fn refuse(wr: &mut OwnedWriteHalf, protocol: Protocol, code: ConnAckCode) {
+async fn refuse<W: AsyncWrite + Unpin>(wr: &mut W, protocol: Protocol, code: ConnAckCode) {
     let mut out = BytesMut::new();
     let connack = Outgoing::ConnAck {
         session_present: false,
@@ -417,8 +522,8 @@ async fn front_reply(
     }
 }
 
-/// The state of an established connection.
-struct Conn {
+/// The state of an established connection (`Rd`, `Wr`: the halves of a TCP or TLS stream).
+struct Conn<Rd, Wr> {
     shared: Arc<Shared>,
     ingest: mpsc::Sender<Inbound>,
     peer: SocketAddr,
@@ -428,8 +533,8 @@ struct Conn {
     username: Option<Arc<str>>,
     /// Identifies this connection to the router (a takeover gets a new id).
     conn_id: u64,
-    rd: OwnedReadHalf,
-    wr: OwnedWriteHalf,
+    rd: Rd,
+    wr: Wr,
     read_buf: BytesMut,
     /// Packets encoded but not yet written; flushed once per loop turn.
     write_buf: BytesMut,
@@ -447,7 +552,7 @@ struct Conn {
     notify: Arc<Notify>,
 }
 
-impl Conn {
+impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
     async fn run(&mut self, shutdown: &CancellationToken) -> End {
         let mut draining = false;
         loop {
@@ -878,8 +983,14 @@ impl Conn {
             return Ok(());
         }
         let buf = self.write_buf.split().freeze();
+        let wr = &mut self.wr;
+        // The flush matters for TLS: rustls may hold the end of the records until then.
+        let write = async {
+            wr.write_all(&buf).await?;
+            wr.flush().await
+        };
         tokio::select! {
-            r = tokio::time::timeout(WRITE_TIMEOUT, self.wr.write_all(&buf)) => match r {
+            r = tokio::time::timeout(WRITE_TIMEOUT, write) => match r {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(End::Io(e.to_string())),
                 Err(_) => Err(End::Io(format!("write stalled for {WRITE_TIMEOUT:?}"))),

@@ -9,7 +9,8 @@
 //!
 //! Layout: `codec` adapts rumqttc's v4/v5 codecs to one internal packet set; `session` is the
 //! sans-IO per-client state (queues, in-flight window, packet ids); `router` holds sessions and
-//! retained messages; `connection` is the per-socket task that drives them.
+//! retained messages; `connection` is the per-socket task that drives them; `tls` holds the
+//! TLS listeners' rustls configurations and reads a client certificate's name.
 //!
 //! Policies worth knowing:
 //! - Wills are published (to local subscribers, and to ingest with `reply: None`) on every end
@@ -32,12 +33,22 @@
 //! from [`BrokerHandle::publish`] and retained ones included), since a permitted wildcard
 //! filter can match forbidden topics. [`BrokerHandle::reload_auth`] swaps the policy for the
 //! next check; connected clients keep their login and subscriptions.
+//!
+//! TLS ([`BrokerSettings::tls`]): a TLS listener runs the rustls handshake (ring provider)
+//! within `connect_timeout`, then serves the same MQTT session as a plain one. A failed
+//! handshake closes that socket only (counted in [`BrokerStats::tls_handshake_failures`]). With
+//! a client CA, a verified client certificate's subject CN (else its first DNS or email SAN) is
+//! the client's username, for the ACL, and stands for a login: no password is checked, and the
+//! CONNECT's username and password are ignored. A verified certificate with no such name is
+//! refused at CONNECT (not authorised). [`BrokerHandle::reload_tls`] re-reads the files for new
+//! connections; open connections keep the configuration they were accepted with.
 
 mod auth;
 mod codec;
 mod connection;
 mod router;
 mod session;
+mod tls;
 
 use std::io;
 use std::net::SocketAddr;
@@ -53,6 +64,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::topic::{TopicError, TopicName};
 use router::Router;
+use tls::TlsListener;
 
 pub use auth::{Access, Auth};
 
@@ -84,6 +96,11 @@ pub struct BrokerSettings {
     /// connect, with or without a username (not checked), and do anything, on every listener.
     /// The value in force later is the handle's ([`BrokerHandle::reload_auth`]).
     pub auth: Option<Arc<Auth>>,
+    /// Per listener, by index into `listeners`: `Some` serves MQTT over TLS there with these
+    /// files (read at [`Broker::bind`], again on [`BrokerHandle::reload_tls`]); `None`, or no
+    /// entry (a shorter list, `Vec::new()`), plain TCP. From the configuration:
+    /// `b.listener_settings.iter().map(|l| l.tls.clone()).collect()`.
+    pub tls: Vec<Option<outpost_config::TlsListenerConfig>>,
 }
 
 /// MQTT quality of service.
@@ -181,6 +198,43 @@ pub enum BrokerError {
     /// [`BrokerSettings::listeners`] is empty.
     #[error("no MQTT listener configured")]
     NoListeners,
+    /// A TLS listener's certificate, key or client CA file could not be loaded (at bind, or on
+    /// [`BrokerHandle::reload_tls`], which then keeps the configuration in force).
+    #[error("TLS listener {addr}: {source}")]
+    Tls {
+        /// The listener.
+        addr: SocketAddr,
+        /// Which file, and why (never its contents).
+        #[source]
+        source: outpost_config::TlsFileError,
+    },
+    /// The files loaded, and rustls refused to build a server configuration from them.
+    #[error("TLS listener {addr}: {reason}")]
+    TlsSetup {
+        /// The listener.
+        addr: SocketAddr,
+        /// rustls' reason.
+        reason: String,
+    },
+    /// The access policy came from a configuration that serves this listener over TLS
+    /// ([`Auth::from_config`]), and [`BrokerSettings::tls`] has no TLS settings for it: refused
+    /// rather than serving it in plain text.
+    #[error(
+        "listener {addr} is configured for TLS but BrokerSettings::tls has no entry for it \
+         (build it from the same configuration: listener_settings[i].tls)"
+    )]
+    TlsMissing {
+        /// The listener.
+        addr: SocketAddr,
+    },
+    /// [`BrokerSettings::tls`] has more entries than there are listeners.
+    #[error("BrokerSettings::tls has {tls} entries for {listeners} listeners")]
+    TlsListenerCount {
+        /// Entries in `tls`.
+        tls: usize,
+        /// Entries in `listeners`.
+        listeners: usize,
+    },
     /// [`BrokerHandle::publish`] with an invalid topic name.
     #[error("invalid topic name {topic:?}: {source}")]
     InvalidTopic {
@@ -227,6 +281,10 @@ pub struct BrokerStats {
     /// Messages not delivered to a subscriber that may not read their topic (its filter
     /// matched, the ACL did not).
     pub deliveries_denied: u64,
+    /// TLS handshakes on TLS listeners that failed or did not finish within
+    /// `connect_timeout` (plain MQTT on a TLS port, an untrusted or missing client
+    /// certificate, ...): each closed that socket only.
+    pub tls_handshake_failures: u64,
 }
 
 /// Live counters behind [`BrokerStats`].
@@ -247,6 +305,7 @@ pub(crate) struct Counters {
     pub publishes_denied: AtomicU64,
     pub subscriptions_denied: AtomicU64,
     pub deliveries_denied: AtomicU64,
+    pub tls_handshake_failures: AtomicU64,
 }
 
 pub(crate) fn bump(c: &AtomicU64) {
@@ -272,6 +331,7 @@ impl Counters {
             publishes_denied: g(&self.publishes_denied),
             subscriptions_denied: g(&self.subscriptions_denied),
             deliveries_denied: g(&self.deliveries_denied),
+            tls_handshake_failures: g(&self.tls_handshake_failures),
         }
     }
 }
@@ -289,6 +349,8 @@ pub(crate) struct Shared {
     pub handshaking: AtomicU64,
     /// The access policy in force; replaced whole by `reload_auth`, read once per check.
     pub auth: RwLock<Option<Arc<Auth>>>,
+    /// By listener index: the TLS listeners' server configurations (`reload_tls`).
+    pub tls: Vec<Option<TlsListener>>,
 }
 
 impl Shared {
@@ -356,6 +418,22 @@ impl Broker {
         if settings.listeners.is_empty() {
             return Err(BrokerError::NoListeners);
         }
+        if settings.tls.len() > settings.listeners.len() {
+            return Err(BrokerError::TlsListenerCount {
+                tls: settings.tls.len(),
+                listeners: settings.listeners.len(),
+            });
+        }
+        let mut tls = Vec::with_capacity(settings.listeners.len());
+        for (i, addr) in settings.listeners.iter().enumerate() {
+            match settings.tls.get(i).cloned().flatten() {
+                Some(config) => tls.push(Some(TlsListener::new(*addr, config)?)),
+                None if settings.auth.as_ref().is_some_and(|a| a.expects_tls(i)) => {
+                    return Err(BrokerError::TlsMissing { addr: *addr });
+                }
+                None => tls.push(None),
+            }
+        }
         let mut listeners = Vec::with_capacity(settings.listeners.len());
         for addr in &settings.listeners {
             let l = TcpListener::bind(addr)
@@ -367,7 +445,10 @@ impl Broker {
             listeners.push(l);
         }
         for (i, addr) in settings.listeners.iter().enumerate() {
-            let anonymous = settings.auth.as_ref().is_none_or(|a| a.allows_anonymous(i));
+            let anonymous = settings.auth.as_ref().is_none_or(|a| a.allows_anonymous(i))
+                && !tls[i]
+                    .as_ref()
+                    .is_some_and(TlsListener::requires_client_cert);
             if anonymous && !addr.ip().to_canonical().is_loopback() {
                 tracing::warn!(listener = %addr,
                     "MQTT listener admits clients without a username from the network: anyone \
@@ -386,6 +467,7 @@ impl Broker {
                 next_id: AtomicU64::new(1),
                 handshaking: AtomicU64::new(0),
                 auth,
+                tls,
             }),
         })
     }
@@ -463,8 +545,10 @@ async fn accept_loop(listener: TcpListener, ctx: AcceptCtx) {
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
+                let tls = ctx.shared.tls.get(ctx.index).and_then(Option::as_ref);
                 ctx.tracker.spawn(connection::serve(
                     stream,
+                    tls.map(TlsListener::acceptor),
                     peer,
                     ctx.index,
                     ctx.shared.clone(),
@@ -509,6 +593,29 @@ impl BrokerHandle {
     pub fn reload_auth(&self, auth: Option<Arc<Auth>>) {
         *self.shared.auth.write().unwrap_or_else(|e| e.into_inner()) = auth;
         tracing::info!("MQTT access policy replaced");
+    }
+
+    /// Reads every TLS listener's certificate, key and client CA files again (SIGHUP) and puts
+    /// the new configurations in force for new connections. Connections already open keep
+    /// theirs; plain listeners are not touched. All or nothing: if any file fails to load,
+    /// every listener keeps the configuration it had, and the first error is returned. `Ok`
+    /// when there is no TLS listener. Reads files: cheap, but blocking.
+    pub fn reload_tls(&self) -> Result<(), BrokerError> {
+        let listeners: Vec<&TlsListener> = self.shared.tls.iter().flatten().collect();
+        let fresh = listeners
+            .iter()
+            .map(|l| l.reload())
+            .collect::<Result<Vec<_>, _>>()?;
+        for (listener, server) in listeners.iter().zip(fresh) {
+            listener.replace(server);
+        }
+        if !listeners.is_empty() {
+            tracing::info!(
+                listeners = listeners.len(),
+                "MQTT TLS certificates reloaded for new connections"
+            );
+        }
+        Ok(())
     }
 
     /// The access policy in force.

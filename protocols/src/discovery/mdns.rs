@@ -149,9 +149,11 @@ pub struct Mdns {
     own: Arc<HashSet<String>>,
     /// Service types to browse.
     browse: Vec<String>,
-    /// The daemon's notable events (address changes, errors, renames), opened before the
-    /// interface selection so no error is missed.
+    /// The daemon's notable events (address changes, errors, renames).
     monitor: mdns_sd::Receiver<DaemonEvent>,
+    /// Addresses of the configured interfaces at start: the daemon reports each as `IpAdd`
+    /// when it first binds it, which is not a change.
+    known: HashSet<IpAddr>,
     counters: Arc<Counters>,
 }
 
@@ -291,10 +293,9 @@ impl Mdns {
                 format!("{bad:?} is not a service type like \"_coap._udp.local.\""),
             ));
         }
-        warn_missing_interfaces(&settings.interfaces);
+        let known = lan_addresses(&settings.interfaces);
 
         let daemon = ServiceDaemon::new()?;
-        let monitor = daemon.monitor()?;
         daemon.disable_interface(IfKind::All)?;
         let lan: Vec<IfKind> = settings
             .interfaces
@@ -302,6 +303,9 @@ impl Mdns {
             .map(|n| IfKind::Name(n.clone()))
             .collect();
         daemon.enable_interface(lan.clone())?;
+        // After the selection (the daemon runs commands in order): its IpDel/IpAdd events for
+        // the selection itself are not address changes.
+        let monitor = daemon.monitor()?;
 
         let mut services = Vec::new();
         let advertised = [
@@ -332,6 +336,7 @@ impl Mdns {
             own: Arc::new(own),
             browse: settings.browse,
             monitor,
+            known,
             counters: Arc::default(),
         })
     }
@@ -362,6 +367,7 @@ impl Mdns {
             own,
             browse,
             monitor,
+            mut known,
             counters,
         } = self;
         for info in &services {
@@ -412,7 +418,9 @@ impl Mdns {
                     tracing::info!("mDNS: re-announced after an address change");
                 }
                 ev = monitor.recv_async() => match ev {
+                    Ok(DaemonEvent::IpAdd(ip)) if !known.insert(ip) => {}
                     Ok(DaemonEvent::IpAdd(ip) | DaemonEvent::IpDel(ip)) => {
+                        known.remove(&ip);
                         bump(&counters.address_changes);
                         tracing::info!(%ip, "mDNS: address change on a LAN interface");
                         reannounce_at = Some(tokio::time::Instant::now() + REANNOUNCE_DEBOUNCE);
@@ -632,20 +640,26 @@ async fn browse_task(
     let _ = daemon.stop_browse(&ty);
 }
 
-fn warn_missing_interfaces(names: &[String]) {
-    let present: HashSet<String> = match if_addrs::get_if_addrs() {
-        Ok(list) => list.into_iter().map(|i| i.name).collect(),
+/// The addresses of the named interfaces now; warns about names that have none (they are
+/// used when they get one).
+fn lan_addresses(names: &[String]) -> HashSet<IpAddr> {
+    let list = match if_addrs::get_if_addrs() {
+        Ok(list) => list,
         Err(e) => {
             tracing::debug!(error = %e, "cannot list interfaces");
-            return;
+            return HashSet::new();
         }
     };
-    for n in names.iter().filter(|n| !present.contains(*n)) {
+    for n in names.iter().filter(|n| !list.iter().any(|i| i.name == **n)) {
         tracing::warn!(
             interface = %n,
             "mDNS: configured interface has no address now; it is used when it gets one"
         );
     }
+    list.into_iter()
+        .filter(|i| names.contains(&i.name))
+        .map(|i| i.ip())
+        .collect()
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ pub fn settings() -> BrokerSettings {
         max_queued_messages: 100,
         connect_timeout: Duration::from_secs(2),
         auth: None,
+        tls: Vec::new(),
     }
 }
 

@@ -5,7 +5,7 @@
 //!
 //! A test function runs twice. The outer run (normal `cargo test`) builds a topology: a
 //! gateway namespace `gw` and N peer namespaces, each peer joined to `gw` by a veth pair
-//! (`lan<i>` in `gw`, 10.77.<i>.1/24; `eth0` in peer i, 10.77.<i>.2/24; `lo` up everywhere;
+//! (`lan<i>` in `gw`, 10.77.<i>.1/24 and fd77:<i>::1/64; `eth0` in peer i, .2 of both; `lo` up everywhere;
 //! IPv6 DAD off so link-local addresses are usable at once). It then re-executes its own test
 //! binary inside `gw`:
 //!
@@ -115,6 +115,12 @@ impl Topology {
             let peer_cidr = format!("{}/24", Self::peer_addr(i));
             ip(&["-n", &t.gw, "addr", "add", &gw_cidr, "dev", &lan]).expect("gw addr");
             ip(&["-n", p, "addr", "add", &peer_cidr, "dev", "eth0"]).expect("peer addr");
+            // A ULA address each: getaddrinfo (AI_ADDRCONFIG) refuses "::" without one, and
+            // aiocoap binds there.
+            let gw6 = format!("fd77:{i}::1/64");
+            let peer6 = format!("fd77:{i}::2/64");
+            ip(&["-n", &t.gw, "addr", "add", &gw6, "dev", &lan, "nodad"]).expect("gw addr6");
+            ip(&["-n", p, "addr", "add", &peer6, "dev", "eth0", "nodad"]).expect("peer addr6");
             ip(&["-n", &t.gw, "link", "set", &lan, "up"]).expect("lan up");
             ip(&["-n", p, "link", "set", "eth0", "up"]).expect("eth0 up");
         }
@@ -238,6 +244,17 @@ impl Peer {
                 return Some(v);
             }
         }
+    }
+
+    /// Writes one line to the peer's stdin.
+    pub async fn say(&mut self, line: &str) {
+        use tokio::io::AsyncWriteExt;
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .expect("write to peer");
+        stdin.flush().await.expect("flush to peer");
     }
 
     /// SIGTERM (the peers say goodbye on it); `ip netns exec` execs python, so the pid is it.
