@@ -25,6 +25,10 @@ use crate::registry::{DeviceResource, FoundBy, Registry};
 
 /// At most this many discovered resources are observed at once.
 const MAX_AUTO_OBSERVED: usize = 64;
+/// How long an IPv6 discovery answer waits for the same device's IPv4 answer.
+const IPV6_HOLD: std::time::Duration = std::time::Duration::from_millis(1500);
+/// At most this many CoAP devices are remembered for matching dual-stack answers.
+const MAX_ANSWERED: usize = 4096;
 /// Bound of the channel discovery reports on.
 const FOUND_CHANNEL: usize = 256;
 
@@ -153,7 +157,40 @@ async fn consume(
     coap: Option<CoapDiscoveryHandle>,
     mut observe: Option<AutoObserve>,
 ) {
-    while let Some(event) = found.recv().await {
+    // (resource signature, answered over IPv4, device id) of every CoAP device seen.
+    let mut answered: Vec<(String, bool, String)> = Vec::new();
+    // IPv6 answers wait a moment, so that a dual-stack device's IPv4 answer from the same round
+    // is seen first and its id is the stable one (link-local IPv6 addresses carry an interface
+    // index and change with the MAC).
+    let mut held: std::collections::VecDeque<(tokio::time::Instant, Found)> =
+        std::collections::VecDeque::new();
+    loop {
+        let next_due = held.front().map(|(due, _)| *due);
+        let event = tokio::select! {
+            got = found.recv() => match got {
+                Some(Found::CoapResources { id, address, resources }) if address.is_ipv6() => {
+                    held.push_back((
+                        tokio::time::Instant::now() + IPV6_HOLD,
+                        Found::CoapResources { id, address, resources },
+                    ));
+                    continue;
+                }
+                Some(event) => event,
+                None => match held.pop_front() {
+                    Some((_, event)) => event,
+                    None => break,
+                },
+            },
+            () = async {
+                match next_due {
+                    Some(due) => tokio::time::sleep_until(due).await,
+                    None => std::future::pending().await,
+                }
+            } => match held.pop_front() {
+                Some((_, event)) => event,
+                None => continue,
+            },
+        };
         match event {
             Found::Service {
                 id,
@@ -181,6 +218,33 @@ async fn consume(
                 address,
                 resources,
             } => {
+                // Links that are not resources of the device: the discovery document itself and
+                // absolute URIs (e.g. a library's "impl-info" link).
+                let resources: Vec<_> = resources
+                    .into_iter()
+                    .filter(|r| r.path.starts_with('/') && r.path != "/.well-known/core")
+                    .collect();
+                // A device answering the IPv4 and the IPv6 group shows up twice, from two
+                // addresses: the same resource set from the other address family is the same
+                // device, recorded under the first id and observed once.
+                let signature = signature(&resources);
+                if let Some(first) = answered.iter().find(|a| {
+                    !signature.is_empty()
+                        && a.0 == signature
+                        && a.1 != address.is_ipv4()
+                        && a.2 != id
+                }) {
+                    registry.found(
+                        &first.2,
+                        FoundBy::CoapDiscovery,
+                        vec![address.to_string()],
+                        Vec::new(),
+                    );
+                    continue;
+                }
+                if !answered.iter().any(|a| a.2 == id) && answered.len() < MAX_ANSWERED {
+                    answered.push((signature, address.is_ipv4(), id.clone()));
+                }
                 if let Some(o) = &mut observe {
                     for r in resources.iter().filter(|r| r.observable) {
                         o.observe(&id, address, &r.path).await;
@@ -203,4 +267,14 @@ async fn consume(
             }
         }
     }
+}
+
+/// The resource set of a device as one comparable string (paths and attributes, sorted).
+fn signature(resources: &[outpost_protocols::discovery::Resource]) -> String {
+    let mut links: Vec<String> = resources
+        .iter()
+        .map(|r| format!("{}{:?}{}", r.path, r.attrs, r.observable))
+        .collect();
+    links.sort();
+    links.join("\n")
 }

@@ -289,17 +289,25 @@ impl Registry {
         if !self.settings.implicit || msg.topic.starts_with(GATEWAY_LEVEL) {
             return;
         }
+        // A notification of a resource the gateway observes: credited to the device discovery
+        // found at that address, if any (not to a second, implicit entry for the same device).
+        if let Some(target) = msg.client_id.strip_prefix("coap-observe:")
+            && self.credit_by_address(target, &msg.topic, now)
+        {
+            return;
+        }
         let (raw, how) = match msg.source {
             Source::Mqtt => (msg.client_id.as_ref(), FoundBy::MqttImplicit),
             // A CoAP client's source port changes between requests: the host is the device.
-            Source::Coap => (
-                msg.client_id
-                    .strip_prefix("coap:")
-                    .unwrap_or(&msg.client_id)
-                    .rsplit_once(':')
-                    .map_or(msg.client_id.as_ref(), |(host, _port)| host),
-                FoundBy::CoapImplicit,
-            ),
+            Source::Coap => {
+                let peer = msg
+                    .client_id
+                    .strip_prefix("coap-observe:")
+                    .or_else(|| msg.client_id.strip_prefix("coap:"))
+                    .unwrap_or(&msg.client_id);
+                let host = peer.rsplit_once(':').map_or(peer, |(host, _port)| host);
+                (host, FoundBy::CoapImplicit)
+            }
         };
         // A client id is only an id if it is one; generated ids of clean sessions are not devices.
         if raw.starts_with("outpost-auto-") {
@@ -319,6 +327,35 @@ impl Registry {
                 d.topics.push(topic);
             }
         });
+    }
+
+    /// Counts a message for the device that has `address` among its addresses; false if none.
+    fn credit_by_address(&self, address: &str, topic: &str, now: u64) -> bool {
+        let Some(id) = self.devices.lock().ok().and_then(|d| {
+            d.values()
+                .find(|dev| dev.addresses.iter().any(|a| a == address))
+                .map(|dev| dev.id.clone())
+        }) else {
+            return false;
+        };
+        let how = self
+            .devices
+            .lock()
+            .ok()
+            .and_then(|d| {
+                d.get(&id)
+                    .and_then(|dev| dev.found_by.iter().next().copied())
+            })
+            .unwrap_or(FoundBy::CoapDiscovery);
+        let topic = topic.to_owned();
+        self.update(id, how, now, |d| {
+            d.messages += 1;
+            d.status = DeviceStatus::Online;
+            if d.topics.len() < MAX_ITEMS && !d.topics.contains(&topic) {
+                d.topics.push(topic);
+            }
+        });
+        true
     }
 
     fn announcement(&self, id_level: &str, payload: &Bytes, now: u64) {

@@ -251,13 +251,16 @@ fn gateway_finds_devices_and_observes_them() -> Result<()> {
             v["event"] == "observers" && v["count"].as_u64().is_some_and(|c| c >= 1)
         })
         .map_err(with_log)?;
-    let reading_topic = format!("outpost/{NODE}/sensors/{coap_id}/sensors/temp");
+    // The device answers both the IPv4 and the IPv6 group; it is one device, observed once,
+    // under whichever id answered first: exactly one reading topic, never two.
+    let reading_prefix = format!("outpost/{NODE}/sensors/coap-");
+    let is_reading = |t: &str| t.starts_with(&reading_prefix) && t.ends_with("/sensors/temp");
     let readings = wait_for("5 readings of /sensors/temp upstream", WAIT, || {
         let r: Vec<_> = sub
             .messages()
             .ok()?
             .into_iter()
-            .filter(|m| m.topic == reading_topic)
+            .filter(|m| is_reading(&m.topic))
             .collect();
         (r.len() >= 5).then_some(r)
     })
@@ -270,6 +273,29 @@ fn gateway_finds_devices_and_observes_them() -> Result<()> {
             .collect();
         with_log(e).context(format!("topics upstream so far: {topics:?}"))
     })?;
+    let reading_topics: std::collections::BTreeSet<&str> =
+        readings.iter().map(|m| m.topic.as_str()).collect();
+    assert_eq!(
+        reading_topics.len(),
+        1,
+        "one device, one observation, one topic: {reading_topics:?}"
+    );
+    let expected = format!("outpost/{NODE}/sensors/{coap_id}/sensors/temp");
+    assert!(
+        reading_topics.contains(expected.as_str()),
+        "the readings are under the IPv4 id: {reading_topics:?}"
+    );
+    // The readings are credited to the discovered device, not to a second, implicit entry.
+    let all = outpost_devices(gw.config_path())?;
+    let implicit: Vec<&Value> = all
+        .iter()
+        .filter(|d| {
+            d["found_by"]
+                .as_array()
+                .is_some_and(|f| f.contains(&Value::from("coap-implicit")))
+        })
+        .collect();
+    assert!(implicit.is_empty(), "no implicit duplicates: {implicit:?}");
     let mut ns = Vec::new();
     let mut seqs = Vec::new();
     for m in &readings {

@@ -428,7 +428,7 @@ impl CoapObserver {
         };
         let (tx, rx) = oneshot::channel();
         let inbound = Inbound {
-            client_id: Arc::from(format!("coap:{}", self.settings.target)),
+            client_id: Arc::from(format!("coap-observe:{}", self.settings.target)),
             topic: self.settings.topic.clone(),
             payload: Bytes::from(p.payload.clone()),
             qos: QoS::AtLeastOnce,
