@@ -38,20 +38,14 @@ impl CheckName {
 
     /// Validates `name`.
     pub fn new(name: impl Into<String>) -> Result<Self, CheckNameError> {
+        use crate::types::{IdentifierProblem, identifier_problem};
         let name = name.into();
-        if name.is_empty() {
-            return Err(CheckNameError::Empty);
+        match identifier_problem(&name, Self::MAX_LEN) {
+            None => Ok(Self(name)),
+            Some(IdentifierProblem::Empty) => Err(CheckNameError::Empty),
+            Some(IdentifierProblem::InvalidChar(c)) => Err(CheckNameError::InvalidChar(c)),
+            Some(IdentifierProblem::TooLong(n)) => Err(CheckNameError::TooLong(n)),
         }
-        if let Some(c) = name
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
-        {
-            return Err(CheckNameError::InvalidChar(c));
-        }
-        if name.len() > Self::MAX_LEN {
-            return Err(CheckNameError::TooLong(name.len()));
-        }
-        Ok(Self(name))
     }
 
     /// The name as text.

@@ -42,19 +42,12 @@ impl NodeName {
     /// Validates `name`.
     pub fn new(name: impl Into<String>) -> Result<Self, NodeNameError> {
         let name = name.into();
-        if name.is_empty() {
-            return Err(NodeNameError::Empty);
+        match identifier_problem(&name, Self::MAX_LEN) {
+            None => Ok(Self(name)),
+            Some(IdentifierProblem::Empty) => Err(NodeNameError::Empty),
+            Some(IdentifierProblem::InvalidChar(c)) => Err(NodeNameError::InvalidChar(c)),
+            Some(IdentifierProblem::TooLong(n)) => Err(NodeNameError::TooLong(n)),
         }
-        if let Some(c) = name
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
-        {
-            return Err(NodeNameError::InvalidChar(c));
-        }
-        if name.len() > Self::MAX_LEN {
-            return Err(NodeNameError::TooLong(name.len()));
-        }
-        Ok(Self(name))
     }
 
     /// The name as text.
@@ -703,6 +696,26 @@ config_enum! {
         /// made absolute). Only for routes whose `format` is SenML.
         Normalised => "normalised",
     }
+}
+
+/// What is wrong with a name made of `[A-Za-z0-9_-]` (node names, check names), if anything.
+pub(crate) enum IdentifierProblem {
+    Empty,
+    InvalidChar(char),
+    TooLong(usize),
+}
+
+pub(crate) fn identifier_problem(name: &str, max_len: usize) -> Option<IdentifierProblem> {
+    if name.is_empty() {
+        return Some(IdentifierProblem::Empty);
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
+    {
+        return Some(IdentifierProblem::InvalidChar(c));
+    }
+    (name.len() > max_len).then_some(IdentifierProblem::TooLong(name.len()))
 }
 
 #[cfg(test)]
