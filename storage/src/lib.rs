@@ -745,7 +745,10 @@ fn lock_exclusive(db: &Path) -> Result<std::fs::File, StoreError> {
         source,
     };
     if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(io)?;
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
     }
     let file = std::fs::OpenOptions::new()
         .create(true)
