@@ -123,133 +123,68 @@ fn main() -> ExitCode {
             config,
             data_dir,
             json,
-        } => {
-            let overrides = Overrides {
-                data_dir,
-                ..Overrides::default()
-            };
-            let config = match load(config.as_deref(), &overrides) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            match status::devices(&config.storage.db_path()) {
-                Ok(list) if json => match serde_json::to_string_pretty(&list) {
-                    Ok(s) => {
-                        println!("{s}");
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => {
-                        eprintln!("outpost: {e}");
-                        ExitCode::FAILURE
-                    }
-                },
-                Ok(list) => {
-                    let now = metrics::now_ms();
-                    println!(
-                        "{:<32} {:<8} {:>10} {:>12}  found by",
-                        "device", "status", "messages", "last seen"
-                    );
-                    for d in list {
-                        let found: Vec<String> = d
-                            .found_by
-                            .iter()
-                            .map(|f| format!("{f:?}").to_lowercase())
-                            .collect();
-                        println!(
-                            "{:<32} {:<8} {:>10} {:>10.0} s  {}",
-                            d.id.as_str(),
-                            format!("{:?}", d.status).to_lowercase(),
-                            d.messages,
-                            now.saturating_sub(d.last_seen_ms) as f64 / 1000.0,
-                            found.join(",")
-                        );
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("outpost: {e:#}");
-                    ExitCode::FAILURE
-                }
+        } => inspect(config, data_dir, |config| {
+            let list = status::devices(&config.storage.db_path())?;
+            if json {
+                return Ok(serde_json::to_string_pretty(&list)? + "\n");
             }
-        }
+            let now = metrics::now_ms();
+            let mut out = format!(
+                "{:<32} {:<8} {:>10} {:>12}  found by\n",
+                "device", "status", "messages", "last seen"
+            );
+            for d in list {
+                let found: Vec<String> = d
+                    .found_by
+                    .iter()
+                    .map(|f| format!("{f:?}").to_lowercase())
+                    .collect();
+                out.push_str(&format!(
+                    "{:<32} {:<8} {:>10} {:>10.0} s  {}\n",
+                    d.id.as_str(),
+                    format!("{:?}", d.status).to_lowercase(),
+                    d.messages,
+                    now.saturating_sub(d.last_seen_ms) as f64 / 1000.0,
+                    found.join(",")
+                ));
+            }
+            Ok(out)
+        }),
         Command::DeadLetters {
             config,
             data_dir,
             limit,
             json,
-        } => {
-            let overrides = Overrides {
-                data_dir,
-                ..Overrides::default()
-            };
-            let config = match load(config.as_deref(), &overrides) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            match status::dead_letters(&config.storage.db_path(), limit) {
-                Ok(list) => {
-                    if json {
-                        match serde_json::to_string_pretty(&list) {
-                            Ok(s) => println!("{s}"),
-                            Err(e) => {
-                                eprintln!("outpost: {e}");
-                                return ExitCode::FAILURE;
-                            }
-                        }
-                    } else {
-                        for d in &list {
-                            println!(
-                                "#{} {} {} [{}] {} bytes: {}",
-                                d.id, d.at_ms, d.topic, d.source, d.payload_bytes, d.reason
-                            );
-                        }
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("outpost: {e:#}");
-                    ExitCode::FAILURE
-                }
+        } => inspect(config, data_dir, |config| {
+            let list = status::dead_letters(&config.storage.db_path(), limit)?;
+            if json {
+                return Ok(serde_json::to_string_pretty(&list)? + "\n");
             }
-        }
+            Ok(list
+                .iter()
+                .map(|d| {
+                    format!(
+                        "#{} {} {} [{}] {} bytes: {}\n",
+                        d.id, d.at_ms, d.topic, d.source, d.payload_bytes, d.reason
+                    )
+                })
+                .collect())
+        }),
         Command::Status {
             config,
             data_dir,
             json,
-        } => {
-            let overrides = Overrides {
-                data_dir,
-                ..Overrides::default()
-            };
-            let config = match load(config.as_deref(), &overrides) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            match status_report(&config) {
-                Ok((report, health)) => {
-                    if json {
-                        let mut value = serde_json::to_value(&report).unwrap_or_default();
-                        if let (serde_json::Value::Object(map), Some(h)) = (&mut value, health) {
-                            map.insert("health".to_owned(), h);
-                        }
-                        match serde_json::to_string_pretty(&value) {
-                            Ok(s) => println!("{s}"),
-                            Err(e) => {
-                                eprintln!("outpost: {e}");
-                                return ExitCode::FAILURE;
-                            }
-                        }
-                    } else {
-                        print!("{}", status::render(&report));
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("outpost: {e:#}");
-                    ExitCode::FAILURE
-                }
+        } => inspect(config, data_dir, |config| {
+            let (report, health) = status_report(config)?;
+            if !json {
+                return Ok(status::render(&report));
             }
-        }
+            let mut value = serde_json::to_value(&report)?;
+            if let (serde_json::Value::Object(map), Some(h)) = (&mut value, health) {
+                map.insert("health".to_owned(), h);
+            }
+            Ok(serde_json::to_string_pretty(&value)? + "\n")
+        }),
         Command::Run {
             config,
             listen,
@@ -273,6 +208,34 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// The read-only subcommands (status, devices, dead-letters): load the configuration (only to
+/// find the data directory), produce the text, print it; exit 64 on bad configuration, 1 on
+/// any other error.
+fn inspect(
+    config: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    produce: impl FnOnce(&Config) -> anyhow::Result<String>,
+) -> ExitCode {
+    let overrides = Overrides {
+        data_dir,
+        ..Overrides::default()
+    };
+    let config = match load(config.as_deref(), &overrides) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match produce(&config) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("outpost: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }
