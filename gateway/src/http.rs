@@ -524,6 +524,45 @@ impl prometheus_client::collector::Collector for Snapshot {
             "Connections closed by keep-alive timeout.",
             b.keepalive_timeouts,
         )?;
+        for (name, help, value) in [
+            (
+                "outpost_broker_messages_expired",
+                "Queued or retained messages dropped because their MQTT 5 message expiry passed.",
+                b.messages_expired,
+            ),
+            (
+                "outpost_broker_sessions_expired",
+                "Offline MQTT 5 sessions discarded when their session expiry passed.",
+                b.sessions_expired,
+            ),
+            (
+                "outpost_broker_auth_refused",
+                "CONNECTs refused for bad credentials or anonymous where not allowed.",
+                b.auth_refused,
+            ),
+            (
+                "outpost_broker_publishes_denied",
+                "Publishes the ACL refused (dropped, not stored).",
+                b.publishes_denied,
+            ),
+            (
+                "outpost_broker_subscriptions_denied",
+                "Subscriptions the ACL refused.",
+                b.subscriptions_denied,
+            ),
+            (
+                "outpost_broker_deliveries_denied",
+                "Messages not delivered to a subscriber the ACL does not let read them.",
+                b.deliveries_denied,
+            ),
+            (
+                "outpost_broker_tls_handshake_failures",
+                "TLS handshakes that failed or timed out (that socket only).",
+                b.tls_handshake_failures,
+            ),
+        ] {
+            f.counter(name, help, value)?;
+        }
         if let Some(c) = &self.coap {
             f.counter(
                 "outpost_coap_requests",

@@ -21,7 +21,7 @@ async fn v5_connack_announces_limits_and_assigned_id() {
     let props = ack.properties.expect("CONNACK properties");
     assert_eq!(props.receive_max, Some(7));
     assert_eq!(props.max_packet_size, Some(4096));
-    assert_eq!(props.topic_alias_max, Some(0));
+    assert_eq!(props.topic_alias_max, Some(16));
     assert!(
         props
             .assigned_client_identifier

@@ -29,6 +29,12 @@ pub(crate) struct WillIn {
     pub payload: Bytes,
     pub qos: QoS,
     pub retain: bool,
+    /// MQTT 5 will delay interval (seconds); `None` for 3.1.1 and when absent.
+    pub delay: Option<u32>,
+    /// MQTT 5 will properties passed to subscribers like a PUBLISH's.
+    pub props: PublishProps,
+    /// MQTT 5 message expiry interval of the will.
+    pub message_expiry: Option<u32>,
 }
 
 /// The parts of a CONNECT the broker acts on.
@@ -72,6 +78,18 @@ pub(crate) struct SubscriptionRequest {
     pub retain_handling: u8,
 }
 
+/// The MQTT 5 PUBLISH properties the broker passes from a publisher to its v5 subscribers
+/// unchanged (MQTT 5 §3.3.2.3). 3.1.1 subscribers get the payload only.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct PublishProps {
+    pub payload_format_indicator: Option<u8>,
+    pub content_type: Option<String>,
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Bytes>,
+    /// In the publisher's order, duplicates kept (the spec requires both).
+    pub user_properties: Vec<(String, String)>,
+}
+
 /// An inbound PUBLISH, topic not yet validated.
 #[derive(Debug, Clone)]
 pub(crate) struct PublishIn {
@@ -80,6 +98,12 @@ pub(crate) struct PublishIn {
     pub qos: QoS,
     pub retain: bool,
     pub pkid: u16,
+    /// MQTT 5 properties to forward; empty for 3.1.1.
+    pub props: PublishProps,
+    /// MQTT 5 message expiry interval, seconds from receipt.
+    pub message_expiry: Option<u32>,
+    /// MQTT 5 topic alias (resolved by the connection).
+    pub topic_alias: Option<u16>,
 }
 
 /// Every packet a client may send after CONNECT, and the ones it must not (`Unexpected`).
@@ -93,15 +117,19 @@ pub(crate) enum Incoming {
     Subscribe {
         pkid: u16,
         filters: Vec<SubscriptionRequest>,
+        /// MQTT 5 subscription identifier, for every filter of the packet.
+        id: Option<u32>,
     },
     Unsubscribe {
         pkid: u16,
         filters: Vec<String>,
     },
     PingReq,
-    /// `with_will` is MQTT 5 reason 0x04 "disconnect with will message".
+    /// `with_will` is MQTT 5 reason 0x04 "disconnect with will message"; `session_expiry`
+    /// the MQTT 5 session expiry interval it sets, if any.
     Disconnect {
         with_will: bool,
+        session_expiry: Option<u32>,
     },
     /// A second CONNECT: a protocol violation.
     Connect,
@@ -152,6 +180,10 @@ pub(crate) enum Outgoing {
         assigned_client_id: Option<String>,
         receive_maximum: u16,
         max_packet_size: u32,
+        /// MQTT 5 only: the highest topic alias the client may use (0: none).
+        topic_alias_max: u16,
+        /// MQTT 5 only: the keep-alive the server imposes instead of the client's.
+        server_keep_alive: Option<u16>,
     },
     Publish {
         topic: std::sync::Arc<str>,
@@ -160,6 +192,12 @@ pub(crate) enum Outgoing {
         retain: bool,
         dup: bool,
         pkid: u16,
+        /// MQTT 5 only: the publisher's properties.
+        props: std::sync::Arc<PublishProps>,
+        /// MQTT 5 only: the expiry interval left (seconds).
+        message_expiry: Option<u32>,
+        /// MQTT 5 only: the identifiers of the subscriptions that matched.
+        subscription_ids: Vec<u32>,
     },
     PubAck {
         pkid: u16,
@@ -202,6 +240,8 @@ pub(crate) enum DisconnectReason {
     MalformedPacket,
     ProtocolError,
     TopicNameInvalid,
+    /// A topic alias of 0 or above the maximum we announced (0x94).
+    TopicAliasInvalid,
 }
 
 /// Why bytes could not be turned into a packet.
@@ -328,6 +368,9 @@ pub(crate) fn read_handshake(
                     payload: w.message,
                     qos: qos_from4(w.qos),
                     retain: w.retain,
+                    delay: None,
+                    props: PublishProps::default(),
+                    message_expiry: None,
                 }),
                 session_expiry: None,
                 receive_maximum: None,
@@ -346,11 +389,28 @@ pub(crate) fn read_handshake(
                     client_id: c.client_id,
                     clean_start: c.clean_start,
                     keep_alive: c.keep_alive,
-                    will: will.map(|w| WillIn {
-                        topic: w.topic,
-                        payload: w.message,
-                        qos: qos_from5(w.qos),
-                        retain: w.retain,
+                    will: will.map(|w| {
+                        let mut will = WillIn {
+                            topic: w.topic,
+                            payload: w.message,
+                            qos: qos_from5(w.qos),
+                            retain: w.retain,
+                            delay: None,
+                            message_expiry: None,
+                            props: PublishProps::default(),
+                        };
+                        if let Some(p) = w.properties {
+                            will.delay = p.delay_interval;
+                            will.message_expiry = p.message_expiry_interval;
+                            will.props = PublishProps {
+                                payload_format_indicator: p.payload_format_indicator,
+                                content_type: p.content_type,
+                                response_topic: p.response_topic,
+                                correlation_data: p.correlation_data,
+                                user_properties: p.user_properties,
+                            };
+                        }
+                        will
                     }),
                     session_expiry: props.and_then(|p| p.session_expiry_interval),
                     receive_maximum: props.and_then(|p| p.receive_maximum),
@@ -414,12 +474,18 @@ pub(crate) fn read_packet(
             // no variable header at all (reason 0x00), or a reason code without properties.
             if buf.len() >= 2 && buf[0] == 0xE0 && buf[1] == 0x00 {
                 buf.advance(2);
-                return Ok(Some(Incoming::Disconnect { with_will: false }));
+                return Ok(Some(Incoming::Disconnect {
+                    with_will: false,
+                    session_expiry: None,
+                }));
             }
             if buf.len() >= 3 && buf[0] == 0xE0 && buf[1] == 0x01 {
                 let with_will = buf[2] == 0x04;
                 buf.advance(3);
-                return Ok(Some(Incoming::Disconnect { with_will }));
+                return Ok(Some(Incoming::Disconnect {
+                    with_will,
+                    session_expiry: None,
+                }));
             }
             v5::Packet::read(buf, Some(clamp_u32(max_packet_size)))
                 .map(|p| Some(from5(p)))
@@ -436,6 +502,9 @@ fn from4(p: v4::Packet) -> Incoming {
             qos: qos_from4(p.qos),
             retain: p.retain,
             pkid: p.pkid,
+            props: PublishProps::default(),
+            message_expiry: None,
+            topic_alias: None,
         }),
         v4::Packet::PubAck(a) => Incoming::PubAck(a.pkid),
         v4::Packet::PubRec(a) => Incoming::PubRec(a.pkid),
@@ -443,6 +512,7 @@ fn from4(p: v4::Packet) -> Incoming {
         v4::Packet::PubComp(a) => Incoming::PubComp(a.pkid),
         v4::Packet::Subscribe(s) => Incoming::Subscribe {
             pkid: s.pkid,
+            id: None,
             filters: s
                 .filters
                 .into_iter()
@@ -460,7 +530,10 @@ fn from4(p: v4::Packet) -> Incoming {
             filters: u.topics,
         },
         v4::Packet::PingReq => Incoming::PingReq,
-        v4::Packet::Disconnect => Incoming::Disconnect { with_will: false },
+        v4::Packet::Disconnect => Incoming::Disconnect {
+            with_will: false,
+            session_expiry: None,
+        },
         v4::Packet::Connect(_) => Incoming::Connect,
         v4::Packet::ConnAck(_) => Incoming::Unexpected("CONNACK"),
         v4::Packet::SubAck(_) => Incoming::Unexpected("SUBACK"),
@@ -471,19 +544,36 @@ fn from4(p: v4::Packet) -> Incoming {
 
 fn from5(p: v5::Packet) -> Incoming {
     match p {
-        v5::Packet::Publish(p) => Incoming::Publish(PublishIn {
-            topic: p.topic,
-            payload: p.payload,
-            qos: qos_from5(p.qos),
-            retain: p.retain,
-            pkid: p.pkid,
-        }),
+        v5::Packet::Publish(p) => {
+            let props = p.properties.unwrap_or_default();
+            Incoming::Publish(PublishIn {
+                topic: p.topic,
+                payload: p.payload,
+                qos: qos_from5(p.qos),
+                retain: p.retain,
+                pkid: p.pkid,
+                message_expiry: props.message_expiry_interval,
+                topic_alias: props.topic_alias,
+                props: PublishProps {
+                    payload_format_indicator: props.payload_format_indicator,
+                    content_type: props.content_type,
+                    response_topic: props.response_topic,
+                    correlation_data: props.correlation_data,
+                    user_properties: props.user_properties,
+                },
+            })
+        }
         v5::Packet::PubAck(a) => Incoming::PubAck(a.pkid),
         v5::Packet::PubRec(a) => Incoming::PubRec(a.pkid),
         v5::Packet::PubRel(a) => Incoming::PubRel(a.pkid),
         v5::Packet::PubComp(a) => Incoming::PubComp(a.pkid),
         v5::Packet::Subscribe(s) => Incoming::Subscribe {
             pkid: s.pkid,
+            // rumqttc reads the variable byte integer into a usize (at most 268,435,455).
+            id: s
+                .properties
+                .and_then(|p| p.id)
+                .map(|id| u32::try_from(id).unwrap_or(u32::MAX)),
             filters: s
                 .filters
                 .into_iter()
@@ -507,6 +597,7 @@ fn from5(p: v5::Packet) -> Incoming {
         v5::Packet::PingReq(_) => Incoming::PingReq,
         v5::Packet::Disconnect(d) => Incoming::Disconnect {
             with_will: d.reason_code == v5::DisconnectReasonCode::DisconnectWithWillMessage,
+            session_expiry: d.properties.and_then(|p| p.session_expiry_interval),
         },
         v5::Packet::Connect(..) => Incoming::Connect,
         v5::Packet::ConnAck(_) => Incoming::Unexpected("CONNACK"),
@@ -562,6 +653,7 @@ fn write4(packet: &Outgoing, out: &mut BytesMut, max_size: usize) -> Result<(), 
             retain,
             dup,
             pkid,
+            ..
         } => {
             let mut p = v4::Publish::from_bytes(topic.as_ref(), qos_to4(*qos), payload.clone());
             p.retain = *retain;
@@ -603,6 +695,8 @@ fn write5(packet: &Outgoing, out: &mut BytesMut, max_size: usize) -> Result<(), 
             assigned_client_id,
             receive_maximum,
             max_packet_size,
+            topic_alias_max,
+            server_keep_alive,
         } => v5::Packet::ConnAck(v5::ConnAck {
             session_present: *session_present,
             code: match code {
@@ -619,13 +713,13 @@ fn write5(packet: &Outgoing, out: &mut BytesMut, max_size: usize) -> Result<(), 
                 retain_available: None,
                 max_packet_size: Some(*max_packet_size),
                 assigned_client_identifier: assigned_client_id.clone(),
-                topic_alias_max: Some(0),
+                topic_alias_max: Some(*topic_alias_max),
                 reason_string: None,
                 user_properties: Vec::new(),
                 wildcard_subscription_available: None,
-                subscription_identifiers_available: Some(0),
-                shared_subscription_available: Some(0),
-                server_keep_alive: None,
+                subscription_identifiers_available: None,
+                shared_subscription_available: None,
+                server_keep_alive: *server_keep_alive,
                 response_information: None,
                 server_reference: None,
                 authentication_method: None,
@@ -639,6 +733,9 @@ fn write5(packet: &Outgoing, out: &mut BytesMut, max_size: usize) -> Result<(), 
             retain,
             dup,
             pkid,
+            props,
+            message_expiry,
+            subscription_ids,
         } => v5::Packet::Publish(v5::Publish {
             dup: *dup,
             qos: qos_to5(*qos),
@@ -646,7 +743,22 @@ fn write5(packet: &Outgoing, out: &mut BytesMut, max_size: usize) -> Result<(), 
             topic: Bytes::copy_from_slice(topic.as_bytes()),
             pkid: if *qos == QoS::AtMostOnce { 0 } else { *pkid },
             payload: payload.clone(),
-            properties: None,
+            properties: (**props != PublishProps::default()
+                || message_expiry.is_some()
+                || !subscription_ids.is_empty())
+            .then(|| v5::PublishProperties {
+                payload_format_indicator: props.payload_format_indicator,
+                message_expiry_interval: *message_expiry,
+                topic_alias: None,
+                response_topic: props.response_topic.clone(),
+                correlation_data: props.correlation_data.clone(),
+                user_properties: props.user_properties.clone(),
+                subscription_identifiers: subscription_ids
+                    .iter()
+                    .filter_map(|id| usize::try_from(*id).ok())
+                    .collect(),
+                content_type: props.content_type.clone(),
+            }),
         }),
         Outgoing::PubAck { pkid, reason } => v5::Packet::PubAck(v5::PubAck {
             pkid: *pkid,
@@ -714,6 +826,7 @@ fn write5(packet: &Outgoing, out: &mut BytesMut, max_size: usize) -> Result<(), 
                 DisconnectReason::MalformedPacket => v5::DisconnectReasonCode::MalformedPacket,
                 DisconnectReason::ProtocolError => v5::DisconnectReasonCode::ProtocolError,
                 DisconnectReason::TopicNameInvalid => v5::DisconnectReasonCode::TopicNameInvalid,
+                DisconnectReason::TopicAliasInvalid => v5::DisconnectReasonCode::TopicAliasInvalid,
             };
             out.extend_from_slice(&[0xE0, 0x02, code as u8, 0x00]);
             return Ok(());
@@ -830,7 +943,10 @@ mod tests {
         let mut buf = BytesMut::from(&[0xE0u8, 0x00][..]);
         assert!(matches!(
             read_packet(Protocol::V5, &mut buf, 1000),
-            Ok(Some(Incoming::Disconnect { with_will: false }))
+            Ok(Some(Incoming::Disconnect {
+                with_will: false,
+                ..
+            }))
         ));
     }
 
@@ -839,11 +955,17 @@ mod tests {
         let mut buf = BytesMut::from(&[0xE0u8, 0x01, 0x04, 0xE0, 0x01, 0x00][..]);
         assert!(matches!(
             read_packet(Protocol::V5, &mut buf, 1000),
-            Ok(Some(Incoming::Disconnect { with_will: true }))
+            Ok(Some(Incoming::Disconnect {
+                with_will: true,
+                ..
+            }))
         ));
         assert!(matches!(
             read_packet(Protocol::V5, &mut buf, 1000),
-            Ok(Some(Incoming::Disconnect { with_will: false }))
+            Ok(Some(Incoming::Disconnect {
+                with_will: false,
+                ..
+            }))
         ));
     }
 

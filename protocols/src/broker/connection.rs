@@ -6,7 +6,7 @@
 //! The loop keeps reading while replies are outstanding and stops only at
 //! `max_inbound_pending`: that is the backpressure from the store to the publishers.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -23,10 +23,10 @@ use tokio_util::sync::CancellationToken;
 use super::auth::{Access, LoginRefusal};
 use super::codec::{
     self, AckReason, ConnAckCode, ConnectIn, DisconnectReason, FrameError, Handshake, Incoming,
-    Outgoing, Protocol, PublishIn, SubAckCode, SubscriptionRequest,
+    Outgoing, Protocol, PublishIn, PublishProps, SubAckCode, SubscriptionRequest,
 };
-use super::router::Link;
-use super::session::{Send, Subscription};
+use super::router::{Link, Publication};
+use super::session::{Send, Subscription, split_shared};
 use super::tls::PeerCert;
 use super::{Inbound, IngestRefusal, IngestReply, QoS, Shared, Source, bump};
 use crate::topic::{TopicFilter, TopicName};
@@ -34,6 +34,9 @@ use crate::topic::{TopicFilter, TopicName};
 /// A write that makes no progress for this long closes the connection (a peer that stopped
 /// reading must not pin its task forever).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The MQTT 5 topic alias maximum announced in CONNACK: each connection keeps at most this
+/// many aliases (topic names), so the map is bounded whatever the client sends.
+const TOPIC_ALIAS_MAX: u16 = 16;
 /// Bound on the last writes of a closing connection (v5 DISCONNECT) and on handing a will over.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -56,6 +59,8 @@ enum End {
         max: usize,
     },
     InvalidTopic(String),
+    /// MQTT 5 topic alias 0 or above `TOPIC_ALIAS_MAX`.
+    TopicAliasInvalid(u16),
     ProtocolViolation(&'static str),
     /// MQTT 3.1.1 publish refused by the gateway: closed without ack, the client resends later.
     Refused(IngestRefusal),
@@ -79,6 +84,7 @@ impl End {
             End::Oversized { .. } => DisconnectReason::PacketTooLarge,
             End::Malformed(_) => DisconnectReason::MalformedPacket,
             End::InvalidTopic(_) => DisconnectReason::TopicNameInvalid,
+            End::TopicAliasInvalid(_) => DisconnectReason::TopicAliasInvalid,
             End::ProtocolViolation(_) => DisconnectReason::ProtocolError,
             End::Shutdown => DisconnectReason::ServerShuttingDown,
             End::Disconnect { .. } | End::PeerClosed | End::Io(_) | End::Refused(_) => {
@@ -95,6 +101,26 @@ struct Will {
     payload: Bytes,
     qos: QoS,
     retain: bool,
+    /// MQTT 5 will delay interval (zero for 3.1.1).
+    delay: Duration,
+    /// MQTT 5 will properties, forwarded like a PUBLISH's.
+    props: Arc<PublishProps>,
+    /// MQTT 5 message expiry interval of the will, counted from when it is published.
+    message_expiry: Option<Duration>,
+}
+
+impl Will {
+    /// The will as a message published at `at`.
+    fn publication(&self, at: Instant) -> Publication {
+        Publication {
+            topic: self.topic.clone(),
+            payload: self.payload.clone(),
+            qos: self.qos,
+            retain: self.retain,
+            props: self.props.clone(),
+            expires_at: self.message_expiry.map(|e| at + e),
+        }
+    }
 }
 
 /// An inbound QoS 1/2 publish whose ack has not been written yet.
@@ -108,7 +134,7 @@ struct Pending {
     /// The ack's reason when `wait` is `None`.
     reason: AckReason,
     /// Delivered to local subscribers once the gateway accepted it.
-    message: Option<(Arc<str>, Bytes, bool)>,
+    message: Option<Publication>,
 }
 
 /// Releases the connection slot when the task ends, however it ends.
@@ -337,6 +363,12 @@ async fn session<R, W>(
                 payload: w.payload.clone(),
                 qos: w.qos,
                 retain: w.retain,
+                delay: Duration::from_secs(u64::from(w.delay.unwrap_or(0))),
+                props: Arc::new(w.props.clone()),
+                message_expiry: w
+                    .message_expiry
+                    .filter(|s| *s > 0)
+                    .map(|s| Duration::from_secs(u64::from(s))),
             })
     }) {
         None => None,
@@ -360,10 +392,13 @@ async fn session<R, W>(
         return;
     }
 
-    let persistent = match protocol {
-        Protocol::V4 => !connect.clean_start,
-        Protocol::V5 => connect.session_expiry.unwrap_or(0) > 0,
+    // How long the session outlives the connection: `None` until restart.
+    let session_expiry = match protocol {
+        Protocol::V4 if connect.clean_start => Some(Duration::ZERO),
+        Protocol::V4 => None,
+        Protocol::V5 => session_expiry(connect.session_expiry.unwrap_or(0)),
     };
+    let persistent = session_expiry != Some(Duration::ZERO);
     let conn_id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let notify = Arc::new(Notify::new());
     let kick = hard_stop.child_token();
@@ -380,13 +415,27 @@ async fn session<R, W>(
         },
         username.clone(),
     );
+    shared
+        .router()
+        .set_session_expiry(&client_id, conn_id, session_expiry);
+    if let Some(w) = attached.ended_will {
+        shared.publish_will(&ingest, client_id.clone(), w).await;
+    }
     bump(&shared.counters.connections_total);
     tracing::debug!(%peer, %client_id, username = username.as_deref().unwrap_or(""), ?protocol,
         keep_alive = connect.keep_alive,
         clean = connect.clean_start, session_present = attached.session_present, "MQTT client connected");
 
-    let keep_alive = (connect.keep_alive > 0)
-        .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
+    // MQTT 5 §3.2.2.3.14: above the configured maximum (or "none", 0) the server's value
+    // applies and CONNACK says so. 3.1.1 has no way to say it: its keep-alive is kept.
+    let max_keep_alive = shared.max_keep_alive.load(Ordering::Relaxed);
+    let server_keep_alive = (protocol == Protocol::V5
+        && max_keep_alive > 0
+        && (connect.keep_alive == 0 || connect.keep_alive > max_keep_alive))
+        .then_some(max_keep_alive);
+    let keep_alive_secs = server_keep_alive.unwrap_or(connect.keep_alive);
+    let keep_alive =
+        (keep_alive_secs > 0).then(|| Duration::from_millis(u64::from(keep_alive_secs) * 1500));
     let mut conn = Conn {
         shared: shared.clone(),
         ingest,
@@ -409,6 +458,7 @@ async fn session<R, W>(
             .unwrap_or(usize::MAX),
         kick,
         notify,
+        topic_aliases: HashMap::new(),
     };
     conn.queue(&Outgoing::ConnAck {
         session_present: attached.session_present,
@@ -416,6 +466,8 @@ async fn session<R, W>(
         assigned_client_id: assigned,
         receive_maximum: settings.max_inbound_pending.max(1),
         max_packet_size: u32::try_from(settings.max_packet_size).unwrap_or(u32::MAX),
+        topic_alias_max: TOPIC_ALIAS_MAX,
+        server_keep_alive,
     });
     for s in attached.resend {
         conn.queue_send(s);
@@ -423,6 +475,11 @@ async fn session<R, W>(
 
     let end = conn.run(&shutdown).await;
     conn.finish(end, will).await;
+}
+
+/// An MQTT 5 session expiry interval as the router keeps it: 0xFFFFFFFF never expires.
+fn session_expiry(seconds: u32) -> Option<Duration> {
+    (seconds != u32::MAX).then(|| Duration::from_secs(u64::from(seconds)))
 }
 
 /// Reads the CONNECT (by `deadline`) and answers the refusals that need no session.
@@ -501,6 +558,8 @@ async fn refuse<W: AsyncWrite + Unpin>(wr: &mut W, protocol: Protocol, code: Con
         assigned_client_id: None,
         receive_maximum: 0,
         max_packet_size: 0,
+        topic_alias_max: 0,
+        server_keep_alive: None,
     };
     if codec::write_packet(protocol, &connack, &mut out, usize::MAX).is_ok() {
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
@@ -550,6 +609,9 @@ struct Conn<Rd, Wr> {
     kick: CancellationToken,
     /// Woken by the router when the session has messages to send.
     notify: Arc<Notify>,
+    /// MQTT 5 topic aliases the client set on this connection (at most `TOPIC_ALIAS_MAX`;
+    /// they die with the connection, MQTT 5 §3.3.2.3.4).
+    topic_aliases: HashMap<u16, Arc<str>>,
 }
 
 impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
@@ -641,7 +703,7 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
                 self.with_session(|s| s.awaiting_rel.remove(&pkid));
                 self.queue(&Outgoing::PubComp { pkid });
             }
-            Incoming::Subscribe { pkid, filters } => self.on_subscribe(pkid, filters)?,
+            Incoming::Subscribe { pkid, filters, id } => self.on_subscribe(pkid, filters, id)?,
             Incoming::Unsubscribe { pkid, filters } => {
                 let existed = self
                     .with_session(|s| filters.iter().map(|f| s.unsubscribe(f)).collect())
@@ -649,7 +711,15 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
                 self.queue(&Outgoing::UnsubAck { pkid, existed });
             }
             Incoming::PingReq => self.queue(&Outgoing::PingResp),
-            Incoming::Disconnect { with_will } => return Err(End::Disconnect { with_will }),
+            Incoming::Disconnect {
+                with_will,
+                session_expiry: expiry,
+            } => {
+                if let Some(seconds) = expiry {
+                    self.on_disconnect_session_expiry(seconds);
+                }
+                return Err(End::Disconnect { with_will });
+            }
             Incoming::Connect => return Err(End::ProtocolViolation("second CONNECT")),
             Incoming::Unexpected(kind) => return Err(End::ProtocolViolation(kind)),
         }
@@ -657,17 +727,33 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
     }
 
     async fn on_publish(&mut self, p: PublishIn) -> Result<(), End> {
-        let topic = match std::str::from_utf8(&p.topic) {
-            Ok(t) => TopicName::new(t).map_err(|e| format!("{t:?}: {e}")),
-            Err(_) => Err("topic is not UTF-8".to_string()),
-        };
-        let topic = match topic {
-            Ok(t) => t.into_string(),
-            Err(why) => {
-                bump(&self.shared.counters.invalid_topics);
-                return Err(End::InvalidTopic(why));
+        let topic = match p.topic_alias {
+            Some(alias) if alias == 0 || alias > TOPIC_ALIAS_MAX => {
+                return Err(End::TopicAliasInvalid(alias));
+            }
+            // An alias with an empty topic stands for the topic set earlier.
+            Some(alias) if p.topic.is_empty() => match self.topic_aliases.get(&alias) {
+                Some(t) => t.to_string(),
+                None => return Err(End::ProtocolViolation("topic alias not set")),
+            },
+            _ => {
+                let topic = match std::str::from_utf8(&p.topic) {
+                    Ok(t) => TopicName::new(t).map_err(|e| format!("{t:?}: {e}")),
+                    Err(_) => Err("topic is not UTF-8".to_string()),
+                };
+                match topic {
+                    Ok(t) => t.into_string(),
+                    Err(why) => {
+                        bump(&self.shared.counters.invalid_topics);
+                        return Err(End::InvalidTopic(why));
+                    }
+                }
             }
         };
+        if let Some(alias) = p.topic_alias {
+            // Set or replaced by a publish that names the topic (bounded: alias <= max).
+            self.topic_aliases.insert(alias, Arc::from(topic.as_str()));
+        }
         bump(&self.shared.counters.publishes_received);
         if let Some(auth) = self.shared.auth()
             && !auth.allows(
@@ -698,7 +784,20 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
             }
             return Ok(());
         }
-        let shared_topic: Arc<str> = Arc::from(topic.as_str());
+        let now = Instant::now();
+        // Interval 0 is read as "no expiry", as mosquitto does.
+        let expires_at = p
+            .message_expiry
+            .filter(|s| *s > 0)
+            .map(|s| now + Duration::from_secs(u64::from(s)));
+        let publication = Publication {
+            topic: Arc::from(topic.as_str()),
+            payload: p.payload.clone(),
+            qos: p.qos,
+            retain: p.retain,
+            props: Arc::new(p.props),
+            expires_at,
+        };
         match p.qos {
             QoS::AtMostOnce => {
                 let inbound = Inbound {
@@ -715,13 +814,7 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
                     tracing::warn!(peer = %self.peer, client_id = %self.client_id,
                         "ingest channel closed, QoS 0 message not stored");
                 }
-                self.shared.route(
-                    &shared_topic,
-                    &p.payload,
-                    p.qos,
-                    p.retain,
-                    Some(&self.client_id),
-                );
+                self.shared.route(&publication, Some(&self.client_id));
             }
             QoS::AtLeastOnce | QoS::ExactlyOnce => {
                 if p.qos == QoS::ExactlyOnce && self.is_qos2_duplicate(p.pkid) {
@@ -753,7 +846,7 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
                     qos: p.qos,
                     wait: Some(rx),
                     reason: AckReason::Success,
-                    message: Some((shared_topic, p.payload, p.retain)),
+                    message: Some(publication),
                 });
             }
         }
@@ -797,16 +890,15 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
                 if p.qos == QoS::ExactlyOnce {
                     self.with_session(|s| s.awaiting_rel.insert(p.pkid));
                 }
-                if let Some((topic, payload, retain)) = &p.message {
-                    self.shared
-                        .route(topic, payload, p.qos, *retain, Some(&self.client_id));
+                if let Some(publication) = &p.message {
+                    self.shared.route(publication, Some(&self.client_id));
                 }
                 self.queue_ack(p.pkid, p.qos, AckReason::Success);
                 Ok(())
             }
             Err(refusal) => {
                 bump(&self.shared.counters.ingest_refused);
-                let topic = p.message.as_ref().map(|m| m.0.clone());
+                let topic = p.message.as_ref().map(|m| m.topic.clone());
                 tracing::warn!(peer = %self.peer, client_id = %self.client_id, ?topic, pkid = p.pkid,
                     ?refusal, "publish refused by the gateway");
                 match self.protocol {
@@ -849,15 +941,44 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
         }
     }
 
-    fn on_subscribe(&mut self, pkid: u16, filters: Vec<SubscriptionRequest>) -> Result<(), End> {
+    fn on_subscribe(
+        &mut self,
+        pkid: u16,
+        filters: Vec<SubscriptionRequest>,
+        id: Option<u32>,
+    ) -> Result<(), End> {
         if filters.is_empty() {
             return Err(End::ProtocolViolation("SUBSCRIBE without filters"));
+        }
+        if id == Some(0) {
+            return Err(End::ProtocolViolation("subscription identifier 0"));
         }
         let mut codes = Vec::with_capacity(filters.len());
         let mut subs = Vec::with_capacity(filters.len());
         let auth = self.shared.auth();
         for req in filters {
-            match TopicFilter::new(req.filter.as_str()) {
+            // 3.1.1 has no shared subscriptions: `$share/...` is an ordinary filter there.
+            let split = match self.protocol {
+                Protocol::V5 => split_shared(&req.filter),
+                Protocol::V4 => Ok(None),
+            };
+            let (share, filter_text) = match split {
+                Ok(None) => (None, req.filter.as_str()),
+                Ok(Some((group, f))) => {
+                    // MQTT 5 §3.8.3.1: no-local on a shared subscription is a protocol error.
+                    if req.no_local {
+                        return Err(End::ProtocolViolation("no-local on a shared subscription"));
+                    }
+                    (Some(Arc::<str>::from(group)), f)
+                }
+                Err(why) => {
+                    tracing::warn!(peer = %self.peer, client_id = %self.client_id,
+                        filter = %req.filter, why, "subscription refused: invalid shared subscription");
+                    codes.push(SubAckCode::InvalidFilter);
+                    continue;
+                }
+            };
+            match TopicFilter::new(filter_text) {
                 Ok(filter)
                     if auth.as_ref().is_some_and(|a| {
                         !a.allows_subscribe(
@@ -880,6 +1001,8 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
                             qos: req.qos,
                             no_local: req.no_local,
                             retain_as_published: req.retain_as_published,
+                            id,
+                            share,
                         },
                         req.retain_handling,
                     ));
@@ -891,26 +1014,35 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
                 }
             }
         }
-        let (_, routed) =
-            self.shared
-                .router()
-                .subscribe(&self.client_id, self.conn_id, subs, auth.as_deref());
-        if routed.denied > 0 {
-            self.shared
-                .counters
-                .deliveries_denied
-                .fetch_add(routed.denied, Ordering::Relaxed);
-        }
-        if routed.dropped > 0 {
-            self.shared
-                .counters
-                .dropped_queue_full
-                .fetch_add(routed.dropped, Ordering::Relaxed);
-        }
+        let (_, routed) = self.shared.router().subscribe(
+            &self.client_id,
+            self.conn_id,
+            subs,
+            auth.as_deref(),
+            Instant::now(),
+        );
+        self.shared.count(routed, "(retained messages)");
         // SUBACK first, then the retained messages the subscription selected.
         self.queue(&Outgoing::SubAck { pkid, codes });
         self.drain_outbound();
         Ok(())
+    }
+
+    /// An MQTT 5 DISCONNECT sets a new session expiry interval. A session that had none
+    /// (CONNECT said 0) cannot be given one now (§3.14.2.2.2: a protocol error, here ignored
+    /// as the connection is closing anyway).
+    fn on_disconnect_session_expiry(&mut self, seconds: u32) {
+        let persistent = self.with_session(|s| s.persistent).unwrap_or(false);
+        if !persistent && seconds > 0 {
+            tracing::debug!(peer = %self.peer, client_id = %self.client_id, seconds,
+                "DISCONNECT sets a session expiry on a session that had none: ignored");
+            return;
+        }
+        self.shared.router().set_session_expiry(
+            &self.client_id,
+            self.conn_id,
+            session_expiry(seconds),
+        );
     }
 
     fn with_session<R>(&self, f: impl FnOnce(&mut super::session::Session) -> R) -> Option<R> {
@@ -922,7 +1054,20 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
     /// Moves whatever the session may send now into the write buffer.
     fn drain_outbound(&mut self) {
         loop {
-            let next = self.with_session(|s| s.outbound.next_send()).flatten();
+            let (next, expired) = self
+                .with_session(|s| {
+                    let next = s.outbound.next_send(Instant::now());
+                    (next, s.outbound.take_expired())
+                })
+                .unwrap_or((None, 0));
+            if expired > 0 {
+                self.shared
+                    .counters
+                    .messages_expired
+                    .fetch_add(expired, Ordering::Relaxed);
+                tracing::debug!(peer = %self.peer, client_id = %self.client_id, expired,
+                    "queued messages dropped: their message expiry interval ran out");
+            }
             let Some(send) = next else {
                 return;
             };
@@ -935,11 +1080,14 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
             Send::Publish { msg, pkid, dup } => {
                 let packet = Outgoing::Publish {
                     topic: msg.topic.clone(),
-                    payload: msg.payload,
+                    payload: msg.payload.clone(),
                     qos: msg.qos,
                     retain: msg.retain,
                     dup,
                     pkid,
+                    message_expiry: msg.expiry_left(Instant::now()),
+                    props: msg.props,
+                    subscription_ids: msg.subscription_ids,
                 };
                 if self.try_queue(&packet) {
                     if !dup {
@@ -1037,6 +1185,11 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
             End::InvalidTopic(why) => {
                 tracing::warn!(%peer, %client_id, %why, "MQTT connection closed: invalid topic name");
             }
+            End::TopicAliasInvalid(alias) => {
+                bump(&counters.malformed_packets);
+                tracing::warn!(%peer, %client_id, alias, max = TOPIC_ALIAS_MAX,
+                    "MQTT connection closed: invalid topic alias");
+            }
             End::ProtocolViolation(what) => {
                 bump(&counters.malformed_packets);
                 tracing::warn!(%peer, %client_id, what, "MQTT connection closed: protocol violation");
@@ -1060,9 +1213,8 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
             let _ = self.wr.shutdown().await;
         })
         .await;
-        self.shared.router().detach(&self.client_id, self.conn_id);
         // Checked at CONNECT; checked again in case the policy was reloaded since.
-        let will = will.filter(|w| {
+        let will = will.filter(|_| end.publishes_will()).filter(|w| {
             let allowed = self.shared.auth().is_none_or(|a| {
                 a.allows(
                     &self.client_id,
@@ -1071,36 +1223,23 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
                     Access::Write,
                 )
             });
-            if !allowed && end.publishes_will() {
+            if !allowed {
                 bump(&self.shared.counters.publishes_denied);
                 tracing::warn!(%peer, %client_id, topic = %w.topic, "will refused by the ACL, dropped");
             }
             allowed
         });
-        if end.publishes_will()
-            && let Some(w) = will
-        {
-            {
-                tracing::debug!(%peer, %client_id, topic = %w.topic, "publishing will");
-                self.shared
-                    .route(&w.topic, &w.payload, w.qos, w.retain, None);
-                let inbound = Inbound {
-                    client_id: self.client_id.clone(),
-                    topic: w.topic.to_string(),
-                    payload: w.payload,
-                    qos: w.qos,
-                    retain: w.retain,
-                    source: Source::Mqtt,
-                    content_format: None,
-                    reply: None,
-                };
-                if tokio::time::timeout(CLOSE_TIMEOUT, self.ingest.send(inbound))
-                    .await
-                    .map_or(true, |r| r.is_err())
-                {
-                    tracing::warn!(%peer, %client_id, "will not handed to ingest (channel full or closed)");
-                }
-            }
+        let now = Instant::now();
+        let due = self.shared.router().detach(
+            &self.client_id,
+            self.conn_id,
+            now,
+            will.map(|w| (w.publication(now + w.delay), w.delay)),
+        );
+        if let Some(w) = due {
+            self.shared
+                .publish_will(&self.ingest, self.client_id.clone(), w)
+                .await;
         }
     }
 

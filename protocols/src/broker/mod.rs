@@ -18,10 +18,28 @@
 //!   violation, takeover, and a 3.1.1 connection closed because the gateway refused a publish.
 //! - Offline persistent sessions queue QoS 1/2 only (mosquitto's default); QoS 0 to an offline
 //!   client is not a counted drop.
-//! - MQTT 5: a session outlives its connection when the client sets session expiry > 0; the
-//!   interval itself is not enforced yet (kept until restart). Properties other than receive
-//!   maximum, maximum packet size, no-local, retain-as-published and retain handling are
-//!   ignored; topic aliases are announced as unsupported (maximum 0).
+//! - MQTT 5 sessions: a session outlives its connection for the CONNECT's session expiry
+//!   interval (0: not at all; 0xFFFFFFFF: until restart), which a DISCONNECT may change (but
+//!   not raise from 0); an offline session is discarded when it runs out (checked every
+//!   `EXPIRY_TICK`, counted in [`BrokerStats::sessions_expired`]). A will with a delay waits
+//!   in the router and is published when the delay or the session ends, whichever is first,
+//!   unless the client reconnects before (a takeover counts as reconnecting).
+//! - MQTT 5 messages: payload format indicator, content type, response topic, correlation
+//!   data and user properties pass from publisher (and will) to v5 subscribers unchanged;
+//!   3.1.1 subscribers get the payload only. A message expiry interval (0 read as none, as
+//!   mosquitto does) is counted from receipt: a queued message (online backlog, offline
+//!   queue, retained store) past it is dropped, counted in
+//!   [`BrokerStats::messages_expired`], and a delivered one carries the time left.
+//! - MQTT 5 subscriptions: no-local, retain-as-published, retain handling, subscription
+//!   identifiers (every matching subscription's on the one delivery), and shared
+//!   subscriptions `$share/{group}/{filter}`: each message to one member per group, round
+//!   robin in client id order among connected members (offline ones only if none is
+//!   connected), no retained messages on a shared subscribe. 3.1.1 clients' `$share/...`
+//!   filters are ordinary filters.
+//! - MQTT 5 topic aliases from clients: up to 16 per connection (announced in CONNACK);
+//!   alias 0 or above 16 closes with DISCONNECT 0x94, an alias never set with 0x82. The
+//!   broker never sends aliases. [`Broker::set_max_keep_alive`] caps v5 clients' keep-alive
+//!   (CONNACK server keep-alive); 3.1.1 clients' is kept.
 //! - Sessions and retained messages live in memory only for now; `session::Session` is plain
 //!   data so it can be persisted later.
 //!
@@ -52,7 +70,7 @@ mod tls;
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -63,7 +81,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::topic::{TopicError, TopicName};
-use router::Router;
+use router::{Publication, Router};
 use tls::TlsListener;
 
 pub use auth::{Access, Auth};
@@ -71,6 +89,13 @@ pub use auth::{Access, Auth};
 /// How long connections get, after shutdown is requested, to finish the acks for messages they
 /// already handed to the gateway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Bound on handing a will to the gateway (the channel may be full).
+const WILL_HANDOVER_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How often offline sessions are checked for an expired session or a will whose delay
+/// passed: the precision of both (they are set in whole seconds).
+const EXPIRY_TICK: Duration = Duration::from_millis(250);
 
 /// Broker limits and listeners.
 #[derive(Debug, Clone)]
@@ -285,6 +310,11 @@ pub struct BrokerStats {
     /// `connect_timeout` (plain MQTT on a TLS port, an untrusted or missing client
     /// certificate, ...): each closed that socket only.
     pub tls_handshake_failures: u64,
+    /// MQTT 5 messages dropped because their message expiry interval ran out while they
+    /// waited for a subscriber (online backlog or offline queue).
+    pub messages_expired: u64,
+    /// Offline sessions discarded because their MQTT 5 session expiry interval passed.
+    pub sessions_expired: u64,
 }
 
 /// Live counters behind [`BrokerStats`].
@@ -306,6 +336,8 @@ pub(crate) struct Counters {
     pub subscriptions_denied: AtomicU64,
     pub deliveries_denied: AtomicU64,
     pub tls_handshake_failures: AtomicU64,
+    pub messages_expired: AtomicU64,
+    pub sessions_expired: AtomicU64,
 }
 
 pub(crate) fn bump(c: &AtomicU64) {
@@ -332,6 +364,8 @@ impl Counters {
             subscriptions_denied: g(&self.subscriptions_denied),
             deliveries_denied: g(&self.deliveries_denied),
             tls_handshake_failures: g(&self.tls_handshake_failures),
+            messages_expired: g(&self.messages_expired),
+            sessions_expired: g(&self.sessions_expired),
         }
     }
 }
@@ -351,6 +385,9 @@ pub(crate) struct Shared {
     pub auth: RwLock<Option<Arc<Auth>>>,
     /// By listener index: the TLS listeners' server configurations (`reload_tls`).
     pub tls: Vec<Option<TlsListener>>,
+    /// The longest keep-alive (seconds) an MQTT 5 client may use; 0: no maximum. Set by
+    /// `Broker::set_max_keep_alive`, read at each CONNECT.
+    pub max_keep_alive: AtomicU16,
 }
 
 impl Shared {
@@ -366,19 +403,40 @@ impl Shared {
     }
 
     /// Routes a message to local subscribers that may read it, counting drops and refusals.
-    pub(crate) fn route(
-        &self,
-        topic: &Arc<str>,
-        payload: &Bytes,
-        qos: QoS,
-        retain: bool,
-        origin: Option<&str>,
-    ) {
+    pub(crate) fn route(&self, p: &Publication, origin: Option<&str>) {
         let auth = self.auth();
         let routed = self
             .router()
-            .route(topic, payload, qos, retain, origin, auth.as_deref());
-        self.count(routed, topic);
+            .route(p, origin, auth.as_deref(), tokio::time::Instant::now());
+        self.count(routed, &p.topic);
+    }
+
+    /// Publishes a client's will: to local subscribers, and to ingest without waiting for a
+    /// reply (bounded by `WILL_HANDOVER_TIMEOUT`).
+    pub(crate) async fn publish_will(
+        &self,
+        ingest: &mpsc::Sender<Inbound>,
+        client_id: Arc<str>,
+        will: Publication,
+    ) {
+        tracing::debug!(%client_id, topic = %will.topic, "publishing will");
+        self.route(&will, None);
+        let inbound = Inbound {
+            client_id: client_id.clone(),
+            topic: will.topic.to_string(),
+            payload: will.payload,
+            qos: will.qos,
+            retain: will.retain,
+            source: Source::Mqtt,
+            content_format: None,
+            reply: None,
+        };
+        if tokio::time::timeout(WILL_HANDOVER_TIMEOUT, ingest.send(inbound))
+            .await
+            .map_or(true, |r| r.is_err())
+        {
+            tracing::warn!(%client_id, "will not handed to ingest (channel full or closed)");
+        }
     }
 
     /// Adds up a routing pass's drops and refusals.
@@ -395,6 +453,13 @@ impl Shared {
                 .dropped_queue_full
                 .fetch_add(routed.dropped, Ordering::Relaxed);
             tracing::warn!(%topic, dropped = routed.dropped, "subscriber queue full, message dropped");
+        }
+        if routed.expired > 0 {
+            self.counters
+                .messages_expired
+                .fetch_add(routed.expired, Ordering::Relaxed);
+            tracing::debug!(%topic, expired = routed.expired,
+                "queued messages dropped: their message expiry interval ran out");
         }
     }
 }
@@ -468,6 +533,7 @@ impl Broker {
                 handshaking: AtomicU64::new(0),
                 auth,
                 tls,
+                max_keep_alive: AtomicU16::new(0),
             }),
         })
     }
@@ -478,6 +544,16 @@ impl Broker {
             .iter()
             .filter_map(|l| l.local_addr().ok())
             .collect()
+    }
+
+    /// Sets the longest keep-alive an MQTT 5 client may use (`None`: no maximum, the
+    /// default). A client asking for more, or for none (0), is told this value in CONNACK's
+    /// server keep-alive and held to it. MQTT 3.1.1 clients cannot be told, so theirs is
+    /// kept. Applies to connections made after the call; rounded to whole seconds (at least
+    /// one, at most 65,535).
+    pub fn set_max_keep_alive(&self, max: Option<Duration>) {
+        let secs = max.map_or(0, |d| u16::try_from(d.as_secs().max(1)).unwrap_or(u16::MAX));
+        self.shared.max_keep_alive.store(secs, Ordering::Relaxed);
     }
 
     /// A handle for publishing and stats; usable before, during and after `run`.
@@ -509,6 +585,11 @@ impl Broker {
             };
             tracker.spawn(accept_loop(listener, ctx));
         }
+        tracker.spawn(expiry_loop(
+            self.shared.clone(),
+            ingest.clone(),
+            shutdown.clone(),
+        ));
         drop(ingest);
         shutdown.cancelled().await;
         tracker.close();
@@ -567,6 +648,35 @@ async fn accept_loop(listener: TcpListener, ctx: AcceptCtx) {
     tracing::debug!(listener = ?local, "MQTT listener stopped");
 }
 
+/// Discards offline sessions whose expiry interval passed and publishes delayed wills that
+/// are due, until shutdown (pending wills are not published then, like every will at
+/// shutdown).
+async fn expiry_loop(
+    shared: Arc<Shared>,
+    ingest: mpsc::Sender<Inbound>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(EXPIRY_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let expired = shared.router().expire(tokio::time::Instant::now());
+        if expired.sessions > 0 {
+            shared
+                .counters
+                .sessions_expired
+                .fetch_add(expired.sessions, Ordering::Relaxed);
+            tracing::debug!(sessions = expired.sessions, "offline MQTT sessions expired");
+        }
+        for (client_id, will) in expired.wills {
+            shared.publish_will(&ingest, client_id, will).await;
+        }
+    }
+}
+
 impl BrokerHandle {
     /// Publish into the local broker as the gateway itself (commands from the cloud): delivered
     /// to matching local subscribers (and stored as retained if `retain`), NOT handed to ingest.
@@ -582,7 +692,8 @@ impl BrokerHandle {
             source,
         })?;
         let topic: Arc<str> = Arc::from(name.into_string());
-        self.shared.route(&topic, &payload, qos, retain, None);
+        self.shared
+            .route(&Publication::plain(topic, payload, qos, retain), None);
         Ok(())
     }
 

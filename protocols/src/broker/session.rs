@@ -8,8 +8,10 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use tokio::time::Instant;
 
 use super::QoS;
+use super::codec::PublishProps;
 use crate::topic::TopicFilter;
 
 /// One message as a given subscriber receives it: `qos` is the delivery QoS (already
@@ -20,6 +22,31 @@ pub(crate) struct Message {
     pub payload: Bytes,
     pub qos: QoS,
     pub retain: bool,
+    /// The publisher's MQTT 5 properties, shared by every copy of the message.
+    pub props: Arc<PublishProps>,
+    /// When the publisher's message expiry interval runs out: a queued message past it is
+    /// dropped instead of sent, and a sent one carries the time left.
+    pub expires_at: Option<Instant>,
+    /// MQTT 5 subscription identifiers of this subscriber's matching subscriptions.
+    pub subscription_ids: Vec<u32>,
+}
+
+impl Message {
+    /// Whether the message expired by `now` (never, without an expiry interval).
+    pub(crate) fn expired(&self, now: Instant) -> bool {
+        self.expires_at.is_some_and(|e| e <= now)
+    }
+
+    /// The expiry interval left at `now`, in whole seconds rounded up (so a message sent with
+    /// a little time left does not arrive as "0", which would mean "no expiry" nowhere but
+    /// could confuse a client).
+    pub(crate) fn expiry_left(&self, now: Instant) -> Option<u32> {
+        self.expires_at.map(|e| {
+            let left = e.saturating_duration_since(now);
+            let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+            u32::try_from(secs).unwrap_or(u32::MAX).max(1)
+        })
+    }
 }
 
 /// A granted subscription.
@@ -32,6 +59,41 @@ pub(crate) struct Subscription {
     pub no_local: bool,
     /// MQTT 5: keep the retain flag when forwarding (otherwise cleared, as in 3.1.1).
     pub retain_as_published: bool,
+    /// MQTT 5 subscription identifier, sent back with every message this subscription
+    /// selects (§3.8.2.1.2).
+    pub id: Option<u32>,
+    /// MQTT 5 shared subscription (`$share/{group}/{filter}`): the group name. Such a
+    /// subscription gets a message only when the router picks this session for the group.
+    pub share: Option<Arc<str>>,
+}
+
+impl Subscription {
+    /// The text the client subscribed with, which names the subscription (UNSUBSCRIBE).
+    pub(crate) fn key(&self) -> String {
+        match &self.share {
+            Some(group) => format!("$share/{group}/{}", self.filter.as_str()),
+            None => self.filter.as_str().to_owned(),
+        }
+    }
+}
+
+/// Splits a shared subscription `$share/{group}/{filter}` (MQTT 5 §4.8.2) into its group
+/// and filter. `Ok(None)`: not a shared subscription. `Err`: `$share` with a bad group
+/// (empty, or holding a wildcard) or no filter.
+pub(crate) fn split_shared(filter: &str) -> Result<Option<(&str, &str)>, &'static str> {
+    let Some(rest) = filter.strip_prefix("$share/") else {
+        return Ok(None);
+    };
+    let Some((group, filter)) = rest.split_once('/') else {
+        return Err("shared subscription without a filter");
+    };
+    if group.is_empty() || group.contains(['+', '#']) {
+        return Err("invalid share name");
+    }
+    if filter.is_empty() {
+        return Err("shared subscription without a filter");
+    }
+    Ok(Some((group, filter)))
 }
 
 /// Where an outbound QoS 1/2 message is in its handshake: the packet it awaits.
@@ -87,6 +149,9 @@ pub(crate) struct Outbound {
     max_queued: usize,
     /// In-flight window: min(broker setting, the client's MQTT 5 receive maximum).
     max_inflight: u16,
+    /// Queued messages dropped because their expiry interval ran out before they could be
+    /// sent, not yet reported to the counters (see `take_expired`).
+    expired: u64,
 }
 
 impl Outbound {
@@ -97,7 +162,20 @@ impl Outbound {
             last_pkid: 0,
             max_queued: max_queued.max(1),
             max_inflight: max_inflight.max(1),
+            expired: 0,
         }
+    }
+
+    /// Expired messages dropped since the last call (for the broker's counters).
+    pub(crate) fn take_expired(&mut self) -> u64 {
+        std::mem::take(&mut self.expired)
+    }
+
+    /// Drops every queued message whose expiry passed by `now`, also while offline.
+    pub(crate) fn drop_expired(&mut self, now: Instant) {
+        let before = self.queue.len();
+        self.queue.retain(|m| !m.expired(now));
+        self.expired += u64::try_from(before - self.queue.len()).unwrap_or(u64::MAX);
     }
 
     /// Sets the in-flight window for the current connection.
@@ -157,9 +235,14 @@ impl Outbound {
         None
     }
 
-    /// The next PUBLISH to write, if the window allows. Messages leave the queue in order: a
-    /// QoS 1/2 message blocked by a full window also holds back the QoS 0 ones behind it.
-    pub(crate) fn next_send(&mut self) -> Option<Send> {
+    /// The next PUBLISH to write at `now`, if the window allows. Messages leave the queue in
+    /// order: a QoS 1/2 message blocked by a full window also holds back the QoS 0 ones behind
+    /// it. Expired messages at the front are dropped (counted) instead of sent.
+    pub(crate) fn next_send(&mut self, now: Instant) -> Option<Send> {
+        while self.queue.front().is_some_and(|m| m.expired(now)) {
+            self.queue.pop_front();
+            self.expired += 1;
+        }
         let front = self.queue.front()?;
         if front.qos == QoS::AtMostOnce {
             let msg = self.queue.pop_front()?;
@@ -277,9 +360,7 @@ impl Session {
 
     /// Adds or replaces a subscription; returns whether one existed for the filter.
     pub(crate) fn subscribe(&mut self, sub: Subscription) -> bool {
-        self.subscriptions
-            .insert(sub.filter.as_str().to_owned(), sub)
-            .is_some()
+        self.subscriptions.insert(sub.key(), sub).is_some()
     }
 
     /// Removes a subscription; returns whether it existed.
@@ -299,7 +380,7 @@ impl Session {
     ) -> Option<(QoS, bool)> {
         let mut best: Option<(QoS, bool)> = None;
         for sub in self.subscriptions.values() {
-            if (from_self && sub.no_local) || !sub.filter.matches(topic) {
+            if sub.share.is_some() || (from_self && sub.no_local) || !sub.filter.matches(topic) {
                 continue;
             }
             let q = sub.qos.min(qos);
@@ -310,6 +391,20 @@ impl Session {
             });
         }
         best
+    }
+
+    /// The identifiers of the subscriptions that select a message on `topic` (the one delivery
+    /// carries them all, MQTT 5 §3.3.4), in filter order, without duplicates.
+    pub(crate) fn subscription_ids(&self, topic: &str, from_self: bool) -> Vec<u32> {
+        let mut ids: Vec<u32> = self
+            .subscriptions
+            .values()
+            .filter(|s| s.share.is_none() && !(from_self && s.no_local) && s.filter.matches(topic))
+            .filter_map(|s| s.id)
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
     }
 }
 
@@ -323,6 +418,9 @@ mod tests {
             payload: Bytes::from(vec![n]),
             qos,
             retain: false,
+            props: Arc::default(),
+            expires_at: None,
+            subscription_ids: Vec::new(),
         }
     }
 
@@ -332,6 +430,8 @@ mod tests {
             qos,
             no_local: false,
             retain_as_published: false,
+            id: None,
+            share: None,
         }
     }
 
@@ -347,13 +447,13 @@ mod tests {
         for n in 0..3 {
             assert_eq!(o.enqueue(msg(QoS::AtLeastOnce, n), true), Enqueue::Queued);
         }
-        let a = o.next_send().expect("first");
-        let b = o.next_send().expect("second");
-        assert!(o.next_send().is_none(), "window of 2 is full");
+        let a = o.next_send(Instant::now()).expect("first");
+        let b = o.next_send(Instant::now()).expect("second");
+        assert!(o.next_send(Instant::now()).is_none(), "window of 2 is full");
         assert_eq!((pkid_of(&a), pkid_of(&b)), (1, 2));
         assert!(o.on_puback(1));
         assert!(!o.on_puback(1), "a second PUBACK matches nothing");
-        assert_eq!(pkid_of(&o.next_send().expect("third")), 3);
+        assert_eq!(pkid_of(&o.next_send(Instant::now()).expect("third")), 3);
     }
 
     #[test]
@@ -361,14 +461,20 @@ mod tests {
         let mut o = Outbound::new(10, 1);
         o.enqueue(msg(QoS::AtLeastOnce, 0), true);
         o.enqueue(msg(QoS::AtLeastOnce, 1), true);
-        o.next_send();
-        assert!(o.next_send().is_none());
+        o.next_send(Instant::now());
+        assert!(o.next_send(Instant::now()).is_none());
         assert_eq!(o.queued(), 1);
         let mut o = Outbound::new(10, 1);
         o.enqueue(msg(QoS::AtMostOnce, 0), true);
         o.enqueue(msg(QoS::AtMostOnce, 1), true);
-        assert!(matches!(o.next_send(), Some(Send::Publish { pkid: 0, .. })));
-        assert!(matches!(o.next_send(), Some(Send::Publish { pkid: 0, .. })));
+        assert!(matches!(
+            o.next_send(Instant::now()),
+            Some(Send::Publish { pkid: 0, .. })
+        ));
+        assert!(matches!(
+            o.next_send(Instant::now()),
+            Some(Send::Publish { pkid: 0, .. })
+        ));
     }
 
     #[test]
@@ -409,10 +515,14 @@ mod tests {
         o.enqueue(msg(QoS::AtLeastOnce, 0), true);
         o.enqueue(msg(QoS::AtLeastOnce, 1), true);
         o.enqueue(msg(QoS::AtLeastOnce, 2), true);
-        assert_eq!(pkid_of(&o.next_send().expect("a")), u16::MAX);
-        assert_eq!(pkid_of(&o.next_send().expect("b")), 1, "0 is never used");
+        assert_eq!(pkid_of(&o.next_send(Instant::now()).expect("a")), u16::MAX);
+        assert_eq!(
+            pkid_of(&o.next_send(Instant::now()).expect("b")),
+            1,
+            "0 is never used"
+        );
         o.last_pkid = u16::MAX - 1; // force a collision with the ids in flight
-        assert_eq!(pkid_of(&o.next_send().expect("c")), 2);
+        assert_eq!(pkid_of(&o.next_send(Instant::now()).expect("c")), 2);
     }
 
     #[test]
@@ -421,9 +531,9 @@ mod tests {
         o.enqueue(msg(QoS::ExactlyOnce, 0), true);
         o.enqueue(msg(QoS::ExactlyOnce, 1), true);
         o.enqueue(msg(QoS::AtLeastOnce, 2), true);
-        o.next_send();
-        o.next_send();
-        o.next_send();
+        o.next_send(Instant::now());
+        o.next_send(Instant::now());
+        o.next_send(Instant::now());
         assert!(!o.on_puback(1), "PUBACK does not complete a QoS 2 message");
         assert!(o.on_pubrec(1));
         let resend = o.resend();
@@ -471,6 +581,79 @@ mod tests {
             s.delivery("a/b", QoS::ExactlyOnce, false, false),
             Some((QoS::AtMostOnce, false))
         );
+    }
+
+    #[test]
+    fn expired_queued_messages_are_dropped_and_counted_not_sent() {
+        let now = Instant::now();
+        let mut o = Outbound::new(10, 10);
+        let mut stale = msg(QoS::AtLeastOnce, 0);
+        stale.expires_at = Some(now + std::time::Duration::from_secs(1));
+        let mut fresh = msg(QoS::AtLeastOnce, 1);
+        fresh.expires_at = Some(now + std::time::Duration::from_secs(60));
+        o.enqueue(stale, false);
+        o.enqueue(fresh, false);
+        o.enqueue(msg(QoS::AtLeastOnce, 2), false);
+        let later = now + std::time::Duration::from_secs(2);
+        match o.next_send(later) {
+            Some(Send::Publish { msg, .. }) => {
+                assert_eq!(msg.payload[0], 1);
+                assert_eq!(
+                    msg.expiry_left(later),
+                    Some(58),
+                    "the time it waited is taken off"
+                );
+            }
+            other => panic!("expected the unexpired message, got {other:?}"),
+        }
+        assert_eq!(o.take_expired(), 1);
+        assert_eq!(o.take_expired(), 0, "reported once");
+    }
+
+    #[test]
+    fn offline_queue_sheds_expired_messages() {
+        let now = Instant::now();
+        let mut o = Outbound::new(10, 10);
+        let mut m = msg(QoS::AtLeastOnce, 0);
+        m.expires_at = Some(now);
+        o.enqueue(m, false);
+        o.drop_expired(now);
+        assert_eq!(o.queued(), 0);
+        assert_eq!(o.take_expired(), 1);
+    }
+
+    #[test]
+    fn every_matching_subscription_identifier_is_carried() {
+        let mut s = Session::new(false, 10, 10);
+        let mut a = sub("a/+", QoS::AtMostOnce);
+        a.id = Some(7);
+        let mut b = sub("a/#", QoS::AtMostOnce);
+        b.id = Some(3);
+        s.subscribe(a);
+        s.subscribe(b);
+        s.subscribe(sub("#", QoS::AtMostOnce));
+        assert_eq!(s.subscription_ids("a/b", false), vec![3, 7]);
+        assert_eq!(s.subscription_ids("a", false), vec![3]);
+    }
+
+    #[test]
+    fn shared_subscription_text_splits_into_group_and_filter() {
+        assert_eq!(split_shared("a/b"), Ok(None));
+        assert_eq!(split_shared("$share/g/a/#"), Ok(Some(("g", "a/#"))));
+        assert!(split_shared("$share/g").is_err());
+        assert!(split_shared("$share//a").is_err());
+        assert!(split_shared("$share/g+/a").is_err());
+        assert!(split_shared("$share/g/").is_err());
+    }
+
+    #[test]
+    fn shared_subscription_is_not_an_ordinary_delivery() {
+        let mut s = Session::new(false, 10, 10);
+        let mut shared = sub("a/#", QoS::AtLeastOnce);
+        shared.share = Some(Arc::from("g"));
+        assert!(!s.subscribe(shared));
+        assert_eq!(s.delivery("a/b", QoS::AtLeastOnce, false, false), None);
+        assert!(s.unsubscribe("$share/g/a/#"));
     }
 
     #[test]

@@ -250,3 +250,90 @@ impl Raw5 {
         }
     }
 }
+
+/// MQTT 5 conveniences used by the `mqtt5_*` tests.
+impl Raw5 {
+    /// Connects with a clean start and the given session expiry interval (seconds).
+    pub async fn connect_expiring(
+        addr: SocketAddr,
+        id: &str,
+        session_expiry: u32,
+    ) -> (Self, v5::ConnAck) {
+        let mut c = Self::connect_packet(id);
+        let mut props = v5::ConnectProperties::new();
+        props.session_expiry_interval = Some(session_expiry);
+        c.properties = Some(props);
+        Self::connect_with(addr, c, None).await
+    }
+
+    /// A plain connection, asserting success.
+    pub async fn connect(addr: SocketAddr, id: &str) -> Self {
+        let (c, ack) = Self::connect_with(addr, Self::connect_packet(id), None).await;
+        assert_eq!(ack.code, v5::ConnectReturnCode::Success);
+        c
+    }
+
+    /// Subscribes with these filters (and optional subscription identifier); returns the SUBACK.
+    pub async fn subscribe_with(
+        &mut self,
+        filters: Vec<v5::Filter>,
+        id: Option<usize>,
+    ) -> v5::SubAck {
+        let props = id.map(|id| v5::SubscribeProperties {
+            id: Some(id),
+            user_properties: Vec::new(),
+        });
+        let mut s = v5::Subscribe::new_many(filters, props);
+        s.pkid = 1;
+        self.send(v5::Packet::Subscribe(s)).await;
+        match self.recv().await {
+            Some(v5::Packet::SubAck(a)) => a,
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+    }
+
+    /// Subscribes to one filter at `qos` with default options.
+    pub async fn subscribe(&mut self, filter: &str, qos: rumqttc::v5::mqttbytes::QoS) {
+        let ack = self
+            .subscribe_with(vec![v5::Filter::new(filter, qos)], None)
+            .await;
+        assert!(
+            matches!(ack.return_codes[..], [v5::SubscribeReasonCode::Success(_)]),
+            "{ack:?}"
+        );
+    }
+
+    /// The next packet must be a PUBLISH; QoS 1 is acknowledged.
+    pub async fn expect_publish(&mut self) -> v5::Publish {
+        match self.recv().await {
+            Some(v5::Packet::Publish(p)) => {
+                if p.qos == rumqttc::v5::mqttbytes::QoS::AtLeastOnce {
+                    self.send(v5::Packet::PubAck(v5::PubAck::new(p.pkid, None)))
+                        .await;
+                }
+                p
+            }
+            other => panic!("expected PUBLISH, got {other:?}"),
+        }
+    }
+
+    /// Asserts no PUBLISH is waiting: a PINGREQ is answered before anything else arrives.
+    pub async fn expect_no_publish(&mut self) {
+        tokio::time::sleep(QUIET).await;
+        self.send(v5::Packet::PingReq(v5::PingReq)).await;
+        match self.recv().await {
+            Some(v5::Packet::PingResp(_)) => {}
+            other => panic!("expected nothing but PINGRESP, got {other:?}"),
+        }
+    }
+
+    /// Sends a DISCONNECT (normal) and waits for the close.
+    pub async fn disconnect(mut self) {
+        self.send_raw(&[0xE0, 0x00]).await;
+        assert!(self.recv().await.is_none(), "closed after DISCONNECT");
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write");
+    }
+}
