@@ -95,7 +95,10 @@ pub enum AuthorityError {
 
 /// Splits `host[:port]` (IPv6 in brackets) and checks both parts. The host is returned without
 /// brackets; `default_port` `None` makes the port required.
-fn host_port(authority: &str, default_port: Option<u16>) -> Result<(String, u16), AuthorityError> {
+pub(crate) fn host_port(
+    authority: &str,
+    default_port: Option<u16>,
+) -> Result<(String, u16), AuthorityError> {
     let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
         let (host, after) = bracketed
             .split_once(']')

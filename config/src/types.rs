@@ -401,49 +401,21 @@ impl UpstreamUrl {
         if authority.contains('@') {
             return Err(UpstreamUrlError::Credentials);
         }
-        let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
-            let (host, after) = bracketed
-                .split_once(']')
-                .ok_or_else(|| UpstreamUrlError::InvalidHost(authority.to_owned()))?;
-            if host.parse::<std::net::Ipv6Addr>().is_err() {
-                return Err(UpstreamUrlError::InvalidHost(host.to_owned()));
-            }
-            let port = match after {
-                "" => None,
-                p => Some(
-                    p.strip_prefix(':')
-                        .ok_or_else(|| UpstreamUrlError::InvalidHost(authority.to_owned()))?,
-                ),
-            };
-            (host, port)
+        let default_port = if tls {
+            Self::MQTTS_PORT
         } else {
-            match authority.rsplit_once(':') {
-                Some((host, port)) => (host, Some(port)),
-                None => (authority, None),
+            Self::MQTT_PORT
+        };
+        let (host, port) = crate::check::host_port(authority, Some(default_port)).map_err(|e| {
+            use crate::check::AuthorityError as A;
+            match e {
+                A::MissingHost => UpstreamUrlError::MissingHost,
+                A::InvalidHost(h) => UpstreamUrlError::InvalidHost(h),
+                // Unreachable with a default port; reported as a bad port rather than assumed.
+                A::InvalidPort(p) | A::MissingPort(p) => UpstreamUrlError::InvalidPort(p),
             }
-        };
-        if host.is_empty() {
-            return Err(UpstreamUrlError::MissingHost);
-        }
-        // Unbracketed hosts are DNS names or IPv4 addresses; a ':' there would be an
-        // unbracketed IPv6 address, ambiguous with the port.
-        let bad_host_char = |c: char| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
-        if !authority.starts_with('[') && host.chars().any(bad_host_char) {
-            return Err(UpstreamUrlError::InvalidHost(host.to_owned()));
-        }
-        let port = match port {
-            None if tls => Self::MQTTS_PORT,
-            None => Self::MQTT_PORT,
-            Some(p) => match p.parse::<u16>() {
-                Ok(n) if n != 0 && !p.starts_with('+') => n,
-                _ => return Err(UpstreamUrlError::InvalidPort(p.to_owned())),
-            },
-        };
-        Ok(Self {
-            tls,
-            host: host.to_owned(),
-            port,
-        })
+        })?;
+        Ok(Self { tls, host, port })
     }
 }
 
