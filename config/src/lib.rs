@@ -185,6 +185,12 @@ pub struct BrokerConfig {
     /// Messages queued for a slow or offline subscriber before new ones are dropped (counted).
     /// Default 1000.
     pub max_queued_messages: usize,
+    /// Bytes (topic + payload) queued for one slow or offline subscriber before new messages
+    /// are dropped (counted). Default 1 MiB.
+    pub max_queued_bytes: u64,
+    /// The longest keep-alive an MQTT 5 client may use (CONNACK server keep-alive tells it);
+    /// `None` ("off", the default): the client's own. 1s to 65535s.
+    pub max_keep_alive: Option<Duration>,
     /// A client that has not sent CONNECT within this time is disconnected. Default 10s.
     pub connect_timeout: Duration,
     /// The broker-wide policy for clients without a username, as written, or when not written:
@@ -225,6 +231,8 @@ impl Default for BrokerConfig {
             max_inflight: 32,
             max_inbound_pending: 64,
             max_queued_messages: 1000,
+            max_queued_bytes: 1024 * 1024,
+            max_keep_alive: None,
             connect_timeout: Duration::from_secs(10),
             allow_anonymous: AllowAnonymous::Always,
             listener_settings: vec![ListenerConfig {

@@ -56,6 +56,8 @@ pub(crate) struct RawBroker {
     pub max_inflight: Option<i64>,
     pub max_inbound_pending: Option<i64>,
     pub max_queued_messages: Option<i64>,
+    pub max_queued_bytes: Option<RawSize>,
+    pub max_keep_alive: Option<RawDuration>,
     pub connect_timeout: Option<RawDuration>,
 }
 

@@ -409,6 +409,26 @@ fn broker(c: &mut Collector, raw: RawBroker) -> BrokerConfig {
             1,
             None,
         ),
+        max_queued_bytes: size(
+            c,
+            "broker.max_queued_bytes",
+            raw.max_queued_bytes,
+            d.max_queued_bytes,
+            1,
+            u64::MAX,
+        ),
+        max_keep_alive: match raw.max_keep_alive {
+            Some(RawDuration(text)) if text == "off" => None,
+            None => d.max_keep_alive,
+            other => Some(duration(
+                c,
+                "broker.max_keep_alive",
+                other,
+                Duration::from_secs(60),
+                Duration::from_secs(1),
+                Some(Duration::from_secs(65535)),
+            )),
+        },
         connect_timeout: duration(
             c,
             "broker.connect_timeout",

@@ -241,6 +241,8 @@ fn default_toml_mentions_every_key() {
         "max_inflight",
         "max_inbound_pending",
         "max_queued_messages",
+        "max_queued_bytes",
+        "max_keep_alive",
         "connect_timeout",
         "coap",
         "ingest_path",
@@ -500,6 +502,10 @@ fn broker_limits() {
         ("max_packet_size", "\"12XB\"", "invalid size \"12XB\""),
         ("connect_timeout", "\"0s\"", "at least"),
         ("connect_timeout", "\"soon\"", "invalid duration \"soon\""),
+        ("max_queued_bytes", "0", "at least 1 bytes"),
+        ("max_queued_bytes", "\"lots\"", "invalid size"),
+        ("max_keep_alive", "\"0s\"", "between 1s and 65535s"),
+        ("max_keep_alive", "\"65536s\"", "between 1s and 65535s"),
     ] {
         assert_one_error(
             &format!("[broker]\n{key} = {bad}"),
@@ -513,6 +519,11 @@ fn broker_limits() {
             .max_packet_size,
         268_435_455
     );
+    let c = load_ok("[broker]\nmax_queued_bytes = \"64KiB\"\nmax_keep_alive = \"2m\"");
+    assert_eq!(c.broker.max_queued_bytes, 65_536);
+    assert_eq!(c.broker.max_keep_alive, Some(Duration::from_secs(120)));
+    let c = load_ok("[broker]\nmax_keep_alive = \"off\"");
+    assert_eq!(c.broker.max_keep_alive, None);
 }
 
 #[test]

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
+use crate::broker_state;
 use crate::discovery;
 use crate::health::{self, HealthState, checks::Checks};
 use crate::http::{self, HttpState};
@@ -85,6 +86,7 @@ pub fn broker_settings(config: &Config) -> BrokerSettings {
         max_inflight: b.max_inflight,
         max_inbound_pending: b.max_inbound_pending,
         max_queued_messages: b.max_queued_messages,
+        max_queued_bytes: usize::try_from(b.max_queued_bytes).unwrap_or(usize::MAX),
         connect_timeout: b.connect_timeout,
         // Who may connect, publish and subscribe: the password and ACL files parsed at load.
         auth: Some(Arc::new(outpost_protocols::Auth::from_config(b))),
@@ -111,6 +113,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let broker = Broker::bind(broker_settings(&config))
         .await
         .context("starting the MQTT broker")?;
+    broker.set_max_keep_alive(config.broker.max_keep_alive);
+    // Persistent sessions and retained messages from before the restart, and from now on
+    // every change to them, in the store.
+    let (restored, state_rx) = broker_state::restore(&broker, &store)
+        .await
+        .context("reading the MQTT sessions and retained messages")?;
+    info!(
+        sessions = restored.sessions,
+        messages = restored.messages,
+        retained = restored.retained,
+        unreadable = restored.invalid.len(),
+        "MQTT state restored"
+    );
+    let state_stop = CancellationToken::new();
+    let state_task = tokio::spawn(broker_state::run(
+        store.clone(),
+        state_rx,
+        state_stop.clone(),
+    ));
     let listeners: Vec<String> = broker.local_addrs().iter().map(|a| a.to_string()).collect();
     let broker_handle = broker.handle();
     info!(listeners = ?listeners, db = %db.display(), "outpost listening");
@@ -327,6 +348,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     if let Some(task) = sync_task {
         task.await.context("sync task")?;
     }
+    // Nothing publishes into the broker any more: its last session changes go in.
+    state_stop.cancel();
+    state_task.await.context("MQTT state task")?;
     report_stop.cancel();
     report_task.await.context("status task")?;
     http_stop.cancel();

@@ -536,6 +536,16 @@ impl prometheus_client::collector::Collector for Snapshot {
                 b.sessions_expired,
             ),
             (
+                "outpost_broker_state_invalid",
+                "Persisted MQTT session or retained entries unreadable at start (discarded).",
+                b.state_invalid,
+            ),
+            (
+                "outpost_broker_state_write_failures",
+                "Times MQTT session state could not be made durable before a client was answered.",
+                b.state_write_failures,
+            ),
+            (
                 "outpost_broker_auth_refused",
                 "CONNECTs refused for bad credentials or anonymous where not allowed.",
                 b.auth_refused,

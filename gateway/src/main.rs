@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod app;
+mod broker_state;
 mod discovery;
 mod health;
 mod http;

@@ -20,6 +20,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         max_inflight: 20,
         max_inbound_pending: 20,
         max_queued_messages: 1000,
+        max_queued_bytes: 1 << 20,
         connect_timeout: Duration::from_secs(10),
         auth: None,
         tls: Vec::new(),

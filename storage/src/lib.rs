@@ -239,6 +239,23 @@ pub struct StoreSettings {
     pub durability: Durability,
 }
 
+/// One change to the `state` table (small values the gateway keeps by key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateOp {
+    /// Insert or replace the value under `key`.
+    Put {
+        /// The key.
+        key: Box<str>,
+        /// The new value.
+        value: Box<[u8]>,
+    },
+    /// Remove `key` (nothing happens if it is absent).
+    Delete {
+        /// The key.
+        key: Box<str>,
+    },
+}
+
 /// A record to append.
 #[derive(Debug, Clone)]
 pub struct NewRecord {
@@ -646,9 +663,35 @@ impl Store {
 
     /// Stores a small value under `key` (gateway runtime status); committed with the next batch.
     pub async fn put_state(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
-        let key = key.to_owned();
-        self.request(|reply| Command::Write(Write::PutState { key, value, reply }))
+        let ops = vec![StateOp::Put {
+            key: key.into(),
+            value: value.into(),
+        }];
+        self.request(|reply| Command::Write(Write::States { ops, reply }))
             .await
+    }
+
+    /// Applies puts and deletes to the state table, in order, in one transaction (group-committed
+    /// with the other writes). Like [`Store::submit`]: awaiting this enqueues (waiting only for
+    /// room in the command queue); the returned future resolves when the transaction committed.
+    /// Batches of successive calls from one task are applied in call order.
+    pub async fn submit_states(
+        &self,
+        ops: Vec<StateOp>,
+    ) -> Result<
+        impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static,
+        StoreError,
+    > {
+        let (reply, answer) = oneshot::channel();
+        if ops.is_empty() {
+            let _ = reply.send(Ok(()));
+        } else {
+            self.tx
+                .send(Command::Write(Write::States { ops, reply }))
+                .await
+                .map_err(|_| StoreError::Closed)?;
+        }
+        Ok(async move { answer.await.map_err(|_| StoreError::Closed)? })
     }
 
     /// The committed value under `key`, if any.

@@ -7,9 +7,9 @@ use bytes::Bytes;
 
 use crate::{
     DEAD_LETTER_MIN_BYTES, DEAD_LETTER_OVERHEAD_BYTES, DeadLetter, DeadLetterLimits, Durability,
-    NewRecord, Priority, RECORD_OVERHEAD_BYTES, Store, StoreError, StoreSettings, StoreStats,
-    StoredDeadLetter, WhenFull, dead_letter_accounted_size, read_dead_letters, read_state,
-    read_states_with_prefix, read_stats,
+    NewRecord, Priority, RECORD_OVERHEAD_BYTES, StateOp, Store, StoreError, StoreSettings,
+    StoreStats, StoredDeadLetter, WhenFull, dead_letter_accounted_size, read_dead_letters,
+    read_state, read_states_with_prefix, read_stats,
 };
 
 fn settings(dir: &Path, quota_bytes: u64) -> StoreSettings {
@@ -1189,5 +1189,49 @@ async fn state_entries_are_listed_by_prefix_in_key_order() {
             .unwrap()
             .is_empty()
     );
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn state_batches_apply_in_submit_order_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path(), 1 << 20);
+    let store = Store::open(s.clone()).unwrap();
+    let put = |k: &str, v: &str| StateOp::Put {
+        key: k.into(),
+        value: v.as_bytes().into(),
+    };
+    let del = |k: &str| StateOp::Delete { key: k.into() };
+    // Three batches in flight at once: a later batch's delete must see the earlier put, and
+    // a put after a delete in the same batch must win.
+    let first = store
+        .submit_states(vec![put("s/a", "1"), put("s/b", "1")])
+        .await
+        .unwrap();
+    let second = store
+        .submit_states(vec![del("s/a"), put("s/b", "2"), del("s/missing")])
+        .await
+        .unwrap();
+    let third = store
+        .submit_states(vec![put("s/c", "1"), del("s/c"), put("s/c", "3")])
+        .await
+        .unwrap();
+    first.await.unwrap();
+    second.await.unwrap();
+    third.await.unwrap();
+    let expected = vec![
+        ("s/b".to_owned(), b"2".to_vec()),
+        ("s/c".to_owned(), b"3".to_vec()),
+    ];
+    assert_eq!(store.states_with_prefix("s/").await.unwrap(), expected);
+    store
+        .submit_states(Vec::new())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    store.close().await.unwrap();
+    let store = Store::open(s).unwrap();
+    assert_eq!(store.states_with_prefix("s/").await.unwrap(), expected);
     store.close().await.unwrap();
 }

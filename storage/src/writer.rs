@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::schema::{self, Counters, to_i64, to_u64};
 use crate::{
     DEAD_LETTER_OVERHEAD_BYTES, DeadLetter, DeadLetterLimits, EXPIRE_PASS_LIMIT, NewRecord,
-    Priority, Record, StoreError, StoreSettings, StoreStats, StoredDeadLetter, WhenFull,
+    Priority, Record, StateOp, StoreError, StoreSettings, StoreStats, StoredDeadLetter, WhenFull,
     accounted_size, dead_letter_accounted_size,
 };
 
@@ -46,11 +46,8 @@ pub(crate) enum Write {
         reply: Reply<u64>,
         existed: u64,
     },
-    PutState {
-        key: String,
-        value: Vec<u8>,
-        reply: Reply<()>,
-    },
+    /// Puts and deletes in the `state` table, applied in order.
+    States { ops: Vec<StateOp>, reply: Reply<()> },
     DeadLetter {
         letter: DeadLetter,
         reply: Reply<u64>,
@@ -71,7 +68,8 @@ impl Write {
         match self {
             Write::Append { records, .. } => records.len(),
             Write::Ack { seqs, .. } => seqs.len(),
-            Write::PutState { .. } | Write::DeadLetter { .. } => 1,
+            Write::States { ops, .. } => ops.len(),
+            Write::DeadLetter { .. } => 1,
             // A TTL pass closes the batch: it is maintenance, not worth waiting for company.
             Write::Expire { .. } => usize::MAX,
         }
@@ -88,7 +86,7 @@ impl Write {
             Write::Ack { reply, existed, .. } => {
                 let _ = reply.send(failed().map_or(Ok(existed), Err));
             }
-            Write::PutState { reply, .. } => {
+            Write::States { reply, .. } => {
                 let _ = reply.send(failed().map_or(Ok(()), Err));
             }
             Write::DeadLetter { reply, id, .. } => {
@@ -111,7 +109,7 @@ impl Write {
             Write::Ack { reply, .. } => {
                 let _ = reply.send(Err(error()));
             }
-            Write::PutState { reply, .. } => {
+            Write::States { reply, .. } => {
                 let _ = reply.send(Err(error()));
             }
             Write::DeadLetter { reply, .. } => {
@@ -455,12 +453,22 @@ fn apply_batch(
                 *result = append_call(&mut tx, settings, counters, records, cutoff)?;
             }
             Write::Ack { seqs, existed, .. } => *existed = ack(&tx, counters, seqs)?,
-            Write::PutState { key, value, .. } => {
-                tx.prepare_cached(
-                    "INSERT INTO state (key, value) VALUES (?1, ?2)
-                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                )?
-                .execute(params![&*key, &*value])?;
+            Write::States { ops, .. } => {
+                for op in ops.iter() {
+                    match op {
+                        StateOp::Put { key, value } => {
+                            tx.prepare_cached(
+                                "INSERT INTO state (key, value) VALUES (?1, ?2)
+                                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                            )?
+                            .execute(params![&**key, &**value])?;
+                        }
+                        StateOp::Delete { key } => {
+                            tx.prepare_cached("DELETE FROM state WHERE key = ?1")?
+                                .execute(params![&**key])?;
+                        }
+                    }
+                }
             }
             Write::DeadLetter { letter, id, .. } => {
                 *id = dead_letter(&tx, dead_letter_limits, counters, letter)?;

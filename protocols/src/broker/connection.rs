@@ -25,6 +25,7 @@ use super::codec::{
     self, AckReason, ConnAckCode, ConnectIn, DisconnectReason, FrameError, Handshake, Incoming,
     Outgoing, Protocol, PublishIn, PublishProps, SubAckCode, SubscriptionRequest,
 };
+use super::persist::Ticket;
 use super::router::{Link, Publication};
 use super::session::{Send, Subscription, split_shared};
 use super::tls::PeerCert;
@@ -133,6 +134,9 @@ struct Pending {
     wait: Option<oneshot::Receiver<IngestReply>>,
     /// The ack's reason when `wait` is `None`.
     reason: AckReason,
+    /// After the gateway accepted it: the persisted sessions it was queued for (or the
+    /// retained store it changed) becoming durable; the ack waits for that too.
+    durable: Option<Ticket>,
     /// Delivered to local subscribers once the gateway accepted it.
     message: Option<Publication>,
 }
@@ -398,7 +402,6 @@ async fn session<R, W>(
         Protocol::V4 => None,
         Protocol::V5 => session_expiry(connect.session_expiry.unwrap_or(0)),
     };
-    let persistent = session_expiry != Some(Duration::ZERO);
     let conn_id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let notify = Arc::new(Notify::new());
     let kick = hard_stop.child_token();
@@ -406,7 +409,7 @@ async fn session<R, W>(
     let attached = shared.router().attach(
         &client_id,
         connect.clean_start,
-        persistent,
+        session_expiry,
         inflight_limit,
         Link {
             conn_id,
@@ -415,9 +418,6 @@ async fn session<R, W>(
         },
         username.clone(),
     );
-    shared
-        .router()
-        .set_session_expiry(&client_id, conn_id, session_expiry);
     if let Some(w) = attached.ended_will {
         shared.publish_will(&ingest, client_id.clone(), w).await;
     }
@@ -459,7 +459,15 @@ async fn session<R, W>(
         kick,
         notify,
         topic_aliases: HashMap::new(),
+        write_gate: None,
     };
+    // The session a persistent client is told it has is durable first.
+    if let Some(t) = attached.persisted
+        && let Err(end) = conn.wait_durable(t).await
+    {
+        conn.finish(end, will).await;
+        return;
+    }
     conn.queue(&Outgoing::ConnAck {
         session_present: attached.session_present,
         code: ConnAckCode::Accepted,
@@ -570,14 +578,32 @@ async fn refuse<W: AsyncWrite + Unpin>(wr: &mut W, protocol: Protocol, code: Con
     }
 }
 
-/// Waits for the reply at the front of the queue (acks leave in order, so only the front
-/// matters). Never resolves when the front needs no reply or the queue is empty.
-async fn front_reply(
-    pending: &mut VecDeque<Pending>,
-) -> Result<IngestReply, oneshot::error::RecvError> {
-    match pending.front_mut().and_then(|p| p.wait.as_mut()) {
-        Some(rx) => rx.await,
-        None => std::future::pending().await,
+/// What the message at the front of the queue waited for.
+enum Front {
+    /// The gateway's reply.
+    Reply(Result<IngestReply, oneshot::error::RecvError>),
+    /// The session state it changed is durable (or why not).
+    Durable(Result<(), String>),
+}
+
+impl Pending {
+    fn waits(&self) -> bool {
+        self.wait.is_some() || self.durable.is_some()
+    }
+}
+
+/// Waits for what the front of the queue waits for (acks leave in order, so only the front
+/// matters). Never resolves when the front needs nothing or the queue is empty.
+async fn front_reply(pending: &mut VecDeque<Pending>) -> Front {
+    match pending.front_mut() {
+        Some(Pending { wait: Some(rx), .. }) => Front::Reply(rx.await),
+        Some(Pending {
+            durable: Some(t), ..
+        }) => Front::Durable(
+            t.await
+                .unwrap_or_else(|_| Err("the session state writer is gone".into())),
+        ),
+        _ => std::future::pending().await,
     }
 }
 
@@ -612,6 +638,10 @@ struct Conn<Rd, Wr> {
     /// MQTT 5 topic aliases the client set on this connection (at most `TOPIC_ALIAS_MAX`;
     /// they die with the connection, MQTT 5 §3.3.2.3.4).
     topic_aliases: HashMap<u16, Arc<str>>,
+    /// The persisted session's record of what `write_buf` sends (a message's packet id and
+    /// handshake state) becoming durable: the buffer is written after it, so a message a
+    /// client received is resent with the same packet id after a crash.
+    write_gate: Option<Ticket>,
 }
 
 impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
@@ -630,15 +660,23 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
             }
             let can_read = !draining && self.pending.len() < self.max_pending;
             let deadline = self.deadline.filter(|_| can_read);
-            let front_waits = self.pending.front().is_some_and(|p| p.wait.is_some());
+            let front_waits = self.pending.front().is_some_and(Pending::waits);
             tokio::select! {
                 _ = self.kick.cancelled() => return End::Takeover,
                 _ = shutdown.cancelled(), if !draining => draining = true,
-                reply = front_reply(&mut self.pending), if front_waits => {
+                front = front_reply(&mut self.pending), if front_waits => {
                     if let Some(p) = self.pending.pop_front() {
                         self.touch();
-                        if let Err(end) = self.resolve(p, reply) {
-                            return end;
+                        match front {
+                            Front::Reply(reply) => if let Err(end) = self.resolve(p, reply) {
+                                return end;
+                            },
+                            Front::Durable(result) => {
+                                if let Err(why) = result {
+                                    self.state_write_failed(&why);
+                                }
+                                self.queue_ack(p.pkid, p.qos, AckReason::Success);
+                            }
                         }
                     }
                 }
@@ -700,10 +738,12 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
                 self.drain_outbound();
             }
             Incoming::PubRel(pkid) => {
-                self.with_session(|s| s.awaiting_rel.remove(&pkid));
+                self.with_session(|s| s.released(pkid));
                 self.queue(&Outgoing::PubComp { pkid });
             }
-            Incoming::Subscribe { pkid, filters, id } => self.on_subscribe(pkid, filters, id)?,
+            Incoming::Subscribe { pkid, filters, id } => {
+                self.on_subscribe(pkid, filters, id).await?
+            }
             Incoming::Unsubscribe { pkid, filters } => {
                 let existed = self
                     .with_session(|s| filters.iter().map(|f| s.unsubscribe(f)).collect())
@@ -778,6 +818,7 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
                     pkid: p.pkid,
                     qos: p.qos,
                     wait: None,
+                    durable: None,
                     reason,
                     message: None,
                 });
@@ -814,7 +855,8 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
                     tracing::warn!(peer = %self.peer, client_id = %self.client_id,
                         "ingest channel closed, QoS 0 message not stored");
                 }
-                self.shared.route(&publication, Some(&self.client_id));
+                // QoS 0 has no ack to hold back: nothing waits for the sessions it reached.
+                let _ = self.shared.route(&publication, Some(&self.client_id));
             }
             QoS::AtLeastOnce | QoS::ExactlyOnce => {
                 if p.qos == QoS::ExactlyOnce && self.is_qos2_duplicate(p.pkid) {
@@ -822,6 +864,7 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
                         pkid: p.pkid,
                         qos: p.qos,
                         wait: None,
+                        durable: None,
                         reason: AckReason::Success,
                         message: None,
                     });
@@ -845,6 +888,7 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
                     pkid: p.pkid,
                     qos: p.qos,
                     wait: Some(rx),
+                    durable: None,
                     reason: AckReason::Success,
                     message: Some(publication),
                 });
@@ -871,7 +915,7 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
 
     /// Acks for the messages at the front that need no reply (duplicates, ACL refusals).
     fn ack_ready(&mut self) {
-        while self.pending.front().is_some_and(|p| p.wait.is_none()) {
+        while self.pending.front().is_some_and(|p| !p.waits()) {
             if let Some(p) = self.pending.pop_front() {
                 self.queue_ack(p.pkid, p.qos, p.reason);
             }
@@ -887,13 +931,33 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
         let reply = reply.unwrap_or(Err(IngestRefusal::StoreUnavailable));
         match reply {
             Ok(()) => {
+                let mut durable = None;
                 if p.qos == QoS::ExactlyOnce {
-                    self.with_session(|s| s.awaiting_rel.insert(p.pkid));
+                    durable = self
+                        .shared
+                        .router()
+                        .with_session_durable(&self.client_id, self.conn_id, |s| {
+                            s.await_rel(p.pkid)
+                        })
+                        .and_then(|(_, t)| t);
                 }
                 if let Some(publication) = &p.message {
-                    self.shared.route(publication, Some(&self.client_id));
+                    // Batches become durable in order: the later ticket covers both.
+                    durable = self
+                        .shared
+                        .route(publication, Some(&self.client_id))
+                        .or(durable);
                 }
-                self.queue_ack(p.pkid, p.qos, AckReason::Success);
+                match durable {
+                    // Acked once what the message changed in persisted sessions is durable.
+                    Some(t) => self.pending.push_front(Pending {
+                        durable: Some(t),
+                        wait: None,
+                        message: None,
+                        ..p
+                    }),
+                    None => self.queue_ack(p.pkid, p.qos, AckReason::Success),
+                }
                 Ok(())
             }
             Err(refusal) => {
@@ -941,7 +1005,7 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
         }
     }
 
-    fn on_subscribe(
+    async fn on_subscribe(
         &mut self,
         pkid: u16,
         filters: Vec<SubscriptionRequest>,
@@ -1014,7 +1078,7 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
                 }
             }
         }
-        let (_, routed) = self.shared.router().subscribe(
+        let (_, routed, durable) = self.shared.router().subscribe(
             &self.client_id,
             self.conn_id,
             subs,
@@ -1022,6 +1086,10 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
             Instant::now(),
         );
         self.shared.count(routed, "(retained messages)");
+        // A granted subscription of a persistent session is durable before SUBACK says so.
+        if let Some(t) = durable {
+            self.wait_durable(t).await?;
+        }
         // SUBACK first, then the retained messages the subscription selected.
         self.queue(&Outgoing::SubAck { pkid, codes });
         self.drain_outbound();
@@ -1045,6 +1113,25 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
         );
     }
 
+    /// Waits until session state is durable; a failure is logged and counted, and the client
+    /// is answered anyway (its messages are in the store; only the session copy is at risk).
+    async fn wait_durable(&self, ticket: Ticket) -> Result<(), End> {
+        let result = tokio::select! {
+            r = ticket => r.unwrap_or_else(|_| Err("the session state writer is gone".into())),
+            _ = self.kick.cancelled() => return Err(End::Takeover),
+        };
+        if let Err(why) = result {
+            self.state_write_failed(&why);
+        }
+        Ok(())
+    }
+
+    fn state_write_failed(&self, why: &str) {
+        bump(&self.shared.counters.state_write_failures);
+        tracing::error!(peer = %self.peer, client_id = %self.client_id, %why,
+            "MQTT session state could not be made durable; it may not survive a restart");
+    }
+
     fn with_session<R>(&self, f: impl FnOnce(&mut super::session::Session) -> R) -> Option<R> {
         self.shared
             .router()
@@ -1054,12 +1141,23 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
     /// Moves whatever the session may send now into the write buffer.
     fn drain_outbound(&mut self) {
         loop {
-            let (next, expired) = self
-                .with_session(|s| {
+            let (next, expired) = match self.shared.router().with_session_durable(
+                &self.client_id,
+                self.conn_id,
+                |s| {
                     let next = s.outbound.next_send(Instant::now());
                     (next, s.outbound.take_expired())
-                })
-                .unwrap_or((None, 0));
+                },
+            ) {
+                Some((r, gate)) => {
+                    // Batches become durable in order: the latest covers the earlier ones.
+                    if gate.is_some() {
+                        self.write_gate = gate;
+                    }
+                    r
+                }
+                None => (None, 0),
+            };
             if expired > 0 {
                 self.shared
                     .counters
@@ -1129,6 +1227,9 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
     async fn flush(&mut self) -> Result<(), End> {
         if self.write_buf.is_empty() {
             return Ok(());
+        }
+        if let Some(gate) = self.write_gate.take() {
+            self.wait_durable(gate).await?;
         }
         let buf = self.write_buf.split().freeze();
         let wr = &mut self.wr;

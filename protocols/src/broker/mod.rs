@@ -40,8 +40,13 @@
 //!   alias 0 or above 16 closes with DISCONNECT 0x94, an alias never set with 0x82. The
 //!   broker never sends aliases. [`Broker::set_max_keep_alive`] caps v5 clients' keep-alive
 //!   (CONNACK server keep-alive); 3.1.1 clients' is kept.
-//! - Sessions and retained messages live in memory only for now; `session::Session` is plain
-//!   data so it can be persisted later.
+//! - Sessions that outlive their connections, and retained messages, survive a restart when
+//!   the gateway gives the broker a place to write them ([`Broker::restore`], the `persist`
+//!   module): subscriptions, queued and in-flight QoS 1/2 messages (resent with their packet
+//!   ids), inbound QoS 2 ids awaiting PUBREL, pending delayed wills. A publisher's PUBACK /
+//!   PUBREC waits until what its message changed there is durable, as SUBACK waits for the
+//!   subscription and CONNACK for the session: a session-present flag, a granted
+//!   subscription and an acknowledged message hold across a crash.
 //!
 //! Access control ([`Auth`], see the `auth` module for the rules): a CONNECT is checked against
 //! the password file and the listener's anonymous policy before anything else; a publish the
@@ -64,6 +69,7 @@
 mod auth;
 mod codec;
 mod connection;
+mod persist;
 mod router;
 mod session;
 mod tls;
@@ -85,6 +91,7 @@ use router::{Publication, Router};
 use tls::TlsListener;
 
 pub use auth::{Access, Auth};
+pub use persist::{RestoreReport, STATE_PREFIX, StateBatch, StateChange, StateSink};
 
 /// How long connections get, after shutdown is requested, to finish the acks for messages they
 /// already handed to the gateway.
@@ -115,6 +122,8 @@ pub struct BrokerSettings {
     /// Per-client outbound queue (online backlog beyond the in-flight window, and a persistent
     /// session's offline queue). When full QoS 0 is dropped first; every drop is counted.
     pub max_queued_messages: usize,
+    /// Bound of the bytes (topic + payload) in one client's queue, with the same policy.
+    pub max_queued_bytes: usize,
     /// Time allowed between TCP accept and CONNECT.
     pub connect_timeout: Duration,
     /// Who may connect and what each client may publish and receive. `None`: anyone may
@@ -315,6 +324,12 @@ pub struct BrokerStats {
     pub messages_expired: u64,
     /// Offline sessions discarded because their MQTT 5 session expiry interval passed.
     pub sessions_expired: u64,
+    /// Persisted session or retained entries that could not be read back at start (logged,
+    /// discarded).
+    pub state_invalid: u64,
+    /// Times a client waited for session state to be made durable and it could not be (the
+    /// store refused or is gone): the client was answered anyway, logged.
+    pub state_write_failures: u64,
 }
 
 /// Live counters behind [`BrokerStats`].
@@ -338,6 +353,8 @@ pub(crate) struct Counters {
     pub tls_handshake_failures: AtomicU64,
     pub messages_expired: AtomicU64,
     pub sessions_expired: AtomicU64,
+    pub state_invalid: AtomicU64,
+    pub state_write_failures: AtomicU64,
 }
 
 pub(crate) fn bump(c: &AtomicU64) {
@@ -366,6 +383,8 @@ impl Counters {
             tls_handshake_failures: g(&self.tls_handshake_failures),
             messages_expired: g(&self.messages_expired),
             sessions_expired: g(&self.sessions_expired),
+            state_invalid: g(&self.state_invalid),
+            state_write_failures: g(&self.state_write_failures),
         }
     }
 }
@@ -403,12 +422,15 @@ impl Shared {
     }
 
     /// Routes a message to local subscribers that may read it, counting drops and refusals.
-    pub(crate) fn route(&self, p: &Publication, origin: Option<&str>) {
+    /// Returns what resolves once the persistent sessions (and retained store) it changed are
+    /// durable, if it changed any.
+    pub(crate) fn route(&self, p: &Publication, origin: Option<&str>) -> Option<persist::Ticket> {
         let auth = self.auth();
-        let routed = self
-            .router()
-            .route(p, origin, auth.as_deref(), tokio::time::Instant::now());
+        let (routed, ticket) =
+            self.router()
+                .route(p, origin, auth.as_deref(), tokio::time::Instant::now());
         self.count(routed, &p.topic);
+        ticket
     }
 
     /// Publishes a client's will: to local subscribers, and to ingest without waiting for a
@@ -420,7 +442,7 @@ impl Shared {
         will: Publication,
     ) {
         tracing::debug!(%client_id, topic = %will.topic, "publishing will");
-        self.route(&will, None);
+        let _ = self.route(&will, None);
         let inbound = Inbound {
             client_id: client_id.clone(),
             topic: will.topic.to_string(),
@@ -521,7 +543,8 @@ impl Broker {
                      require logins)");
             }
         }
-        let router = Router::new(settings.max_queued_messages, settings.max_inflight);
+        let mut router = Router::new(settings.max_queued_messages, settings.max_inflight);
+        router.set_max_queued_bytes(settings.max_queued_bytes);
         let auth = RwLock::new(settings.auth.clone());
         Ok(Broker {
             listeners,
@@ -554,6 +577,24 @@ impl Broker {
     pub fn set_max_keep_alive(&self, max: Option<Duration>) {
         let secs = max.map_or(0, |d| u16::try_from(d.as_secs().max(1)).unwrap_or(u16::MAX));
         self.shared.max_keep_alive.store(secs, Ordering::Relaxed);
+    }
+
+    /// Makes sessions that outlive their connections, and retained messages, survive a
+    /// restart: puts back what `restored` holds (every entry the store kept under
+    /// [`STATE_PREFIX`], in key order) and from now on sends every change to `sink` (see
+    /// [`StateBatch`] for what the receiver must do). Call before [`Broker::run`]; without
+    /// it the broker keeps them in memory only. Unreadable entries are logged, skipped, and
+    /// deleted through `sink`; the report lists them.
+    pub fn restore(&self, sink: StateSink, restored: Vec<(String, Vec<u8>)>) -> RestoreReport {
+        let report = self
+            .shared
+            .router()
+            .restore(sink, restored, tokio::time::Instant::now());
+        self.shared.counters.state_invalid.fetch_add(
+            u64::try_from(report.invalid.len()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        report
     }
 
     /// A handle for publishing and stats; usable before, during and after `run`.
@@ -692,7 +733,8 @@ impl BrokerHandle {
             source,
         })?;
         let topic: Arc<str> = Arc::from(name.into_string());
-        self.shared
+        let _ = self
+            .shared
             .route(&Publication::plain(topic, payload, qos, retain), None);
         Ok(())
     }

@@ -15,7 +15,10 @@ use tokio_util::sync::CancellationToken;
 use super::QoS;
 use super::auth::{Access, Auth};
 use super::codec::PublishProps;
-use super::session::{Enqueue, Message, Send, Session, Subscription};
+use super::persist::{
+    self, Clock, Key, RestoreReport, SessionState, StateBatch, StateChange, StateSink, Ticket,
+};
+use super::session::{Enqueue, Message, MessageChange, Send, Session, Subscription};
 
 /// How the router reaches the connection currently serving a session.
 #[derive(Debug, Clone)]
@@ -28,7 +31,7 @@ pub(crate) struct Link {
     pub kick: CancellationToken,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Entry {
     session: Session,
     link: Option<Link>,
@@ -43,6 +46,105 @@ struct Entry {
     /// While offline: an MQTT 5 will waiting for its delay, published at the instant given
     /// (never after the session ends) unless the client reconnects first.
     delayed_will: Option<(Instant, Publication)>,
+    /// Whether the session's key is in the persisted state.
+    persisted: bool,
+}
+
+impl Entry {
+    fn new(session: Session) -> Entry {
+        Entry {
+            session,
+            link: None,
+            username: None,
+            session_expiry: None,
+            expires_at: None,
+            delayed_will: None,
+            persisted: false,
+        }
+    }
+
+    fn state(&self) -> SessionState {
+        SessionState {
+            subscriptions: self.session.subscriptions.values().cloned().collect(),
+            username: self.username.clone(),
+            expiry: self.session_expiry,
+            ends_at: self.expires_at,
+            awaiting_rel: self.session.awaiting_rel.iter().copied().collect(),
+            will: self.delayed_will.clone(),
+            online: self.link.is_some(),
+        }
+    }
+}
+
+/// Writes what changed in one session since the last call into `out`: its messages' changes,
+/// and its own key when `meta` says it changed (or it was never written). A session that no
+/// longer outlives its connection is removed from the persisted state instead.
+fn persist_entry(
+    out: &mut Vec<StateChange>,
+    clock: Clock,
+    id: &str,
+    entry: &mut Entry,
+    meta: bool,
+) {
+    let changes = entry.session.outbound.take_changes();
+    if !entry.session.persistent {
+        entry.session.changed = false;
+        if entry.persisted {
+            for c in changes {
+                if let MessageChange::Delete(m) = c {
+                    out.push(StateChange::Delete {
+                        key: persist::message_key(id, m),
+                    });
+                }
+            }
+            forget_entry(out, id, entry);
+        }
+        return;
+    }
+    for c in changes {
+        out.push(match c {
+            MessageChange::Put { msg, inflight } => StateChange::Put {
+                key: persist::message_key(id, msg.id),
+                value: persist::encode_message(&msg, inflight, clock),
+            },
+            MessageChange::Delete(m) => StateChange::Delete {
+                key: persist::message_key(id, m),
+            },
+        });
+    }
+    if meta || entry.session.changed || !entry.persisted {
+        out.push(StateChange::Put {
+            key: persist::session_key(id),
+            value: persist::encode_session(&entry.state(), clock),
+        });
+        entry.persisted = true;
+    }
+    entry.session.changed = false;
+}
+
+/// Removes a session and everything it holds from the persisted state (its in-memory
+/// changes are dropped: nothing of it is to be kept).
+fn forget_entry(out: &mut Vec<StateChange>, id: &str, entry: &mut Entry) {
+    let changes = entry.session.outbound.take_changes();
+    if !entry.persisted {
+        return;
+    }
+    for c in changes {
+        if let MessageChange::Delete(m) = c {
+            out.push(StateChange::Delete {
+                key: persist::message_key(id, m),
+            });
+        }
+    }
+    for m in entry.session.outbound.persisted_ids() {
+        out.push(StateChange::Delete {
+            key: persist::message_key(id, m),
+        });
+    }
+    out.push(StateChange::Delete {
+        key: persist::session_key(id),
+    });
+    entry.persisted = false;
 }
 
 /// A message as published, before it is fitted to each subscriber.
@@ -89,6 +191,9 @@ pub(crate) struct Attached {
     pub session_present: bool,
     /// What to retransmit first (in-flight QoS 1/2 from before).
     pub resend: Vec<Send>,
+    /// Resolves once the session's persisted state is durable (a persistent session with
+    /// persistence on), so that CONNACK's session-present flag holds across a crash.
+    pub persisted: Option<Ticket>,
     /// A delayed will of the previous session, due now because a clean start ended that
     /// session (MQTT 5 §3.1.3.2.2: the will goes when the delay passes or the session ends).
     pub ended_will: Option<Publication>,
@@ -157,6 +262,14 @@ pub(crate) struct Router {
     /// Round-robin position of each shared subscription (`$share/{group}/{filter}`); entries
     /// no session holds any more are pruned by `expire`.
     share_cursor: HashMap<String, usize>,
+    /// Bound of each session's queued bytes.
+    max_queued_bytes: usize,
+    /// Where persistent sessions and retained messages are written; `None`: memory only.
+    sink: Option<StateSink>,
+    /// Changes of the operation in progress, sent (in order) by `flush`.
+    pending: Vec<StateChange>,
+    /// Last `Message::id` given to a persisted message.
+    last_message_id: u64,
 }
 
 impl Router {
@@ -167,33 +280,177 @@ impl Router {
             share_cursor: HashMap::new(),
             max_queued,
             max_inflight,
+            max_queued_bytes: usize::MAX,
+            sink: None,
+            pending: Vec::new(),
+            last_message_id: 0,
+        }
+    }
+
+    /// Bounds the bytes (topic + payload) each session may hold queued.
+    pub(crate) fn set_max_queued_bytes(&mut self, bytes: usize) {
+        self.max_queued_bytes = bytes.max(1);
+        for e in self.sessions.values_mut() {
+            e.session
+                .outbound
+                .set_max_queued_bytes(self.max_queued_bytes);
+        }
+    }
+
+    fn new_session(&self, persistent: bool) -> Session {
+        let mut s = Session::new(persistent, self.max_queued, self.max_inflight);
+        s.outbound.set_max_queued_bytes(self.max_queued_bytes);
+        s
+    }
+
+    /// Sends the changes of the operation just done to the sink, in one batch. With `ticket`,
+    /// returns what resolves once they are durable (`None`: nothing to wait for).
+    pub(crate) fn flush(&mut self, ticket: bool) -> Option<Ticket> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        let changes = std::mem::take(&mut self.pending);
+        let sink = self.sink.as_ref()?;
+        let (committed, rx) = if ticket {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        if sink.send(StateBatch { changes, committed }).is_err() {
+            tracing::error!("MQTT session state not persisted: the state writer is gone");
+        }
+        rx
+    }
+
+    /// Puts back the sessions and retained messages persisted before a restart, and writes
+    /// every later change to `sink`. Sessions come back offline; one whose client was
+    /// connected at the crash is treated as disconnected now (its expiry counts from here).
+    pub(crate) fn restore(
+        &mut self,
+        sink: StateSink,
+        entries: Vec<(String, Vec<u8>)>,
+        now: Instant,
+    ) -> RestoreReport {
+        let clock = Clock::at(now);
+        let mut report = RestoreReport::default();
+        let bad = |key: &str, why: String, report: &mut RestoreReport| {
+            tracing::warn!(%key, %why, "persisted MQTT state unreadable, discarded");
+            report.invalid.push((key.to_owned(), why));
+        };
+        // Sessions first (their keys sort before messages' and retained ones', but do not
+        // rely on it), then messages in key order: one client's in id order.
+        let mut messages = Vec::new();
+        for (key, value) in entries {
+            match persist::parse_key(&key) {
+                Ok(Key::Session(client)) => match persist::decode_session(&value, clock) {
+                    Ok(state) => {
+                        let mut entry = Entry::new(self.new_session(true));
+                        for sub in state.subscriptions {
+                            entry.session.subscribe(sub);
+                        }
+                        entry.session.awaiting_rel = state.awaiting_rel.into_iter().collect();
+                        entry.username = state.username;
+                        entry.session_expiry = state.expiry;
+                        entry.expires_at = if state.online {
+                            state.expiry.map(|e| now + e)
+                        } else {
+                            state.ends_at
+                        };
+                        entry.delayed_will = state.will;
+                        entry.persisted = true;
+                        // Rewritten below: it is offline now, with the deadline it has now.
+                        entry.session.changed = true;
+                        self.sessions.insert(Arc::from(client), entry);
+                        report.sessions += 1;
+                    }
+                    Err(why) => bad(&key, why, &mut report),
+                },
+                Ok(Key::Message(client, id)) => messages.push((key, client, id, value)),
+                Ok(Key::Retained(topic)) => match persist::decode_retained(&value, clock) {
+                    Ok(p) if p.expires_at.is_some_and(|e| e <= now) => {
+                        self.pending.push(StateChange::Delete { key });
+                    }
+                    Ok(p) => {
+                        self.retained.insert(
+                            topic,
+                            Retained {
+                                payload: p.payload,
+                                qos: p.qos,
+                                props: p.props,
+                                expires_at: p.expires_at,
+                            },
+                        );
+                        report.retained += 1;
+                    }
+                    Err(why) => bad(&key, why, &mut report),
+                },
+                Err(why) => bad(&key, why, &mut report),
+            }
+        }
+        messages.sort_by(|a, b| (&a.1, a.2).cmp(&(&b.1, b.2)));
+        for (key, client, id, value) in messages {
+            self.last_message_id = self.last_message_id.max(id);
+            let Some(entry) = self.sessions.get_mut(client.as_str()) else {
+                bad(
+                    &key,
+                    "message of a session that is not there".into(),
+                    &mut report,
+                );
+                continue;
+            };
+            match persist::decode_message(&value, id, clock) {
+                Ok(m) => {
+                    entry.session.outbound.restore(m.msg, m.inflight);
+                    report.messages += 1;
+                }
+                Err(why) => bad(&key, why, &mut report),
+            }
+        }
+        for (key, _) in &report.invalid {
+            self.pending.push(StateChange::Delete { key: key.clone() });
+        }
+        self.sink = Some(sink);
+        for (id, entry) in &mut self.sessions {
+            persist_entry(&mut self.pending, clock, id, entry, true);
+        }
+        self.flush(false);
+        report
+    }
+
+    /// A new `Message::id` for a message to a persistent session, 0 when it is not persisted.
+    fn message_id(persisting: bool, last: &mut u64, session: &Session, qos: QoS) -> u64 {
+        if persisting && session.persistent && qos != QoS::AtMostOnce {
+            *last += 1;
+            *last
+        } else {
+            0
         }
     }
 
     /// Binds `link` to `client_id`, taking over from any connection that holds it (its `kick`
-    /// is cancelled). `clean` discards an old session; `persistent` says whether the session
-    /// outlives this connection. `inflight_limit` is this connection's window. `username` is
+    /// is cancelled). `clean` discards an old session; `expiry` is how long the session
+    /// outlives this connection (`None` until restart... or for good when persisted,
+    /// `Some(ZERO)` not at all). `inflight_limit` is this connection's window. `username` is
     /// the verified login (`None`: anonymous), for ACL checks.
     pub(crate) fn attach(
         &mut self,
         client_id: &Arc<str>,
         clean: bool,
-        persistent: bool,
+        expiry: Option<Duration>,
         inflight_limit: u16,
         link: Link,
         username: Option<Arc<str>>,
     ) -> Attached {
-        let (max_queued, max_inflight) = (self.max_queued, self.max_inflight);
-        let fresh = || Entry {
-            session: Session::new(persistent, max_queued, max_inflight),
-            link: None,
-            username: None,
-            session_expiry: None,
-            expires_at: None,
-            delayed_will: None,
-        };
+        let persistent = expiry != Some(Duration::ZERO);
+        let max_inflight = self.max_inflight;
+        let clock = Clock::at(Instant::now());
+        let fresh = Entry::new(self.new_session(persistent));
         let existed = self.sessions.contains_key(client_id);
-        let entry = self.sessions.entry(client_id.clone()).or_insert_with(fresh);
+        let entry = self
+            .sessions
+            .entry(client_id.clone())
+            .or_insert_with(|| fresh.clone());
         if let Some(old) = entry.link.take() {
             old.kick.cancel();
         }
@@ -202,21 +459,18 @@ impl Router {
         let pending_will = entry.delayed_will.take().map(|(_, w)| w);
         entry.expires_at = None;
         let mut ended_will = None;
-        let session_present = if clean {
-            ended_will = pending_will;
-            *entry = fresh();
-            false
-        } else {
-            // A resumed session exists only if it was persistent; a non-persistent one whose
-            // connection has not yet detached is replaced like a clean one.
-            if existed && entry.session.persistent {
-                true
-            } else {
-                *entry = fresh();
-                false
+        // A resumed session exists only if it was persistent; a non-persistent one whose
+        // connection has not yet detached is replaced like a clean one.
+        let session_present = !clean && existed && entry.session.persistent;
+        if !session_present {
+            if clean {
+                ended_will = pending_will;
             }
-        };
+            forget_entry(&mut self.pending, client_id, entry);
+            *entry = fresh;
+        }
         entry.session.persistent = persistent;
+        entry.session_expiry = expiry;
         entry.username = username;
         entry
             .session
@@ -227,10 +481,15 @@ impl Router {
         if let Some(l) = &entry.link {
             l.notify.notify_one();
         }
+        if self.sink.is_some() {
+            persist_entry(&mut self.pending, clock, client_id, entry, true);
+        }
+        let persisted = self.flush(true);
         Attached {
             session_present,
             resend,
             ended_will,
+            persisted,
         }
     }
 
@@ -247,7 +506,12 @@ impl Router {
         {
             entry.session_expiry = expiry;
             entry.session.persistent = expiry != Some(Duration::ZERO);
+            if self.sink.is_some() {
+                let clock = Clock::at(Instant::now());
+                persist_entry(&mut self.pending, clock, client_id, entry, true);
+            }
         }
+        self.flush(false);
     }
 
     /// The connection `conn_id` ends at `now`. Its session stays (offline) if persistent,
@@ -273,11 +537,13 @@ impl Router {
         }
         entry.link = None;
         if !entry.session.persistent {
+            forget_entry(&mut self.pending, client_id, entry);
             self.sessions.remove(client_id);
+            self.flush(false);
             return will.map(|(w, _)| w);
         }
         entry.expires_at = entry.session_expiry.map(|e| now + e);
-        match will {
+        let due = match will {
             Some((w, delay)) if !delay.is_zero() => {
                 let at = now + delay;
                 let at = entry.expires_at.map_or(at, |end| at.min(end));
@@ -285,28 +551,39 @@ impl Router {
                 None
             }
             other => immediate(other),
+        };
+        if self.sink.is_some() {
+            persist_entry(&mut self.pending, Clock::at(now), client_id, entry, true);
         }
+        self.flush(false);
+        due
     }
 
     /// Publishes nothing itself: takes the delayed wills due by `now` and discards offline
     /// sessions whose expiry passed (their pending will is due with them).
     pub(crate) fn expire(&mut self, now: Instant) -> Expired {
         let mut out = Expired::default();
+        let persisting = self.sink.is_some();
+        let pending = &mut self.pending;
         self.sessions.retain(|id, e| {
             if e.link.is_some() {
                 return true;
             }
             let ended = e.expires_at.is_some_and(|t| t <= now);
-            if (ended || e.delayed_will.as_ref().is_some_and(|(t, _)| *t <= now))
-                && let Some((_, w)) = e.delayed_will.take()
-            {
+            let will_due = ended || e.delayed_will.as_ref().is_some_and(|(t, _)| *t <= now);
+            if will_due && let Some((_, w)) = e.delayed_will.take() {
                 out.wills.push((id.clone(), w));
+                if persisting && !ended {
+                    persist_entry(pending, Clock::at(now), id, e, true);
+                }
             }
             if ended {
                 out.sessions += 1;
+                forget_entry(pending, id, e);
             }
             !ended
         });
+        self.flush(false);
         if !self.share_cursor.is_empty() {
             let sessions = &self.sessions;
             self.share_cursor.retain(|key, _| {
@@ -325,11 +602,40 @@ impl Router {
         conn_id: u64,
         f: impl FnOnce(&mut Session) -> R,
     ) -> Option<R> {
+        // Nothing waits for what `f` changed: its batch goes without a ticket.
+        self.run_on_session(client_id, conn_id, false, f)
+            .map(|(r, _)| r)
+    }
+
+    /// Like `with_session`, and returns what resolves once the session's changes are durable
+    /// (`None` when there is nothing to wait for): an inbound QoS 2 id awaiting PUBREL, the
+    /// packet id of a message about to be sent.
+    pub(crate) fn with_session_durable<R>(
+        &mut self,
+        client_id: &str,
+        conn_id: u64,
+        f: impl FnOnce(&mut Session) -> R,
+    ) -> Option<(R, Option<Ticket>)> {
+        self.run_on_session(client_id, conn_id, true, f)
+    }
+
+    fn run_on_session<R>(
+        &mut self,
+        client_id: &str,
+        conn_id: u64,
+        ticket: bool,
+        f: impl FnOnce(&mut Session) -> R,
+    ) -> Option<(R, Option<Ticket>)> {
         let entry = self.sessions.get_mut(client_id)?;
         if entry.link.as_ref().map(|l| l.conn_id) != Some(conn_id) {
             return None;
         }
-        Some(f(&mut entry.session))
+        let r = f(&mut entry.session);
+        if self.sink.is_some() {
+            let clock = Clock::at(Instant::now());
+            persist_entry(&mut self.pending, clock, client_id, entry, false);
+        }
+        Some((r, self.flush(ticket)))
     }
 
     /// Delivers a message to every matching session that `auth` lets read it, and updates the
@@ -341,11 +647,28 @@ impl Router {
         origin: Option<&str>,
         auth: Option<&Auth>,
         now: Instant,
+    ) -> (Routed, Option<Ticket>) {
+        let routed = self.route_inner(p, origin, auth, now);
+        (routed, self.flush(true))
+    }
+
+    fn route_inner(
+        &mut self,
+        p: &Publication,
+        origin: Option<&str>,
+        auth: Option<&Auth>,
+        now: Instant,
     ) -> Routed {
         let topic = &p.topic;
+        let persisting = self.sink.is_some();
+        let clock = Clock::at(now);
         if p.retain {
             if p.payload.is_empty() {
-                self.retained.remove(topic.as_ref());
+                if self.retained.remove(topic.as_ref()).is_some() && persisting {
+                    self.pending.push(StateChange::Delete {
+                        key: persist::retained_key(topic),
+                    });
+                }
             } else {
                 self.retained.insert(
                     topic.to_string(),
@@ -356,6 +679,12 @@ impl Router {
                         expires_at: p.expires_at,
                     },
                 );
+                if persisting {
+                    self.pending.push(StateChange::Put {
+                        key: persist::retained_key(topic),
+                        value: persist::encode_retained(p, clock),
+                    });
+                }
             }
         }
         let mut routed = Routed::default();
@@ -363,6 +692,7 @@ impl Router {
             routed.expired += 1;
             return routed;
         }
+        let mut last_id = self.last_message_id;
         // Shared subscriptions matching the topic, by `$share/{group}/{filter}`: the members
         // that may read it.
         let mut groups: BTreeMap<String, Vec<ShareMember>> = BTreeMap::new();
@@ -407,8 +737,12 @@ impl Router {
                 props: p.props.clone(),
                 expires_at: p.expires_at,
                 subscription_ids: entry.session.subscription_ids(topic, from_self),
+                id: Self::message_id(persisting, &mut last_id, &entry.session, q),
             };
             deliver(entry, msg, now, &mut routed);
+            if persisting {
+                persist_entry(&mut self.pending, clock, id, entry, false);
+            }
         }
         for (key, mut members) in groups {
             // Round robin over the group's connected members (all members if none is), in
@@ -431,10 +765,15 @@ impl Router {
                     props: p.props.clone(),
                     expires_at: p.expires_at,
                     subscription_ids: m.sub_id.into_iter().collect(),
+                    id: Self::message_id(persisting, &mut last_id, &entry.session, m.qos),
                 };
                 deliver(entry, msg, now, &mut routed);
+                if persisting {
+                    persist_entry(&mut self.pending, clock, &m.client_id, entry, false);
+                }
             }
         }
+        self.last_message_id = last_id;
         routed
     }
 
@@ -448,16 +787,27 @@ impl Router {
         subs: Vec<(Subscription, u8)>,
         auth: Option<&Auth>,
         now: Instant,
-    ) -> (Vec<bool>, Routed) {
+    ) -> (Vec<bool>, Routed, Option<Ticket>) {
         let mut routed = Routed::default();
+        let persisting = self.sink.is_some();
+        let clock = Clock::at(now);
         let Some(entry) = self.sessions.get_mut(client_id) else {
-            return (Vec::new(), routed);
+            return (Vec::new(), routed, None);
         };
         if entry.link.as_ref().map(|l| l.conn_id) != Some(conn_id) {
-            return (Vec::new(), routed);
+            return (Vec::new(), routed, None);
         }
-        self.retained
-            .retain(|_, r| r.expires_at.is_none_or(|e| e > now));
+        let pending = &mut self.pending;
+        self.retained.retain(|topic, r| {
+            let keep = r.expires_at.is_none_or(|e| e > now);
+            if !keep && persisting {
+                pending.push(StateChange::Delete {
+                    key: persist::retained_key(topic),
+                });
+            }
+            keep
+        });
+        let mut last_id = self.last_message_id;
         let mut existed = Vec::with_capacity(subs.len());
         for (sub, retain_handling) in subs {
             let filter = sub.filter.clone();
@@ -486,14 +836,16 @@ impl Router {
                     routed.denied += 1;
                     continue;
                 }
+                let qos = r.qos.min(granted);
                 let msg = Message {
                     topic: Arc::from(topic.as_str()),
                     payload: r.payload.clone(),
-                    qos: r.qos.min(granted),
+                    qos,
                     retain: true,
                     props: r.props.clone(),
                     expires_at: r.expires_at,
                     subscription_ids: sub_id.into_iter().collect(),
+                    id: Self::message_id(persisting, &mut last_id, &entry.session, qos),
                 };
                 match entry.session.outbound.enqueue(msg, true) {
                     Enqueue::Queued | Enqueue::SkippedOffline => {}
@@ -504,7 +856,12 @@ impl Router {
         if let Some(link) = &entry.link {
             link.notify.notify_one();
         }
-        (existed, routed)
+        self.last_message_id = last_id;
+        if persisting {
+            persist_entry(&mut self.pending, clock, client_id, entry, false);
+        }
+        let ticket = self.flush(true);
+        (existed, routed, ticket)
     }
 
     /// Number of sessions held (connected or not).
@@ -553,8 +910,8 @@ mod tests {
         let id: Arc<str> = Arc::from("c");
         let old = link(1);
         let kick = old.kick.clone();
-        r.attach(&id, false, true, 10, old, None);
-        let a = r.attach(&id, false, true, 10, link(2), None);
+        r.attach(&id, false, None, 10, old, None);
+        let a = r.attach(&id, false, None, 10, link(2), None);
         assert!(kick.is_cancelled());
         assert!(a.session_present);
         r.detach("c", 1, Instant::now(), None);
@@ -568,7 +925,7 @@ mod tests {
     fn persistent_session_queues_qos1_while_offline() {
         let mut r = Router::new(10, 10);
         let id: Arc<str> = Arc::from("p");
-        r.attach(&id, false, true, 10, link(1), None);
+        r.attach(&id, false, None, 10, link(1), None);
         r.subscribe(
             "p",
             1,
@@ -591,7 +948,7 @@ mod tests {
             None,
             now,
         );
-        let a = r.attach(&id, false, true, 10, link(2), None);
+        let a = r.attach(&id, false, None, 10, link(2), None);
         assert!(a.session_present);
         let sent = r
             .with_session("p", 2, |s| s.outbound.next_send(Instant::now()))
@@ -611,10 +968,10 @@ mod tests {
     fn clean_session_is_dropped_on_detach() {
         let mut r = Router::new(10, 10);
         let id: Arc<str> = Arc::from("c");
-        r.attach(&id, true, false, 10, link(1), None);
+        r.attach(&id, true, Some(Duration::ZERO), 10, link(1), None);
         r.detach("c", 1, Instant::now(), None);
         assert_eq!(r.session_count(), 0);
-        let a = r.attach(&id, false, true, 10, link(2), None);
+        let a = r.attach(&id, false, None, 10, link(2), None);
         assert!(!a.session_present);
     }
 
@@ -629,7 +986,7 @@ mod tests {
             Instant::now(),
         );
         let id: Arc<str> = Arc::from("s");
-        r.attach(&id, true, false, 10, link(1), None);
+        r.attach(&id, true, Some(Duration::ZERO), 10, link(1), None);
         r.subscribe(
             "s",
             1,
@@ -654,7 +1011,7 @@ mod tests {
             Instant::now(),
         );
         let id2: Arc<str> = Arc::from("s2");
-        r.attach(&id2, true, false, 10, link(2), None);
+        r.attach(&id2, true, Some(Duration::ZERO), 10, link(2), None);
         r.subscribe(
             "s2",
             2,
@@ -683,7 +1040,7 @@ mod tests {
         let mut r = Router::new(10, 10);
         let id: Arc<str> = Arc::from("e");
         let t0 = Instant::now();
-        r.attach(&id, true, true, 10, link(1), None);
+        r.attach(&id, true, None, 10, link(1), None);
         r.set_session_expiry("e", 1, Some(Duration::from_secs(10)));
         r.detach("e", 1, t0, None);
         assert_eq!(r.expire(t0 + Duration::from_secs(9)).sessions, 0);
@@ -697,12 +1054,12 @@ mod tests {
         let mut r = Router::new(10, 10);
         let id: Arc<str> = Arc::from("w");
         let t0 = Instant::now();
-        r.attach(&id, true, true, 10, link(1), None);
+        r.attach(&id, true, None, 10, link(1), None);
         r.set_session_expiry("w", 1, Some(Duration::from_secs(60)));
         let now = r.detach("w", 1, t0, Some((will("a"), Duration::from_secs(5))));
         assert!(now.is_none(), "delayed");
         assert!(r.expire(t0 + Duration::from_secs(4)).wills.is_empty());
-        let a = r.attach(&id, false, true, 10, link(2), None);
+        let a = r.attach(&id, false, None, 10, link(2), None);
         assert!(a.session_present && a.ended_will.is_none());
         assert!(
             r.expire(t0 + Duration::from_secs(6)).wills.is_empty(),
@@ -715,7 +1072,7 @@ mod tests {
         let mut r = Router::new(10, 10);
         let id: Arc<str> = Arc::from("w");
         let t0 = Instant::now();
-        r.attach(&id, true, true, 10, link(1), None);
+        r.attach(&id, true, None, 10, link(1), None);
         r.set_session_expiry("w", 1, Some(Duration::from_secs(2)));
         r.detach("w", 1, t0, Some((will("a"), Duration::from_secs(100))));
         let due = r.expire(t0 + Duration::from_secs(2));
@@ -727,15 +1084,15 @@ mod tests {
         let mut r = Router::new(10, 10);
         let id: Arc<str> = Arc::from("w");
         let t0 = Instant::now();
-        r.attach(&id, true, true, 10, link(1), None);
+        r.attach(&id, true, None, 10, link(1), None);
         r.set_session_expiry("w", 1, None);
-        r.attach(&id, false, true, 10, link(2), None);
+        r.attach(&id, false, None, 10, link(2), None);
         assert!(
             r.detach("w", 1, t0, Some((will("a"), Duration::from_secs(5))))
                 .is_none()
         );
         r.detach("w", 2, t0, Some((will("b"), Duration::from_secs(5))));
-        let a = r.attach(&id, true, true, 10, link(3), None);
+        let a = r.attach(&id, true, None, 10, link(3), None);
         assert_eq!(a.ended_will.map(|w| w.topic.to_string()), Some("b".into()));
     }
 
@@ -762,7 +1119,7 @@ mod tests {
         let mut r = Router::new(10, 10);
         for (n, id) in ["a", "b", "c"].iter().enumerate() {
             let conn = u64::try_from(n).expect("small") + 1;
-            r.attach(&Arc::from(*id), true, true, 10, link(conn), None);
+            r.attach(&Arc::from(*id), true, None, 10, link(conn), None);
             r.set_session_expiry(id, conn, None);
             r.subscribe(id, conn, vec![shared("s/#")], None, Instant::now());
         }
@@ -789,9 +1146,365 @@ mod tests {
         let mut total = 0;
         for (n, id) in ["a", "b", "c"].iter().enumerate() {
             let conn = u64::try_from(n).expect("small") + 10;
-            r.attach(&Arc::from(*id), false, true, 10, link(conn), None);
+            r.attach(&Arc::from(*id), false, None, 10, link(conn), None);
             total += queued(&mut r, id, conn);
         }
         assert_eq!(total, 1, "exactly one member got it");
+    }
+
+    /// The persisted state as the gateway's store would hold it.
+    struct Disk {
+        rx: tokio::sync::mpsc::UnboundedReceiver<StateBatch>,
+        map: BTreeMap<String, Vec<u8>>,
+    }
+
+    impl Disk {
+        fn new() -> (StateSink, Disk) {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            (
+                tx,
+                Disk {
+                    rx,
+                    map: BTreeMap::new(),
+                },
+            )
+        }
+
+        /// Applies every batch sent so far, in order, and answers their tickets.
+        fn apply(&mut self) -> &BTreeMap<String, Vec<u8>> {
+            while let Ok(batch) = self.rx.try_recv() {
+                for c in batch.changes {
+                    match c {
+                        StateChange::Put { key, value } => {
+                            self.map.insert(key, value);
+                        }
+                        StateChange::Delete { key } => {
+                            self.map.remove(&key);
+                        }
+                    }
+                }
+                if let Some(done) = batch.committed {
+                    let _ = done.send(Ok(()));
+                }
+            }
+            &self.map
+        }
+
+        fn keys(&mut self) -> Vec<String> {
+            self.apply().keys().cloned().collect()
+        }
+
+        /// A router restarted on this state ("the gateway was SIGKILLed and started again").
+        fn restart(&mut self) -> (Router, RestoreReport) {
+            let entries: Vec<(String, Vec<u8>)> = self
+                .apply()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            self.rx = rx;
+            let mut r = Router::new(10, 10);
+            let report = r.restore(tx, entries, Instant::now());
+            self.apply();
+            (r, report)
+        }
+    }
+
+    fn persisted_router() -> (Router, Disk) {
+        let (tx, mut disk) = Disk::new();
+        let mut r = Router::new(10, 10);
+        let report = r.restore(tx, Vec::new(), Instant::now());
+        assert_eq!(report, RestoreReport::default());
+        disk.apply();
+        (r, disk)
+    }
+
+    fn sends(r: &mut Router, id: &str, conn: u64) -> Vec<Send> {
+        let mut out = Vec::new();
+        while let Some(s) = r
+            .with_session(id, conn, |s| s.outbound.next_send(Instant::now()))
+            .flatten()
+        {
+            out.push(s);
+        }
+        out
+    }
+
+    fn payloads(sends: &[Send]) -> Vec<(Vec<u8>, u16, bool)> {
+        sends
+            .iter()
+            .filter_map(|s| match s {
+                Send::Publish { msg, pkid, dup } => Some((msg.payload.to_vec(), *pkid, *dup)),
+                Send::PubRel(_) => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn persistent_session_survives_restart_with_queue_inflight_and_subscriptions() {
+        let (mut r, mut disk) = persisted_router();
+        let id: Arc<str> = Arc::from("dev");
+        let a = r.attach(&id, true, None, 2, link(1), Some(Arc::from("user")));
+        assert!(!a.session_present);
+        assert!(
+            a.persisted.is_some(),
+            "CONNACK of a persistent session waits"
+        );
+        let (_, _, ticket) = r.subscribe(
+            "dev",
+            1,
+            vec![sub("t/#", QoS::ExactlyOnce)],
+            None,
+            Instant::now(),
+        );
+        assert!(
+            ticket.is_some(),
+            "SUBACK waits for the subscription to be durable"
+        );
+        let t: Arc<str> = Arc::from("t/1");
+        for p in [&b"one"[..], b"two", b"three"] {
+            let pubn = Publication::plain(
+                t.clone(),
+                Bytes::copy_from_slice(p),
+                QoS::AtLeastOnce,
+                false,
+            );
+            let (_, ticket) = r.route(&pubn, None, None, Instant::now());
+            assert!(
+                ticket.is_some(),
+                "the publisher's ack waits for the queued copy"
+            );
+        }
+        // A QoS 0 message is never persisted, so nothing waits for it.
+        let (_, ticket) = r.route(
+            &plain(&t, b"zero", QoS::AtMostOnce, false),
+            None,
+            None,
+            Instant::now(),
+        );
+        assert!(ticket.is_none());
+        // Window of 2: "one" and "two" go out; "one" is acked; "two" stays in flight.
+        let sent = sends(&mut r, "dev", 1);
+        assert_eq!(payloads(&sent).len(), 2);
+        let first_pkid = payloads(&sent)[0].1;
+        let second_pkid = payloads(&sent)[1].1;
+        r.with_session("dev", 1, |s| s.outbound.on_puback(first_pkid));
+        r.with_session("dev", 1, |s| s.await_rel(77));
+        // Killed here: no detach.
+        let keys = disk.keys();
+        assert_eq!(
+            keys.iter().filter(|k| k.starts_with("mqtt/m/")).count(),
+            2,
+            "two messages left (one in flight, one queued): {keys:?}"
+        );
+        let (mut r, report) = disk.restart();
+        assert_eq!(
+            (report.sessions, report.messages, report.retained),
+            (1, 2, 0)
+        );
+        assert!(report.invalid.is_empty());
+        let a = r.attach(&id, false, None, 10, link(5), None);
+        assert!(a.session_present, "the session survived the restart");
+        assert_eq!(
+            payloads(&a.resend),
+            vec![(b"two".to_vec(), second_pkid, true)],
+            "the in-flight message is resent with its packet id and DUP"
+        );
+        assert_eq!(
+            payloads(&sends(&mut r, "dev", 5)),
+            vec![(b"three".to_vec(), second_pkid.wrapping_add(1), false)]
+        );
+        assert_eq!(
+            r.with_session("dev", 5, |s| s.awaiting_rel.contains(&77)),
+            Some(true),
+            "inbound QoS 2 ids awaiting PUBREL survive"
+        );
+        // The subscription survived: a new message reaches the session.
+        r.route(
+            &plain(&t, b"four", QoS::ExactlyOnce, false),
+            None,
+            None,
+            Instant::now(),
+        );
+        let sent = sends(&mut r, "dev", 5);
+        assert_eq!(
+            payloads(&sent)
+                .iter()
+                .map(|p| p.0.clone())
+                .collect::<Vec<_>>(),
+            vec![b"four".to_vec()]
+        );
+        match &sent[0] {
+            Send::Publish { msg, .. } => assert_eq!(msg.qos, QoS::ExactlyOnce),
+            Send::PubRel(_) => panic!("expected a publish"),
+        }
+    }
+
+    #[test]
+    fn acked_messages_and_ended_sessions_leave_nothing_behind() {
+        let (mut r, mut disk) = persisted_router();
+        let id: Arc<str> = Arc::from("c");
+        r.attach(&id, true, None, 10, link(1), None);
+        r.subscribe(
+            "c",
+            1,
+            vec![sub("a", QoS::ExactlyOnce)],
+            None,
+            Instant::now(),
+        );
+        let a: Arc<str> = Arc::from("a");
+        r.route(
+            &plain(&a, b"1", QoS::AtLeastOnce, false),
+            None,
+            None,
+            Instant::now(),
+        );
+        r.route(
+            &plain(&a, b"2", QoS::ExactlyOnce, false),
+            None,
+            None,
+            Instant::now(),
+        );
+        let sent = payloads(&sends(&mut r, "c", 1));
+        r.with_session("c", 1, |s| s.outbound.on_puback(sent[0].1));
+        r.with_session("c", 1, |s| s.outbound.on_pubrec(sent[1].1));
+        assert_eq!(
+            disk.keys()
+                .iter()
+                .filter(|k| k.starts_with("mqtt/m/"))
+                .count(),
+            1
+        );
+        r.with_session("c", 1, |s| s.outbound.on_pubcomp(sent[1].1));
+        assert_eq!(disk.keys(), vec![persist::session_key("c")]);
+        // A clean start ends the session: its key goes.
+        r.attach(&id, true, Some(Duration::ZERO), 10, link(2), None);
+        assert!(disk.keys().is_empty(), "{:?}", disk.keys());
+        // A session that ends with its connection is never written.
+        r.subscribe(
+            "c",
+            2,
+            vec![sub("a", QoS::AtLeastOnce)],
+            None,
+            Instant::now(),
+        );
+        r.route(
+            &plain(&a, b"3", QoS::AtLeastOnce, false),
+            None,
+            None,
+            Instant::now(),
+        );
+        assert!(disk.keys().is_empty());
+        r.detach("c", 2, Instant::now(), None);
+        assert!(disk.keys().is_empty());
+    }
+
+    #[test]
+    fn offline_session_expiry_counts_across_restart() {
+        let (mut r, mut disk) = persisted_router();
+        let id: Arc<str> = Arc::from("e");
+        r.attach(&id, true, Some(Duration::from_secs(60)), 10, link(1), None);
+        r.subscribe(
+            "e",
+            1,
+            vec![sub("x", QoS::AtLeastOnce)],
+            None,
+            Instant::now(),
+        );
+        let start = Instant::now();
+        r.detach("e", 1, start, None);
+        let x: Arc<str> = Arc::from("x");
+        r.route(&plain(&x, b"q", QoS::AtLeastOnce, false), None, None, start);
+        let (mut r, report) = disk.restart();
+        assert_eq!((report.sessions, report.messages), (1, 1));
+        // Still there within the interval, gone (keys deleted) after it.
+        assert_eq!(r.expire(start + Duration::from_secs(30)).sessions, 0);
+        assert_eq!(r.expire(start + Duration::from_secs(61)).sessions, 1);
+        assert!(disk.keys().is_empty(), "{:?}", disk.keys());
+    }
+
+    #[test]
+    fn delayed_will_waits_across_restart() {
+        let (mut r, mut disk) = persisted_router();
+        let id: Arc<str> = Arc::from("w");
+        r.attach(&id, true, Some(Duration::from_secs(600)), 10, link(1), None);
+        let now = Instant::now();
+        let will = plain(&Arc::from("w/status"), b"gone", QoS::AtLeastOnce, true);
+        assert!(
+            r.detach("w", 1, now, Some((will, Duration::from_secs(20))))
+                .is_none()
+        );
+        let (mut r, _) = disk.restart();
+        assert!(r.expire(now + Duration::from_secs(10)).wills.is_empty());
+        let due = r.expire(now + Duration::from_secs(21));
+        assert_eq!(due.wills.len(), 1, "the will is published after its delay");
+        assert_eq!(&*due.wills[0].1.topic, "w/status");
+        // Published once: not again after another restart.
+        let (mut r, _) = disk.restart();
+        assert!(r.expire(now + Duration::from_secs(30)).wills.is_empty());
+    }
+
+    #[test]
+    fn retained_messages_survive_restart_until_cleared_or_expired() {
+        let (mut r, mut disk) = persisted_router();
+        let now = Instant::now();
+        let keep: Arc<str> = Arc::from("r/keep");
+        let cleared: Arc<str> = Arc::from("r/cleared");
+        let short: Arc<str> = Arc::from("r/short");
+        r.route(&plain(&keep, b"k", QoS::AtLeastOnce, true), None, None, now);
+        r.route(
+            &plain(&cleared, b"c", QoS::AtLeastOnce, true),
+            None,
+            None,
+            now,
+        );
+        r.route(
+            &plain(&cleared, b"", QoS::AtLeastOnce, true),
+            None,
+            None,
+            now,
+        );
+        let mut expiring = plain(&short, b"s", QoS::AtLeastOnce, true);
+        expiring.expires_at = Some(now + Duration::from_millis(1));
+        r.route(&expiring, None, None, now);
+        std::thread::sleep(Duration::from_millis(5));
+        let (mut r, report) = disk.restart();
+        assert_eq!(
+            report.retained, 1,
+            "only the live retained message comes back"
+        );
+        assert_eq!(disk.keys(), vec![persist::retained_key("r/keep")]);
+        let id: Arc<str> = Arc::from("s");
+        r.attach(&id, true, Some(Duration::ZERO), 10, link(1), None);
+        r.subscribe(
+            "s",
+            1,
+            vec![sub("r/#", QoS::AtLeastOnce)],
+            None,
+            Instant::now(),
+        );
+        let got = payloads(&sends(&mut r, "s", 1));
+        assert_eq!(
+            got.iter().map(|p| p.0.clone()).collect::<Vec<_>>(),
+            vec![b"k".to_vec()]
+        );
+    }
+
+    #[test]
+    fn unreadable_entries_are_reported_skipped_and_deleted() {
+        let (mut r, mut disk) = persisted_router();
+        let id: Arc<str> = Arc::from("ok");
+        r.attach(&id, true, None, 10, link(1), None);
+        disk.apply();
+        disk.map.insert("mqtt/s/zz".into(), vec![1]);
+        disk.map
+            .insert(persist::session_key("bad"), b"not cbor".to_vec());
+        disk.map
+            .insert(persist::message_key("orphan", 3), vec![0x80]);
+        disk.map.insert("mqtt/unknown".into(), vec![]);
+        let (_, report) = disk.restart();
+        assert_eq!(report.sessions, 1);
+        assert_eq!(report.invalid.len(), 4, "{:?}", report.invalid);
+        assert_eq!(disk.keys(), vec![persist::session_key("ok")]);
     }
 }

@@ -29,6 +29,9 @@ pub(crate) struct Message {
     pub expires_at: Option<Instant>,
     /// MQTT 5 subscription identifiers of this subscriber's matching subscriptions.
     pub subscription_ids: Vec<u32>,
+    /// Names the message in the persisted session (`persist::message_key`); 0 for a message
+    /// that is not persisted (QoS 0, or a session that ends with its connection).
+    pub id: u64,
 }
 
 impl Message {
@@ -40,6 +43,11 @@ impl Message {
     /// The expiry interval left at `now`, in whole seconds rounded up (so a message sent with
     /// a little time left does not arrive as "0", which would mean "no expiry" nowhere but
     /// could confuse a client).
+    /// What the message costs against a queue's byte bound.
+    pub(crate) fn size(&self) -> usize {
+        self.topic.len() + self.payload.len()
+    }
+
     pub(crate) fn expiry_left(&self, now: Instant) -> Option<u32> {
         self.expires_at.map(|e| {
             let left = e.saturating_duration_since(now);
@@ -107,6 +115,18 @@ pub(crate) enum Awaiting {
     Comp,
 }
 
+/// A change to a persisted message (`Message::id` != 0), for the router to write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum MessageChange {
+    /// Queued, or its handshake moved on: (re)write it.
+    Put {
+        msg: Message,
+        inflight: Option<(u16, Awaiting)>,
+    },
+    /// Delivered, dropped or expired: forget it.
+    Delete(u64),
+}
+
 #[derive(Debug, Clone)]
 struct Inflight {
     pkid: u16,
@@ -147,11 +167,17 @@ pub(crate) struct Outbound {
     last_pkid: u16,
     /// Bound of `queue`; policy when full: drop QoS 0 first, then refuse the new message.
     max_queued: usize,
+    /// Bound of the bytes (topic + payload) in `queue`, with the same policy.
+    max_queued_bytes: usize,
+    /// Bytes (topic + payload) in `queue`.
+    queued_bytes: usize,
     /// In-flight window: min(broker setting, the client's MQTT 5 receive maximum).
     max_inflight: u16,
     /// Queued messages dropped because their expiry interval ran out before they could be
     /// sent, not yet reported to the counters (see `take_expired`).
     expired: u64,
+    /// Changes to persisted messages not yet taken by the router (`take_changes`).
+    changes: Vec<MessageChange>,
 }
 
 impl Outbound {
@@ -161,9 +187,73 @@ impl Outbound {
             inflight: VecDeque::new(),
             last_pkid: 0,
             max_queued: max_queued.max(1),
+            max_queued_bytes: usize::MAX,
+            queued_bytes: 0,
             max_inflight: max_inflight.max(1),
             expired: 0,
+            changes: Vec::new(),
         }
+    }
+
+    /// Bounds the bytes of the queue (default: no bound but the message count).
+    pub(crate) fn set_max_queued_bytes(&mut self, bytes: usize) {
+        self.max_queued_bytes = bytes.max(1);
+    }
+
+    /// Changes to persisted messages since the last call, in order.
+    pub(crate) fn take_changes(&mut self) -> Vec<MessageChange> {
+        std::mem::take(&mut self.changes)
+    }
+
+    /// The ids of every persisted message held (queued or in flight).
+    pub(crate) fn persisted_ids(&self) -> Vec<u64> {
+        self.inflight
+            .iter()
+            .map(|i| i.msg.id)
+            .chain(self.queue.iter().map(|m| m.id))
+            .filter(|id| *id != 0)
+            .collect()
+    }
+
+    /// Puts back a message read from the persisted session, after the ones restored before
+    /// it: in flight with its packet id and state, or queued.
+    pub(crate) fn restore(&mut self, msg: Message, inflight: Option<(u16, Awaiting)>) {
+        match inflight {
+            Some((pkid, state)) => {
+                self.last_pkid = self.last_pkid.max(pkid);
+                self.inflight.push_back(Inflight { pkid, msg, state });
+            }
+            None => {
+                self.queued_bytes += msg.size();
+                self.queue.push_back(msg);
+            }
+        }
+    }
+
+    fn persist(&mut self, msg: &Message, inflight: Option<(u16, Awaiting)>) {
+        if msg.id != 0 {
+            self.changes.push(MessageChange::Put {
+                msg: msg.clone(),
+                inflight,
+            });
+        }
+    }
+
+    fn forget(&mut self, msg: &Message) {
+        if msg.id != 0 {
+            self.changes.push(MessageChange::Delete(msg.id));
+        }
+    }
+
+    fn pop_queued(&mut self) -> Option<Message> {
+        let msg = self.queue.pop_front()?;
+        self.queued_bytes -= msg.size();
+        Some(msg)
+    }
+
+    fn has_room(&self, bytes: usize) -> bool {
+        self.queue.len() < self.max_queued
+            && self.queued_bytes.saturating_add(bytes) <= self.max_queued_bytes
     }
 
     /// Expired messages dropped since the last call (for the broker's counters).
@@ -173,9 +263,19 @@ impl Outbound {
 
     /// Drops every queued message whose expiry passed by `now`, also while offline.
     pub(crate) fn drop_expired(&mut self, now: Instant) {
-        let before = self.queue.len();
-        self.queue.retain(|m| !m.expired(now));
-        self.expired += u64::try_from(before - self.queue.len()).unwrap_or(u64::MAX);
+        if !self.queue.iter().any(|m| m.expired(now)) {
+            return;
+        }
+        let (expired, kept): (VecDeque<Message>, VecDeque<Message>) =
+            std::mem::take(&mut self.queue)
+                .into_iter()
+                .partition(|m| m.expired(now));
+        self.queue = kept;
+        for m in &expired {
+            self.queued_bytes -= m.size();
+            self.forget(m);
+        }
+        self.expired += u64::try_from(expired.len()).unwrap_or(u64::MAX);
     }
 
     /// Sets the in-flight window for the current connection.
@@ -198,21 +298,34 @@ impl Outbound {
         if !online && msg.qos == QoS::AtMostOnce {
             return Enqueue::SkippedOffline;
         }
-        if self.queue.len() < self.max_queued {
-            self.queue.push_back(msg);
-            return Enqueue::Queued;
-        }
-        if msg.qos == QoS::AtMostOnce {
-            return Enqueue::DroppedFull;
-        }
-        match self.queue.iter().position(|m| m.qos == QoS::AtMostOnce) {
-            Some(i) => {
-                self.queue.remove(i);
-                self.queue.push_back(msg);
-                Enqueue::QueuedDroppingQos0
+        let size = msg.size();
+        let mut outcome = Enqueue::Queued;
+        if !self.has_room(size) {
+            if msg.qos == QoS::AtMostOnce {
+                return Enqueue::DroppedFull;
             }
-            None => Enqueue::DroppedFull,
+            // The oldest QoS 0 message makes room, if dropping it is enough.
+            let victim = self
+                .queue
+                .iter()
+                .position(|m| m.qos == QoS::AtMostOnce)
+                .filter(|&i| {
+                    let freed = self.queue[i].size();
+                    self.queue.len() - 1 < self.max_queued
+                        && (self.queued_bytes - freed).saturating_add(size) <= self.max_queued_bytes
+                });
+            let Some(i) = victim else {
+                return Enqueue::DroppedFull;
+            };
+            if let Some(dropped) = self.queue.remove(i) {
+                self.queued_bytes -= dropped.size();
+            }
+            outcome = Enqueue::QueuedDroppingQos0;
         }
+        self.persist(&msg, None);
+        self.queued_bytes += size;
+        self.queue.push_back(msg);
+        outcome
     }
 
     fn pkid_in_use(&self, pkid: u16) -> bool {
@@ -240,12 +353,14 @@ impl Outbound {
     /// it. Expired messages at the front are dropped (counted) instead of sent.
     pub(crate) fn next_send(&mut self, now: Instant) -> Option<Send> {
         while self.queue.front().is_some_and(|m| m.expired(now)) {
-            self.queue.pop_front();
+            if let Some(m) = self.pop_queued() {
+                self.forget(&m);
+            }
             self.expired += 1;
         }
         let front = self.queue.front()?;
         if front.qos == QoS::AtMostOnce {
-            let msg = self.queue.pop_front()?;
+            let msg = self.pop_queued()?;
             return Some(Send::Publish {
                 msg,
                 pkid: 0,
@@ -256,15 +371,17 @@ impl Outbound {
             return None;
         }
         let pkid = self.allocate_pkid()?;
-        let msg = self.queue.pop_front()?;
+        let msg = self.pop_queued()?;
+        let state = if msg.qos == QoS::AtLeastOnce {
+            Awaiting::Ack
+        } else {
+            Awaiting::Rec
+        };
+        self.persist(&msg, Some((pkid, state)));
         self.inflight.push_back(Inflight {
             pkid,
             msg: msg.clone(),
-            state: if msg.qos == QoS::AtLeastOnce {
-                Awaiting::Ack
-            } else {
-                Awaiting::Rec
-            },
+            state,
         });
         Some(Send::Publish {
             msg,
@@ -280,17 +397,17 @@ impl Outbound {
 
     /// PUBREC received. Returns whether it matched; either way the caller answers PUBREL.
     pub(crate) fn on_pubrec(&mut self, pkid: u16) -> bool {
-        match self
+        let Some(i) = self
             .inflight
             .iter_mut()
             .find(|i| i.pkid == pkid && i.state == Awaiting::Rec)
-        {
-            Some(i) => {
-                i.state = Awaiting::Comp;
-                true
-            }
-            None => false,
-        }
+        else {
+            return false;
+        };
+        i.state = Awaiting::Comp;
+        let msg = i.msg.clone();
+        self.persist(&msg, Some((pkid, Awaiting::Comp)));
+        true
     }
 
     /// PUBCOMP received. Returns whether it matched.
@@ -305,7 +422,9 @@ impl Outbound {
             .position(|i| i.pkid == pkid && i.state == state)
         {
             Some(pos) => {
-                self.inflight.remove(pos);
+                if let Some(done) = self.inflight.remove(pos) {
+                    self.forget(&done.msg);
+                }
                 true
             }
             None => false,
@@ -330,7 +449,11 @@ impl Outbound {
 
     /// Forgets a QoS 1/2 message that can never be written (larger than the client accepts).
     pub(crate) fn abandon(&mut self, pkid: u16) {
-        self.inflight.retain(|i| i.pkid != pkid);
+        if let Some(pos) = self.inflight.iter().position(|i| i.pkid == pkid)
+            && let Some(gone) = self.inflight.remove(pos)
+        {
+            self.forget(&gone.msg);
+        }
     }
 }
 
@@ -344,8 +467,11 @@ pub(crate) struct Session {
     /// these ids is not handed over again (exactly once).
     pub awaiting_rel: BTreeSet<u16>,
     /// Whether the session outlives the connection (3.1.1 clean session 0; MQTT 5 session
-    /// expiry > 0, kept until restart for now).
+    /// expiry > 0).
     pub persistent: bool,
+    /// Whether its persisted fields (subscriptions, QoS 2 ids) changed since the router last
+    /// wrote them.
+    pub changed: bool,
 }
 
 impl Session {
@@ -355,17 +481,31 @@ impl Session {
             outbound: Outbound::new(max_queued, max_inflight),
             awaiting_rel: BTreeSet::new(),
             persistent,
+            changed: false,
         }
     }
 
     /// Adds or replaces a subscription; returns whether one existed for the filter.
     pub(crate) fn subscribe(&mut self, sub: Subscription) -> bool {
+        self.changed = true;
         self.subscriptions.insert(sub.key(), sub).is_some()
     }
 
     /// Removes a subscription; returns whether it existed.
     pub(crate) fn unsubscribe(&mut self, filter: &str) -> bool {
-        self.subscriptions.remove(filter).is_some()
+        let existed = self.subscriptions.remove(filter).is_some();
+        self.changed |= existed;
+        existed
+    }
+
+    /// An inbound QoS 2 message was stored and PUBREC'd: its id awaits PUBREL.
+    pub(crate) fn await_rel(&mut self, pkid: u16) {
+        self.changed |= self.awaiting_rel.insert(pkid);
+    }
+
+    /// PUBREL received for `pkid`.
+    pub(crate) fn released(&mut self, pkid: u16) {
+        self.changed |= self.awaiting_rel.remove(&pkid);
     }
 
     /// How this session should receive a message on `topic` published at `qos`: overlapping
@@ -421,6 +561,7 @@ mod tests {
             props: Arc::default(),
             expires_at: None,
             subscription_ids: Vec::new(),
+            id: 0,
         }
     }
 
@@ -496,6 +637,74 @@ mod tests {
         );
         let payloads: Vec<u8> = o.queue.iter().map(|m| m.payload[0]).collect();
         assert_eq!(payloads, vec![1, 3]);
+    }
+
+    #[test]
+    fn byte_bound_drops_like_the_count_bound_and_frees_on_send() {
+        // msg() is topic "t" + one payload byte: 2 bytes each; room for 3.
+        let mut o = Outbound::new(100, 1);
+        o.set_max_queued_bytes(6);
+        assert_eq!(o.enqueue(msg(QoS::AtMostOnce, 0), true), Enqueue::Queued);
+        assert_eq!(o.enqueue(msg(QoS::AtLeastOnce, 1), true), Enqueue::Queued);
+        assert_eq!(o.enqueue(msg(QoS::AtLeastOnce, 2), true), Enqueue::Queued);
+        assert_eq!(
+            o.enqueue(msg(QoS::AtMostOnce, 3), true),
+            Enqueue::DroppedFull
+        );
+        assert_eq!(
+            o.enqueue(msg(QoS::AtLeastOnce, 4), true),
+            Enqueue::QueuedDroppingQos0
+        );
+        assert_eq!(
+            o.enqueue(msg(QoS::AtLeastOnce, 5), true),
+            Enqueue::DroppedFull
+        );
+        // A bigger message than dropping one QoS 0 message makes room for is refused whole.
+        let payloads: Vec<u8> = o.queue.iter().map(|m| m.payload[0]).collect();
+        assert_eq!(payloads, vec![1, 2, 4]);
+        assert_eq!(o.queued_bytes, 6);
+        // Sending frees the bytes.
+        assert!(o.next_send(Instant::now()).is_some());
+        assert_eq!(o.queued_bytes, 4);
+        assert_eq!(o.enqueue(msg(QoS::AtLeastOnce, 6), true), Enqueue::Queued);
+    }
+
+    #[test]
+    fn persisted_messages_report_every_change_in_order() {
+        let mut o = Outbound::new(10, 1);
+        let mut m = msg(QoS::ExactlyOnce, 1);
+        m.id = 41;
+        let mut n = msg(QoS::AtLeastOnce, 2);
+        n.id = 42;
+        o.enqueue(m.clone(), true);
+        o.enqueue(n.clone(), true);
+        // QoS 0 (never persisted) makes no change.
+        o.enqueue(msg(QoS::AtMostOnce, 3), true);
+        let Some(Send::Publish { pkid, .. }) = o.next_send(Instant::now()) else {
+            panic!("expected a publish");
+        };
+        assert!(o.on_pubrec(pkid));
+        assert!(o.on_pubcomp(pkid));
+        let changes = o.take_changes();
+        let kinds: Vec<_> = changes
+            .iter()
+            .map(|c| match c {
+                MessageChange::Put { msg, inflight } => (msg.id, *inflight, false),
+                MessageChange::Delete(id) => (*id, None, true),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (41, None, false),
+                (42, None, false),
+                (41, Some((pkid, Awaiting::Rec)), false),
+                (41, Some((pkid, Awaiting::Comp)), false),
+                (41, None, true),
+            ]
+        );
+        assert_eq!(o.persisted_ids(), vec![42]);
+        assert!(o.take_changes().is_empty());
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub fn settings() -> BrokerSettings {
         max_inflight: 10,
         max_inbound_pending: 10,
         max_queued_messages: 100,
+        max_queued_bytes: usize::MAX,
         connect_timeout: Duration::from_secs(2),
         auth: None,
         tls: Vec::new(),
