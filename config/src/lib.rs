@@ -170,7 +170,8 @@ impl Default for NodeConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct BrokerConfig {
     /// Addresses to accept MQTT on. At least one, no duplicates (port 0 excepted, for tests).
-    /// Default `["0.0.0.0:1883"]`.
+    /// Default `["127.0.0.1:1883"]` (like mosquitto 2: the network is opted into, with logins
+    /// or an explicit `allow_anonymous = true`).
     pub listeners: Vec<SocketAddr>,
     /// Past this many clients a CONNECT is refused with a CONNACK, bounding memory. Default 1000.
     pub max_connections: usize,
@@ -193,12 +194,14 @@ pub struct BrokerConfig {
     pub max_keep_alive: Option<Duration>,
     /// A client that has not sent CONNECT within this time is disconnected. Default 10s.
     pub connect_timeout: Duration,
-    /// The broker-wide policy for clients without a username, as written, or when not written:
-    /// [`AllowAnonymous::LoopbackOnly`] if `password_file` is set, else [`AllowAnonymous::Always`]
-    /// (without a password file no client could log in, and the quick start must work).
+    /// The broker-wide policy for clients without a username, as written, or when not written
+    /// [`AllowAnonymous::LoopbackOnly`]: a listener on a non-loopback address requires a login
+    /// unless the configuration says otherwise (and without a password file such a listener is
+    /// a configuration error: no client could connect there).
     pub allow_anonymous: AllowAnonymous,
     /// Every listener with its resolved settings, in the order of (and with the same addresses
-    /// as) `listeners`. No listener refuses anonymous clients unless `password_file` is set.
+    /// as) `listeners`. No listener refuses anonymous clients unless `password_file` is set
+    /// (or its TLS settings verify client certificates).
     pub listener_settings: Vec<ListenerConfig>,
     /// `password_file`: users and their hashes, in mosquitto's format (`mosquitto_passwd`),
     /// parsed at load. `None`: no client can log in; usernames are not checked (such clients
@@ -225,7 +228,7 @@ pub struct ListenerConfig {
 impl Default for BrokerConfig {
     fn default() -> Self {
         Self {
-            listeners: vec![SocketAddr::from(([0, 0, 0, 0], 1883))],
+            listeners: vec![SocketAddr::from(([127, 0, 0, 1], 1883))],
             max_connections: 1000,
             max_packet_size: 256 * 1024,
             max_inflight: 32,
@@ -234,9 +237,9 @@ impl Default for BrokerConfig {
             max_queued_bytes: 1024 * 1024,
             max_keep_alive: None,
             connect_timeout: Duration::from_secs(10),
-            allow_anonymous: AllowAnonymous::Always,
+            allow_anonymous: AllowAnonymous::LoopbackOnly,
             listener_settings: vec![ListenerConfig {
-                address: SocketAddr::from(([0, 0, 0, 0], 1883)),
+                address: SocketAddr::from(([127, 0, 0, 1], 1883)),
                 allow_anonymous: true,
                 tls: None,
             }],

@@ -251,14 +251,11 @@ fn broker(c: &mut Collector, raw: RawBroker) -> BrokerConfig {
     // A password file that failed to load still counts as set: its errors are reported, and
     // the defaults below must not add a second, misleading one.
     let has_passwords = raw.password_file.is_some();
+    let anonymous_written = raw.allow_anonymous.is_some();
     let allow_anonymous = raw
         .allow_anonymous
         .and_then(|value| anonymous(c, "broker.allow_anonymous", value))
-        .unwrap_or(if has_passwords {
-            AllowAnonymous::LoopbackOnly
-        } else {
-            AllowAnonymous::Always
-        });
+        .unwrap_or(AllowAnonymous::LoopbackOnly);
     // Each listener with its own `allow_anonymous` (None: the broker-wide one) and its TLS
     // settings.
     let mut entries: Vec<(
@@ -351,12 +348,16 @@ fn broker(c: &mut Collector, raw: RawBroker) -> BrokerConfig {
                 && tls.as_ref().is_none_or(|t| t.client_ca_file.is_none())
         })
     {
-        c.push(
-            "broker.allow_anonymous",
+        let message = if anonymous_written {
             format!(
                 "{allow_anonymous} refuses anonymous clients on {addr}, and no broker.password_file is set: no client could connect there"
-            ),
-        );
+            )
+        } else {
+            format!(
+                "{addr} is not a loopback address, where anonymous clients are refused by default, and no broker.password_file is set: no client could connect there. Set broker.password_file (users made with mosquitto_passwd), or allow_anonymous = true to let anyone who reaches {addr} publish and subscribe"
+            )
+        };
+        c.push("broker.allow_anonymous", message);
     }
     let listener_settings: Vec<ListenerConfig> = entries
         .into_iter()

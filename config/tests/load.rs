@@ -60,7 +60,7 @@ fn no_file_gives_documented_defaults() {
     assert_eq!(c.node.capabilities, ["mqtt", "store-and-forward"]);
     assert_eq!(
         c.broker.listeners,
-        ["0.0.0.0:1883".parse::<SocketAddr>().unwrap()]
+        ["127.0.0.1:1883".parse::<SocketAddr>().unwrap()]
     );
     assert_eq!(c.broker.max_connections, 1000);
     assert_eq!(c.broker.max_packet_size, 256 * 1024);
@@ -474,12 +474,12 @@ fn listener_rules() {
         "at least one",
     );
     assert_one_error(
-        "[broker]\nlisteners = [\"0.0.0.0:1883\", \"localhost:1883\"]",
+        "[broker]\nlisteners = [\"127.0.0.1:1883\", \"localhost:1883\"]",
         "broker.listeners[1]",
         "invalid socket address \"localhost:1883\"",
     );
     assert_one_error(
-        "[broker]\nlisteners = [\"0.0.0.0:1883\", \"[::]:1883\", \"0.0.0.0:1883\"]",
+        "[broker]\nallow_anonymous = true\nlisteners = [\"0.0.0.0:1883\", \"[::]:1883\", \"0.0.0.0:1883\"]",
         "broker.listeners[2]",
         "duplicate of broker.listeners[0]",
     );
@@ -930,7 +930,7 @@ fn health_section_rules() {
     assert_one_error("[health]\nlistne = \"off\"", "health.listne", "listne");
     // The endpoint and the broker cannot share a port on overlapping addresses.
     assert_one_error(
-        "[broker]\nlisteners = [\"0.0.0.0:1883\"]\n[health]\nlisten = \"127.0.0.1:1883\"",
+        "[broker]\nlisteners = [\"127.0.0.1:1883\"]\n[health]\nlisten = \"127.0.0.1:1883\"",
         "health.listen",
         "overlaps broker.listeners[0]",
     );
@@ -1213,6 +1213,7 @@ fn coap_section_is_typed() {
         r#"
         [broker]
         listeners = ["0.0.0.0:5683"]
+        allow_anonymous = true
         [coap]
         listeners = ["0.0.0.0:5683", "[::]:5683", "127.0.0.1:0", "127.0.0.1:0"]
         ingest_path = "ingest.v1"
@@ -1570,6 +1571,7 @@ fn several_errors_are_all_reported_with_paths() {
         name = "bad name"
         [broker]
         listeners = ["0.0.0.0:1883", "nope"]
+        allow_anonymous = true
         max_inflight = 0
         [storage]
         quota = "12XB"
@@ -1643,7 +1645,7 @@ fn listen_override_replaces_the_listener_list() {
         listen: Some("127.0.0.1:0".parse().unwrap()),
         ..Overrides::default()
     };
-    let text = "[broker]\nlisteners = [\"0.0.0.0:1883\", \"[::]:1883\"]\n";
+    let text = "[broker]\nlisteners = [\"0.0.0.0:1883\", \"[::]:1883\"]\nallow_anonymous = true\n";
     let c = Config::load(Some(text), &overrides, &no_env()).unwrap();
     assert_eq!(
         c.broker.listeners,
@@ -1841,18 +1843,43 @@ fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
 }
 
 #[test]
-fn no_auth_keys_keep_every_listener_open() {
+fn by_default_only_loopback_listeners_admit_anonymous_clients() {
     let c = Config::load(None, &Overrides::default(), &no_env()).unwrap();
-    assert_eq!(c.broker.allow_anonymous, AllowAnonymous::Always);
+    assert_eq!(c.broker.allow_anonymous, AllowAnonymous::LoopbackOnly);
     assert_eq!(
         c.broker.listener_settings,
         [ListenerConfig {
-            address: "0.0.0.0:1883".parse().unwrap(),
+            address: "127.0.0.1:1883".parse().unwrap(),
             allow_anonymous: true,
             tls: None,
         }]
     );
     assert!(c.broker.password_file.is_none() && c.broker.acl_file.is_none());
+    // A network listener requires a login by default: without a password file nobody could
+    // connect there, which is an error that says what to do.
+    for text in [
+        "[broker]\nlisteners = [\"0.0.0.0:1883\"]",
+        "[broker]\nlisteners = [\"127.0.0.1:1883\", \"[::]:1884\"]",
+        "[[broker.listener]]\naddress = \"192.168.1.10:1883\"",
+    ] {
+        let errs = errors(text);
+        assert_eq!(errs.len(), 1, "{text}: {errs:?}");
+        assert_eq!(errs[0].0, "broker.allow_anonymous", "{text}");
+        for needle in [
+            "not a loopback address",
+            "password_file",
+            "allow_anonymous = true",
+        ] {
+            assert!(
+                errs[0].1.contains(needle),
+                "{text}: {:?} lacks {needle:?}",
+                errs[0].1
+            );
+        }
+    }
+    // Saying so admits anonymous clients from the network.
+    let c = load_ok("[broker]\nlisteners = [\"0.0.0.0:1883\"]\nallow_anonymous = true");
+    assert!(c.broker.listener_settings[0].allow_anonymous);
 }
 
 #[test]
@@ -1978,9 +2005,9 @@ fn allow_anonymous_values_and_refusing_everyone_is_an_error() {
         "no broker.password_file",
     );
     assert_one_error(
-        "[broker]\nallow_anonymous = \"loopback-only\"",
+        "[broker]\nlisteners = [\"0.0.0.0:1883\"]\nallow_anonymous = \"loopback-only\"",
         "broker.allow_anonymous",
-        "0.0.0.0:1883",
+        "loopback-only refuses anonymous clients on 0.0.0.0:1883",
     );
     // ... which is fine when every listener is on loopback.
     load_ok("[broker]\nlisteners = [\"127.0.0.1:1883\"]\nallow_anonymous = \"loopback-only\"");
@@ -2044,6 +2071,7 @@ fn listener_tables_set_anonymous_per_listener() {
 fn listener_table_problems_have_paths() {
     let text = r#"
         [broker]
+        allow_anonymous = true
         [[broker.listener]]
         address = "0.0.0.0:1883"
         [[broker.listener]]
@@ -2167,6 +2195,8 @@ fn tls_listener_files_are_read_and_checked_at_load() {
     let (ca, cert, key, _) = tls_files(&dir);
     let c = load_ok(&format!(
         r#"
+        [broker]
+        allow_anonymous = true
         [[broker.listener]]
         address = "127.0.0.1:1883"
         [[broker.listener]]

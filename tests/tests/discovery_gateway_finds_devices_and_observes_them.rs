@@ -130,7 +130,8 @@ fn gateway_finds_devices_and_observes_them() -> Result<()> {
          coap_interval = \"2s\"\nobserve_discovered = true\n\n"
     );
     // The MQTT listener on every address of the namespace, so the advertised `_mqtt._tcp`
-    // (lan0's address, this port) is one a device can connect to.
+    // (lan0's address, this port) is one a device can connect to, without a login (a network
+    // listener requires one unless the configuration says otherwise).
     let broker_line = format!("listeners = [\"127.0.0.1:{}\"]", cfg.port);
     let toml = cfg.to_toml();
     ensure!(
@@ -139,7 +140,7 @@ fn gateway_finds_devices_and_observes_them() -> Result<()> {
     );
     let toml = toml.replace(
         &broker_line,
-        &format!("listeners = [\"0.0.0.0:{}\"]", cfg.port),
+        &format!("listeners = [\"0.0.0.0:{}\"]\nallow_anonymous = true", cfg.port),
     );
     let mut gw = Outpost::start_raw(&dir, &toml, cfg.port)?;
     let gw_log = gw.log().to_path_buf();
