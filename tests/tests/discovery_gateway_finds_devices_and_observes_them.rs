@@ -140,7 +140,10 @@ fn gateway_finds_devices_and_observes_them() -> Result<()> {
     );
     let toml = toml.replace(
         &broker_line,
-        &format!("listeners = [\"0.0.0.0:{}\"]\nallow_anonymous = true", cfg.port),
+        &format!(
+            "listeners = [\"0.0.0.0:{}\"]\nallow_anonymous = true",
+            cfg.port
+        ),
     );
     let mut gw = Outpost::start_raw(&dir, &toml, cfg.port)?;
     let gw_log = gw.log().to_path_buf();
