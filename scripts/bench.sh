@@ -6,10 +6,15 @@
 #   bash scripts/bench.sh                # full run (1,000,000-record backlog), ~6 min on 2 cores
 #   BENCH_QUICK=1 bash scripts/bench.sh  # 100,000-record backlog, 5 s latency runs, ~3 min
 #   BENCH_ONLY=coap bash scripts/bench.sh  # only the CoAP/SenML section, ~1.5 min
+#   BENCH_ONLY=broker bash scripts/bench.sh  # only the broker section (auth/ACL and TLS ingest,
+#                                            # 10,000 idle connections), ~4 min; not in the default
 #
 # Environment:
 #   BENCH_QUICK=1      smaller run
-#   BENCH_ONLY=a,b     run only some sections: ingest, backlog, latency, coap
+#   BENCH_ONLY=a,b     run only some sections: ingest, backlog, latency, coap (the default: all
+#                      four), broker (scripts/bench/broker.py; only when named)
+#   BENCH_IDLE_CONNECTIONS=N  idle clients in the broker section (default 10000; needs
+#                      `ulimit -n` above N + 2000 for the broker and the connector)
 #   BENCH_COMMIT_INTERVAL=5ms  storage.commit_interval of the Outpost runs (default: the config
 #                      default, 0ms)
 #   BENCH_COMPARE_INTERVAL=5ms also run Outpost with this commit_interval in the ingest and latency
@@ -43,6 +48,13 @@ find_bin() {
 }
 MOSQUITTO=$(find_bin mosquitto)
 MOSQUITTO_SUB=$(find_bin mosquitto_sub)
+MOSQUITTO_PASSWD=$(find_bin mosquitto_passwd)
+
+# bench.py runs the sections it knows; "broker" is scripts/bench/broker.py.
+ONLY="${BENCH_ONLY:-ingest,backlog,latency,coap}"
+PY_ONLY=$(echo ",$ONLY," | sed 's/,broker,/,/g; s/^,*//; s/,*$//')
+RUN_BROKER=0
+[[ ",$ONLY," == *,broker,* ]] && RUN_BROKER=1
 
 TOOLS="$ROOT/target/bench-tools"
 if [ -n "${MQTTWRK:-}" ]; then
@@ -85,8 +97,14 @@ args=(--outpost "$OUTPOST" --mqttwrk "$MQTTWRK" --mosquitto "$MOSQUITTO"
 [ "${BENCH_QUICK:-0}" = "1" ] && args+=(--quick)
 [ "${BENCH_KEEP:-0}" = "1" ] && args+=(--keep)
 [ "${BENCH_NO_BRIDGE:-0}" = "1" ] && args+=(--no-bridge)
-[ -n "${BENCH_ONLY:-}" ] && args+=(--only "$BENCH_ONLY")
+[ -n "${BENCH_ONLY:-}" ] && args+=(--only "$PY_ONLY")
 [ -n "$SENML" ] && args+=(--senml-bench "$SENML")
+
+broker_args=(--outpost "$OUTPOST" --mqttwrk "$MQTTWRK" --mosquitto "$MOSQUITTO"
+             --mosquitto-passwd "$MOSQUITTO_PASSWD" --tmpdir "$TMPPARENT"
+             --results "$ROOT/target/bench-broker.json")
+[ "${BENCH_QUICK:-0}" = "1" ] && broker_args+=(--quick)
+[ "${BENCH_KEEP:-0}" = "1" ] && broker_args+=(--keep)
 
 echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), kernel $(uname -r)"
 echo "outpost: $OUTPOST; mqttwrk: $MQTTWRK; $("$MOSQUITTO" -h 2>&1 | head -1)"
@@ -103,11 +121,27 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-python3 -u "$ROOT/scripts/bench/bench.py" "${args[@]}" &
-DRIVER=$!
-set +e
-wait "$DRIVER"
-rc=$?
-set -e
-DRIVER=""
+run_driver() {
+  python3 -u "$@" &
+  DRIVER=$!
+  set +e
+  wait "$DRIVER"
+  local rc=$?
+  set -e
+  DRIVER=""
+  return "$rc"
+}
+
+rc=0
+if [ -n "$PY_ONLY" ]; then
+  run_driver "$ROOT/scripts/bench/bench.py" "${args[@]}" || rc=$?
+fi
+if [ "$RUN_BROKER" = "1" ]; then
+  # 10,000 idle clients need as many descriptors in the broker and in the connector.
+  want=$(( ${BENCH_IDLE_CONNECTIONS:-10000} + 2000 ))
+  if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt "$want" ]; then
+    ulimit -n "$want" 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+  fi
+  run_driver "$ROOT/scripts/bench/broker.py" "${broker_args[@]}" || rc=$?
+fi
 exit "$rc"
