@@ -41,6 +41,13 @@ const TOPIC_ALIAS_MAX: u16 = 16;
 /// Bound on the last writes of a closing connection (v5 DISCONNECT) and on handing a will over.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// A connection's first read buffer: most clients are quiet most of the time, and with
+/// thousands of them the buffers are most of the broker's memory.
+const READ_BUF_MIN: usize = 512;
+
+/// The most room made for one read, reached by doubling while reads fill the buffer.
+const READ_BUF_MAX: usize = 64 * 1024;
+
 /// Why a connection ended; decides whether the will is published.
 #[derive(Debug)]
 enum End {
@@ -200,8 +207,22 @@ pub(crate) async fn serve(
     };
     let Some(acceptor) = tls else {
         let (rd, wr) = stream.into_split();
-        return session(rd, wr, PeerCert::None, deadline, slot, ctx).await;
+        // Boxed: the task's future is then only as large as a plain session needs, not as
+        // large as a TLS one (rustls' state), which matters with thousands of idle clients.
+        return Box::pin(session(rd, wr, PeerCert::None, deadline, slot, ctx)).await;
     };
+    Box::pin(serve_tls(stream, acceptor, deadline, slot, ctx)).await;
+}
+
+/// The TLS handshake (within the connect deadline), then the session over it.
+async fn serve_tls(
+    stream: TcpStream,
+    acceptor: TlsAcceptor,
+    deadline: Instant,
+    slot: HandshakeSlot,
+    ctx: Ctx,
+) {
+    let peer = ctx.peer;
     let accepted = tokio::select! {
         _ = ctx.shutdown.cancelled() => return,
         a = tokio::time::timeout_at(deadline, acceptor.accept(stream)) => a,
@@ -256,8 +277,10 @@ async fn session<R, W>(
         shutdown,
         hard_stop,
     } = ctx;
-    let mut read_buf = BytesMut::with_capacity(4096);
-    let connect = handshake(
+    let mut read_buf = BytesMut::with_capacity(READ_BUF_MIN);
+    // Boxed (like the TLS handshake and the end): what only runs before or after the session
+    // does not make every idle connection's task larger.
+    let connect = Box::pin(handshake(
         &mut rd,
         &mut wr,
         &mut read_buf,
@@ -265,7 +288,7 @@ async fn session<R, W>(
         &shared,
         &shutdown,
         deadline,
-    )
+    ))
     .await;
     drop(slot);
     let Some(connect) = connect else {
@@ -459,13 +482,14 @@ async fn session<R, W>(
         kick,
         notify,
         topic_aliases: HashMap::new(),
+        read_chunk: READ_BUF_MIN,
         write_gate: None,
     };
     // The session a persistent client is told it has is durable first.
     if let Some(t) = attached.persisted
         && let Err(end) = conn.wait_durable(t).await
     {
-        conn.finish(end, will).await;
+        Box::pin(conn.finish(end, will)).await;
         return;
     }
     conn.queue(&Outgoing::ConnAck {
@@ -482,7 +506,7 @@ async fn session<R, W>(
     }
 
     let end = conn.run(&shutdown).await;
-    conn.finish(end, will).await;
+    Box::pin(conn.finish(end, will)).await;
 }
 
 /// An MQTT 5 session expiry interval as the router keeps it: 0xFFFFFFFF never expires.
@@ -638,6 +662,8 @@ struct Conn<Rd, Wr> {
     /// MQTT 5 topic aliases the client set on this connection (at most `TOPIC_ALIAS_MAX`;
     /// they die with the connection, MQTT 5 §3.3.2.3.4).
     topic_aliases: HashMap<u16, Arc<str>>,
+    /// How much room to make in `read_buf` before a read (see `run`).
+    read_chunk: usize,
     /// The persisted session's record of what `write_buf` sends (a message's packet id and
     /// handshake state) becoming durable: the buffer is written after it, so a message a
     /// client received is resent with the same packet id after a crash.
@@ -648,11 +674,18 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
     async fn run(&mut self, shutdown: &CancellationToken) -> End {
         let mut draining = false;
         loop {
-            if !draining && let Err(end) = self.process_buffer().await {
+            // Both boxed, and only entered with work to do: their futures are large, and
+            // inline they would make every idle connection's task as large.
+            if !draining
+                && !self.read_buf.is_empty()
+                && let Err(end) = Box::pin(self.process_buffer()).await
+            {
                 return end;
             }
             self.ack_ready();
-            if let Err(end) = self.flush().await {
+            if !self.write_buf.is_empty()
+                && let Err(end) = Box::pin(self.flush()).await
+            {
                 return end;
             }
             if draining && self.pending.is_empty() {
@@ -661,6 +694,12 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
             let can_read = !draining && self.pending.len() < self.max_pending;
             let deadline = self.deadline.filter(|_| can_read);
             let front_waits = self.pending.front().is_some_and(Pending::waits);
+            // Room to read into: small while the client is quiet, doubled (up to
+            // READ_BUF_MAX) each time a read fills it, so a busy publisher gets big reads.
+            if can_read && self.read_buf.capacity() - self.read_buf.len() < self.read_chunk / 2 {
+                self.read_buf.reserve(self.read_chunk);
+            }
+            let spare = self.read_buf.capacity() - self.read_buf.len();
             tokio::select! {
                 _ = self.kick.cancelled() => return End::Takeover,
                 _ = shutdown.cancelled(), if !draining => draining = true,
@@ -682,7 +721,9 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
                 }
                 r = self.rd.read_buf(&mut self.read_buf), if can_read => match r {
                     Ok(0) => return End::PeerClosed,
-                    Ok(_) => {}
+                    Ok(n) => if n >= spare {
+                        self.read_chunk = (self.read_chunk * 2).min(READ_BUF_MAX);
+                    },
                     Err(e) => return End::Io(e.to_string()),
                 },
                 _ = self.notify.notified() => self.drain_outbound(),
