@@ -58,7 +58,11 @@ async def main() -> int:
     root.add_resource([".well-known", "core"],
                       resource.WKCResource(root.get_resources_as_linkheader))
     root.add_resource(args.path.split("/"), reading)
-    await aiocoap.Context.create_server_context(root, bind=(args.host, args.port))
+    # UDP only: the test picked a free UDP port; aiocoap would also listen on TCP (and fail
+    # if that port number happens to be taken over TCP).
+    await aiocoap.Context.create_server_context(
+        root, bind=(args.host, args.port), transports=["udp6"]
+    )
     print(f"listening {args.port}", flush=True)
     while True:
         await asyncio.sleep(args.interval)
