@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs the real peers the tests run against: mosquitto (the cloud broker and reference
-# clients) and libcoap's coap-client-notls from apt, paho-mqtt and aiocoap from PyPI.
+# Installs the real peers the tests run against: mosquitto (the cloud broker, reference clients
+# and mosquitto_passwd), openssl and libcoap's coap-client-notls from apt, paho-mqtt and aiocoap
+# from PyPI.
 # Idempotent: skips what is already there.
 set -euo pipefail
 
@@ -9,6 +10,8 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=
 command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 command -v coap-client-notls >/dev/null 2>&1 || need_apt+=(libcoap3-bin)
+# The TLS scenarios make their CA and certificates with the openssl command.
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""
   [ "$(id -u)" -ne 0 ] && SUDO="sudo"

@@ -33,6 +33,9 @@
 //! - [`Publisher`] (tests/py/publisher.py), [`Subscriber`] (tests/py/subscriber.py),
 //!   [`Client`] (tests/py/client.py): paho clients; [`payload`] is the publisher's payload.
 //! - [`mosquitto_pub`], [`spawn_mosquitto_sub`]: the Mosquitto command-line clients.
+//! - [`PahoRule`] (tests/py/paho_rules.py): one broker rule checked with paho-mqtt;
+//!   [`check_paho_rule`] runs one against a gateway of its own and checks the broker counters
+//!   the rule expects on `/metrics` ([`check_broker_counter_moves`]).
 //! - [`check_upstream_delivery`]: the upstream contract over what a consumer received (every
 //!   acked reading, topic mapping, payload unchanged, per-topic order, `seq` rules for
 //!   duplicates); [`wait_for_readings`] waits for a set of readings upstream.
@@ -422,8 +425,65 @@ pub struct GatewayConfig {
     /// `[health] resource_interval`, if set (the gateway stores its own resource samples as
     /// records; a scenario counting records exactly pushes them out of its time frame).
     pub resource_interval: Option<String>,
+    /// Lines added to the `[broker]` table (`password_file`, `acl_file`, `allow_anonymous`, ...).
+    pub broker_extra: String,
+    /// `[[broker.listener]]` tables in place of `listeners = ["127.0.0.1:<port>"]`. Empty (the
+    /// default): that one plain listener. [`Outpost::start`] waits for `port`, so one of the
+    /// tables should be on it.
+    pub listener_tables: Vec<ListenerTable>,
     /// Appended verbatim at the end (more tables).
     pub extra: String,
+}
+
+/// One `[[broker.listener]]` table of a [`GatewayConfig`], on 127.0.0.1.
+#[derive(Debug, Clone)]
+pub struct ListenerTable {
+    /// The port.
+    pub port: u16,
+    /// `allow_anonymous` for this listener; `None` leaves it to `[broker]`.
+    pub allow_anonymous: Option<bool>,
+    /// MQTT over TLS with these files; `None`: plain TCP.
+    pub tls: Option<ListenerTls>,
+}
+
+/// A listener's `tls = { ... }` table.
+#[derive(Debug, Clone)]
+pub struct ListenerTls {
+    /// `cert_file` (PEM).
+    pub cert_file: PathBuf,
+    /// `key_file` (PEM).
+    pub key_file: PathBuf,
+    /// `client_ca_file`: client certificates are checked against it (and name the user).
+    pub client_ca_file: Option<PathBuf>,
+    /// `require_client_cert`.
+    pub require_client_cert: bool,
+}
+
+impl ListenerTable {
+    /// The TOML table.
+    fn to_toml(&self) -> String {
+        let mut s = format!(
+            "[[broker.listener]]\naddress = \"127.0.0.1:{}\"\n",
+            self.port
+        );
+        if let Some(a) = self.allow_anonymous {
+            let _ = writeln!(s, "allow_anonymous = {a}");
+        }
+        if let Some(t) = &self.tls {
+            let _ = write!(
+                s,
+                "tls = {{ cert_file = {:?}, key_file = {:?}",
+                t.cert_file.display().to_string(),
+                t.key_file.display().to_string()
+            );
+            if let Some(ca) = &t.client_ca_file {
+                let _ = write!(s, ", client_ca_file = {:?}", ca.display().to_string());
+            }
+            let _ = writeln!(s, ", require_client_cert = {} }}", t.require_client_cert);
+        }
+        s.push('\n');
+        s
+    }
 }
 
 impl GatewayConfig {
@@ -441,6 +501,8 @@ impl GatewayConfig {
             routes: Vec::new(),
             health_port: free_port()?,
             resource_interval: None,
+            broker_extra: String::new(),
+            listener_tables: Vec::new(),
             extra: String::new(),
         })
     }
@@ -454,11 +516,18 @@ impl GatewayConfig {
             "[node]\nname = \"{}\"\nlabels = {{ site = \"test\" }}\n",
             self.node
         );
+        s.push_str("[broker]\n");
+        if self.listener_tables.is_empty() {
+            let _ = writeln!(s, "listeners = [\"127.0.0.1:{}\"]", self.port);
+        }
         let _ = writeln!(
             s,
-            "[broker]\nlisteners = [\"127.0.0.1:{}\"]\nmax_packet_size = \"256KiB\"\nmax_inflight = 32\nmax_inbound_pending = 64\n",
-            self.port
+            "max_packet_size = \"256KiB\"\nmax_inflight = 32\nmax_inbound_pending = 64\n{}",
+            self.broker_extra
         );
+        for l in &self.listener_tables {
+            s.push_str(&l.to_toml());
+        }
         let _ = writeln!(
             s,
             "[storage]\ndata_dir = {:?}\nquota = \"{}\"\nwhen_full = \"{}\"\ncommit_batch_records = 512\ncommit_interval = \"5ms\"\ndurability = \"{}\"\n",
@@ -1192,11 +1261,7 @@ impl Client {
 
     /// Output lines so far.
     pub fn lines(&self) -> Vec<String> {
-        let mut s = String::new();
-        if let Ok(mut f) = File::open(self.proc.log()) {
-            f.read_to_string(&mut s).ok();
-        }
-        s.lines().map(str::to_owned).collect()
+        log_lines(self.proc.log())
     }
 
     /// Waits for an output line starting with `prefix` and returns it.
@@ -1221,6 +1286,15 @@ impl Client {
     pub fn proc(&mut self) -> &mut Proc {
         &mut self.proc
     }
+}
+
+/// The lines of a (growing) log file so far; none if it cannot be read.
+fn log_lines(path: &Path) -> Vec<String> {
+    let mut s = String::new();
+    if let Ok(mut f) = File::open(path) {
+        f.read_to_string(&mut s).ok();
+    }
+    s.lines().map(str::to_owned).collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -3011,4 +3085,162 @@ pub fn outpost_devices(config: &Path) -> Result<Vec<Value>> {
     v.as_array()
         .cloned()
         .ok_or_else(|| anyhow!("devices --json is not an array: {v}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Broker rules checked with paho-mqtt (tests/py/paho_rules.py)
+// ---------------------------------------------------------------------------------------------
+
+/// What a finished [`PahoRule`] reported.
+#[derive(Debug, Clone)]
+pub struct RuleOutcome {
+    /// Its output lines (`ok ...` per check that held).
+    pub lines: Vec<String>,
+    /// From its `counters {json}` line: by how much `outpost_broker_<name>_total` should have
+    /// moved while it ran (empty when it printed none).
+    pub counters: BTreeMap<String, u64>,
+}
+
+/// A running `tests/py/paho_rules.py <rule> --port <port> <args>`: one broker rule checked
+/// with paho-mqtt against a gateway; output in `dir/<rule>.log`.
+#[derive(Debug)]
+pub struct PahoRule {
+    /// The rule (a function of paho_rules.py).
+    rule: String,
+    /// The process.
+    proc: Proc,
+}
+
+impl PahoRule {
+    /// Starts the rule against the broker on 127.0.0.1:`port`.
+    pub fn spawn(dir: &TestDir, rule: &str, port: u16, args: &[String]) -> Result<Self> {
+        let mut cmd = Command::new("python3");
+        cmd.arg(py_script("paho_rules.py"))
+            .arg(rule)
+            .args(["--port", &port.to_string()])
+            .args(args);
+        let proc = Proc::spawn(
+            &format!("paho rule {rule}"),
+            cmd,
+            &dir.join(&format!("{rule}.log")),
+        )?;
+        Ok(Self {
+            rule: rule.to_owned(),
+            proc,
+        })
+    }
+
+    /// Waits for an output line starting with `prefix` (the rule asking the test to act);
+    /// fails early, with the output, if the rule ends first.
+    pub fn wait_line(&mut self, prefix: &str, timeout: Duration) -> Result<String> {
+        let log = self.proc.log().to_path_buf();
+        let found = wait_for(
+            &format!("{prefix:?} from rule {}", self.rule),
+            timeout,
+            || {
+                if let Some(l) = log_lines(&log).into_iter().find(|l| l.starts_with(prefix)) {
+                    return Some(Ok(l));
+                }
+                let ended = self.proc.try_status().ok().flatten();
+                ended.map(|st| Err(anyhow!("the rule ended ({st}) first")))
+            },
+        );
+        found
+            .and_then(|r| r)
+            .with_context(|| format!("output:\n{}", log_lines(&log).join("\n")))
+    }
+
+    /// Waits for the rule to end and fails, with its whole output, unless it exited 0 with
+    /// `PASS <rule>` as its last line.
+    pub fn finish(mut self, timeout: Duration) -> Result<RuleOutcome> {
+        let status = self.proc.wait(timeout);
+        let lines = log_lines(self.proc.log());
+        let passed = format!("PASS {}", self.rule);
+        match status {
+            Ok(st) if st.success() && lines.last() == Some(&passed) => {}
+            Ok(st) => bail!("rule {} failed ({st}):\n{}", self.rule, lines.join("\n")),
+            Err(e) => bail!("rule {}: {e}; output:\n{}", self.rule, lines.join("\n")),
+        }
+        let mut counters = BTreeMap::new();
+        for l in &lines {
+            if let Some(json) = l.strip_prefix("counters ") {
+                let v: BTreeMap<String, u64> = serde_json::from_str(json)
+                    .with_context(|| format!("bad counters line {l:?}"))?;
+                counters.extend(v);
+            }
+        }
+        Ok(RuleOutcome { lines, counters })
+    }
+}
+
+/// Runs paho rule `rule` to the end (deadline 120 s) against the broker on `port`.
+pub fn run_paho_rule(dir: &TestDir, rule: &str, port: u16, args: &[String]) -> Result<RuleOutcome> {
+    PahoRule::spawn(dir, rule, port, args)?.finish(Duration::from_secs(120))
+}
+
+/// The broker counter `outpost_broker_<name>_total` in a scrape.
+pub fn broker_counter(scrape: &Scrape, name: &str) -> Result<f64> {
+    scrape.get(&format!("outpost_broker_{name}_total"), &[])
+}
+
+/// Checks on the gateway's `/metrics` (health port `health_port`) that every broker counter
+/// named in `expected` moved by exactly its value since `before`. Counters move before the
+/// acks a rule waits for, so the first scrape normally settles it; a few more are allowed
+/// (deadline 10 s) for a slow machine.
+pub fn check_broker_counter_moves(
+    health_port: u16,
+    before: &Scrape,
+    expected: &BTreeMap<String, u64>,
+) -> Result<()> {
+    let want: BTreeMap<&str, f64> = expected
+        .iter()
+        .map(|(name, n)| (name.as_str(), *n as f64))
+        .collect();
+    let moves = |now: &Scrape| -> Result<BTreeMap<&str, f64>> {
+        want.keys()
+            .map(|name| {
+                Ok((
+                    *name,
+                    broker_counter(now, name)? - broker_counter(before, name)?,
+                ))
+            })
+            .collect()
+    };
+    poll(
+        "the broker counters to move as the rule expects",
+        Duration::from_secs(10),
+        Duration::from_millis(250),
+        || {
+            let got = moves(&scrape_metrics(health_port)?)?;
+            if got == want {
+                Ok(Some(()))
+            } else {
+                bail!("counter moves {got:?}, expected {want:?}")
+            }
+        },
+    )
+}
+
+/// Starts a gateway with `cfg` in `dir`, runs paho rule `rule` against its listener on
+/// `cfg.port` (with `--health-port` and `args`), and checks on `/metrics` the broker counter
+/// moves the rule expects. The gateway is killed when the returned guard is dropped.
+pub fn check_paho_rule(
+    dir: &TestDir,
+    cfg: &GatewayConfig,
+    rule: &str,
+    args: &[String],
+) -> Result<(Outpost, RuleOutcome)> {
+    let mut gw = Outpost::start(dir, cfg)?;
+    let before = poll(
+        "the gateway's /metrics",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || Ok(Some(scrape_metrics(cfg.health_port)?)),
+    )?;
+    let mut all = vec!["--health-port".to_owned(), cfg.health_port.to_string()];
+    all.extend_from_slice(args);
+    let outcome = run_paho_rule(dir, rule, cfg.port, &all)?;
+    check_broker_counter_moves(cfg.health_port, &before, &outcome.counters)?;
+    gw.check_alive()?;
+    Ok((gw, outcome))
 }
