@@ -486,7 +486,7 @@ impl prometheus_client::collector::Collector for Snapshot {
         )?;
         f.counter(
             "outpost_broker_malformed_packets",
-            "Connections closed for a malformed packet.",
+            "Connections closed for a malformed packet or a protocol error (bad topic alias, second CONNECT, ...).",
             b.malformed_packets,
         )?;
         f.counter(

@@ -582,6 +582,50 @@ def mqtt5_message_expiry_applies_to_retained_messages():
     check_eq(int(got[0].retain), 1, "retained delivery has retain=1")
     late.close()
     pub.close()
+    # The expired one was dropped from the retained store, and counted.
+    counters(messages_expired=1)
+
+
+@rule
+def mqtt5_session_gone_once_expiry_interval_passed():
+    """A client reconnecting (clean start 0) after its session expiry interval has passed gets no
+    session (session present 0, nothing queued delivered), also when it is back before the
+    broker's periodic expiry sweep: 5 times, 100 ms after the interval."""
+    pub = connect("sg-pub")
+    present = []
+    for i in range(5):
+        c = connect(f"sg{i}", client_id=f"sg{i}", session_expiry=1)
+        c.subscribe([("sg/t", 1)])
+        c.close()
+        pub.publish("sg/t", f"queued-{i}".encode())
+        # The rule is about time passing: the 1 s interval, and 100 ms more.
+        time.sleep(1.1)
+        # Expiry 0 now: this session ends with the connection (and is not counted as expired).
+        back = connect(f"sg{i}-back", client_id=f"sg{i}", clean=False, session_expiry=0)
+        present.append(int(back.connack[1]))
+        back.close()
+    check_eq(present, [0] * 5, "session present after reconnecting 1.1 s after a 1 s interval")
+    counters(sessions_expired=5)
+
+
+@rule
+def mqtt5_will_sent_once_delay_passed_even_if_client_reconnects_after():
+    """A will whose delay has passed is published even if the client reconnects (clean start 0)
+    right after, before the broker's periodic sweep: only reconnecting within the delay cancels
+    it. 5 times, reconnecting 100 ms after the delay."""
+    watcher = connect("wl-watch")
+    watcher.subscribe([("wl/#", 1)])
+    for i in range(5):
+        will = {"topic": f"wl/{i}", "payload": f"will-{i}", "qos": 1,
+                "properties": props(PacketTypes.WILLMESSAGE, WillDelayInterval=1)}
+        c = connect(f"wl{i}", client_id=f"wl{i}", session_expiry=60, will=will)
+        c.drop()
+        time.sleep(1.1)
+        connect(f"wl{i}-back", client_id=f"wl{i}", clean=False, session_expiry=60).close()
+    connect("wl-pub").publish("wl/end", b"end")
+    got = [m.payload.decode() for m in watcher.until("end")[:-1]]
+    check_eq(sorted(got, key=lambda p: int(p.split("-")[1])), [f"will-{i}" for i in range(5)],
+             "wills published (delay 1 s, client back after 1.1 s)")
 
 
 @rule
@@ -682,6 +726,27 @@ def mqtt5_receive_maximum_bounds_unacked_qos1_and_qos2_in_flight():
         check(all(m.qos == qos for m in sub.messages), f"{sub.name}: delivered at QoS {qos}")
         sub.close()
     pub.close()
+
+
+@rule
+def mqtt5_receive_maximum_applies_to_messages_resent_on_reconnect():
+    """A client resuming its session with Receive Maximum 1 gets one unacknowledged message at a
+    time, also when the session holds more unacked ones from the previous connection (MQTT 5
+    §4.9: the quota starts afresh on each connection); the others follow as it acks."""
+    sub = connect("rr", client_id="rr", session_expiry=60, receive_maximum=3, manual_ack=True)
+    sub.subscribe([("rr/t", 1)])
+    pub = connect("rr-pub")
+    for i in range(6):
+        pub.publish("rr/t", f"m{i}".encode())
+    sub.wait("3 messages", lambda: True if len(sub.messages) >= 3 else None)
+    sub.drop()  # m0..m2 unacked
+    back = connect("rr-back", client_id="rr", clean=False, session_expiry=60, receive_maximum=1,
+                   manual_ack=True, expect_present=True)
+    back.wait("the first resent message", lambda: back.messages or None)
+    back.unsubscribe(["rr/none"])  # a round trip, then a moment for any excess to show
+    time.sleep(0.5)
+    check_eq(back.payloads(), ["m0"], "unacked messages after resuming with Receive Maximum 1")
+    check_eq(int(back.messages[0].dup), 1, "the resent message carries DUP")
 
 
 @rule

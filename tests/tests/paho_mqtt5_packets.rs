@@ -63,6 +63,14 @@ fn mqtt5_receive_maximum_bounds_unacked_qos1_and_qos2_in_flight() -> anyhow::Res
 }
 
 #[test]
+fn mqtt5_receive_maximum_applies_to_messages_resent_on_reconnect() -> anyhow::Result<()> {
+    check(
+        "mqtt5_receive_maximum_applies_to_messages_resent_on_reconnect",
+        "",
+    )
+}
+
+#[test]
 fn mqtt5_maximum_packet_size_of_client_is_respected() -> anyhow::Result<()> {
     check("mqtt5_maximum_packet_size_of_client_is_respected", "")
 }

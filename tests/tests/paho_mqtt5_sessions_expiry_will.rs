@@ -43,3 +43,13 @@ fn mqtt5_will_delay_sends_will_after_delay_not_on_quick_reconnect() -> anyhow::R
 fn mqtt5_disconnect_with_will_message_publishes_will() -> anyhow::Result<()> {
     check("mqtt5_disconnect_with_will_message_publishes_will")
 }
+
+#[test]
+fn mqtt5_session_gone_once_expiry_interval_passed() -> anyhow::Result<()> {
+    check("mqtt5_session_gone_once_expiry_interval_passed")
+}
+
+#[test]
+fn mqtt5_will_sent_once_delay_passed_even_if_client_reconnects_after() -> anyhow::Result<()> {
+    check("mqtt5_will_sent_once_delay_passed_even_if_client_reconnects_after")
+}

@@ -441,6 +441,9 @@ async fn session<R, W>(
         },
         username.clone(),
     );
+    if attached.session_expired {
+        bump(&shared.counters.sessions_expired);
+    }
     if let Some(w) = attached.ended_will {
         shared.publish_will(&ingest, client_id.clone(), w).await;
     }
@@ -501,9 +504,8 @@ async fn session<R, W>(
         topic_alias_max: TOPIC_ALIAS_MAX,
         server_keep_alive,
     });
-    for s in attached.resend {
-        conn.queue_send(s);
-    }
+    // What was in flight before goes again through `drain_outbound` (the router woke this
+    // connection), within the window this CONNECT set.
 
     let end = conn.run(&shutdown).await;
     Box::pin(conn.finish(end, will)).await;

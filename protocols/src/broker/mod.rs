@@ -289,7 +289,7 @@ pub struct BrokerStats {
     pub connections_total: u64,
     /// CONNECTs refused (limit, protocol version, client id) or never sent in time.
     pub connections_refused: u64,
-    /// Connections closed for malformed packets or protocol violations.
+    /// Connections closed for malformed packets or protocol violations (bad topic alias, ...).
     pub malformed_packets: u64,
     /// Connections closed for a packet over `max_packet_size`.
     pub oversized_packets: u64,

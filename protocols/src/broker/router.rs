@@ -18,7 +18,7 @@ use super::codec::PublishProps;
 use super::persist::{
     self, Clock, Key, RestoreReport, SessionState, StateBatch, StateChange, StateSink, Ticket,
 };
-use super::session::{Enqueue, Message, MessageChange, Send, Session, Subscription};
+use super::session::{Enqueue, Message, MessageChange, Session, Subscription};
 
 /// How the router reaches the connection currently serving a session.
 #[derive(Debug, Clone)]
@@ -189,8 +189,9 @@ struct Retained {
 pub(crate) struct Attached {
     /// Whether an existing session was resumed (CONNACK's session-present flag).
     pub session_present: bool,
-    /// What to retransmit first (in-flight QoS 1/2 from before).
-    pub resend: Vec<Send>,
+    /// Whether the old session had expired (offline past its expiry interval) and was
+    /// discarded here rather than by the periodic sweep.
+    pub session_expired: bool,
     /// Resolves once the session's persisted state is durable (a persistent session with
     /// persistence on), so that CONNACK's session-present flag holds across a crash.
     pub persisted: Option<Ticket>,
@@ -446,26 +447,29 @@ impl Router {
         let max_inflight = self.max_inflight;
         let clock = Clock::at(Instant::now());
         let fresh = Entry::new(self.new_session(persistent));
+        let now = Instant::now();
         let existed = self.sessions.contains_key(client_id);
         let entry = self
             .sessions
             .entry(client_id.clone())
             .or_insert_with(|| fresh.clone());
+        // An offline session whose expiry interval has passed is over, even if the periodic
+        // sweep (`expire`) has not got to it yet.
+        let lapsed = existed && entry.link.is_none() && entry.expires_at.is_some_and(|t| t <= now);
         if let Some(old) = entry.link.take() {
             old.kick.cancel();
         }
-        // Reconnecting in time cancels a delayed will; a clean start ends the old session, so
-        // its will is due now.
-        let pending_will = entry.delayed_will.take().map(|(_, w)| w);
         entry.expires_at = None;
-        let mut ended_will = None;
-        // A resumed session exists only if it was persistent; a non-persistent one whose
-        // connection has not yet detached is replaced like a clean one.
-        let session_present = !clean && existed && entry.session.persistent;
+        // A resumed session exists only if it was persistent (and had not lapsed); a
+        // non-persistent one whose connection has not yet detached is replaced like a clean one.
+        let session_present = !clean && !lapsed && existed && entry.session.persistent;
+        // Reconnecting in time cancels a delayed will; one whose delay has passed, or whose
+        // session ends here (clean start, lapsed), is due now.
+        let ended_will = entry
+            .delayed_will
+            .take()
+            .and_then(|(due, w)| (due <= now || !session_present).then_some(w));
         if !session_present {
-            if clean {
-                ended_will = pending_will;
-            }
             forget_entry(&mut self.pending, client_id, entry);
             *entry = fresh;
         }
@@ -477,7 +481,7 @@ impl Router {
             .outbound
             .set_max_inflight(inflight_limit.min(max_inflight));
         entry.link = Some(link);
-        let resend = entry.session.outbound.resend();
+        entry.session.outbound.resume();
         if let Some(l) = &entry.link {
             l.notify.notify_one();
         }
@@ -487,7 +491,7 @@ impl Router {
         let persisted = self.flush(true);
         Attached {
             session_present,
-            resend,
+            session_expired: lapsed,
             ended_will,
             persisted,
         }
@@ -798,12 +802,16 @@ impl Router {
             return (Vec::new(), routed, None);
         }
         let pending = &mut self.pending;
+        let expired = &mut routed.expired;
         self.retained.retain(|topic, r| {
             let keep = r.expires_at.is_none_or(|e| e > now);
-            if !keep && persisting {
-                pending.push(StateChange::Delete {
-                    key: persist::retained_key(topic),
-                });
+            if !keep {
+                *expired += 1;
+                if persisting {
+                    pending.push(StateChange::Delete {
+                        key: persist::retained_key(topic),
+                    });
+                }
             }
             keep
         });
@@ -876,6 +884,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::broker::session::Send;
     use crate::topic::TopicFilter;
 
     fn link(id: u64) -> Link {
@@ -1102,14 +1111,14 @@ mod tests {
         (s, rh)
     }
 
+    /// New messages sent now (resends of what was in flight before are not counted).
     fn queued(r: &mut Router, id: &str, conn: u64) -> usize {
         let mut n = 0;
-        while r
+        while let Some(s) = r
             .with_session(id, conn, |s| s.outbound.next_send(Instant::now()))
             .flatten()
-            .is_some()
         {
-            n += 1;
+            n += usize::from(matches!(s, Send::Publish { dup: false, .. }));
         }
         n
     }
@@ -1306,13 +1315,12 @@ mod tests {
         let a = r.attach(&id, false, None, 10, link(5), None);
         assert!(a.session_present, "the session survived the restart");
         assert_eq!(
-            payloads(&a.resend),
-            vec![(b"two".to_vec(), second_pkid, true)],
-            "the in-flight message is resent with its packet id and DUP"
-        );
-        assert_eq!(
             payloads(&sends(&mut r, "dev", 5)),
-            vec![(b"three".to_vec(), second_pkid.wrapping_add(1), false)]
+            vec![
+                (b"two".to_vec(), second_pkid, true),
+                (b"three".to_vec(), second_pkid.wrapping_add(1), false)
+            ],
+            "the in-flight message is resent with its packet id and DUP, then the queue"
         );
         assert_eq!(
             r.with_session("dev", 5, |s| s.awaiting_rel.contains(&77)),
@@ -1506,5 +1514,52 @@ mod tests {
         assert_eq!(report.sessions, 1);
         assert_eq!(report.invalid.len(), 4, "{:?}", report.invalid);
         assert_eq!(disk.keys(), vec![persist::session_key("ok")]);
+    }
+
+    #[test]
+    fn reconnecting_after_expiry_finds_no_session_and_a_due_will_is_published() {
+        let mut r = Router::new(10, 10);
+        let id: Arc<str> = Arc::from("late");
+        r.attach(&id, true, Some(Duration::from_millis(1)), 10, link(1), None);
+        let will = plain(&Arc::from("w"), b"gone", QoS::AtLeastOnce, false);
+        // Will delay 1 ms, session expiry 1 ms: both have passed when the client is back,
+        // though no sweep (`expire`) ran in between.
+        r.detach(
+            "late",
+            1,
+            Instant::now(),
+            Some((will, Duration::from_millis(1))),
+        );
+        std::thread::sleep(Duration::from_millis(5));
+        let a = r.attach(&id, false, Some(Duration::from_secs(60)), 10, link(2), None);
+        assert!(!a.session_present, "the session had expired");
+        assert!(a.session_expired);
+        assert_eq!(
+            a.ended_will.map(|w| w.payload),
+            Some(Bytes::from_static(b"gone"))
+        );
+        // Within the delay, reconnecting cancels the will; after it, the will still goes.
+        let will = plain(&Arc::from("w"), b"again", QoS::AtLeastOnce, false);
+        r.detach(
+            "late",
+            2,
+            Instant::now(),
+            Some((will.clone(), Duration::from_secs(30))),
+        );
+        let a = r.attach(&id, false, Some(Duration::from_secs(60)), 10, link(3), None);
+        assert!(a.session_present && !a.session_expired && a.ended_will.is_none());
+        r.detach(
+            "late",
+            3,
+            Instant::now(),
+            Some((will, Duration::from_millis(1))),
+        );
+        std::thread::sleep(Duration::from_millis(5));
+        let a = r.attach(&id, false, Some(Duration::from_secs(60)), 10, link(4), None);
+        assert!(a.session_present, "the session (60 s) is still there");
+        assert_eq!(
+            a.ended_will.map(|w| w.payload),
+            Some(Bytes::from_static(b"again"))
+        );
     }
 }

@@ -132,6 +132,8 @@ struct Inflight {
     pkid: u16,
     msg: Message,
     state: Awaiting,
+    /// Sent on an earlier connection and not yet again on this one (see `resume`).
+    resend: bool,
 }
 
 /// What the connection must write next for this session.
@@ -221,7 +223,12 @@ impl Outbound {
         match inflight {
             Some((pkid, state)) => {
                 self.last_pkid = self.last_pkid.max(pkid);
-                self.inflight.push_back(Inflight { pkid, msg, state });
+                self.inflight.push_back(Inflight {
+                    pkid,
+                    msg,
+                    state,
+                    resend: true,
+                });
             }
             None => {
                 self.queued_bytes += msg.size();
@@ -358,6 +365,24 @@ impl Outbound {
             }
             self.expired += 1;
         }
+        // Messages in flight on an earlier connection go again first, oldest first, within
+        // this connection's window (MQTT 5 §4.9: the quota starts afresh on each connection).
+        if let Some(pos) = self.inflight.iter().position(|i| i.resend) {
+            let sent = self.inflight.iter().filter(|i| !i.resend).count();
+            if sent >= usize::from(self.max_inflight) {
+                return None;
+            }
+            let i = &mut self.inflight[pos];
+            i.resend = false;
+            return Some(match i.state {
+                Awaiting::Ack | Awaiting::Rec => Send::Publish {
+                    msg: i.msg.clone(),
+                    pkid: i.pkid,
+                    dup: true,
+                },
+                Awaiting::Comp => Send::PubRel(i.pkid),
+            });
+        }
         let front = self.queue.front()?;
         if front.qos == QoS::AtMostOnce {
             let msg = self.pop_queued()?;
@@ -382,6 +407,7 @@ impl Outbound {
             pkid,
             msg: msg.clone(),
             state,
+            resend: false,
         });
         Some(Send::Publish {
             msg,
@@ -431,20 +457,13 @@ impl Outbound {
         }
     }
 
-    /// On resuming a session: everything in flight again, oldest first, PUBLISH with DUP or
-    /// PUBREL depending on how far each got (MQTT 3.1.1 §4.4).
-    pub(crate) fn resend(&self) -> Vec<Send> {
-        self.inflight
-            .iter()
-            .map(|i| match i.state {
-                Awaiting::Ack | Awaiting::Rec => Send::Publish {
-                    msg: i.msg.clone(),
-                    pkid: i.pkid,
-                    dup: true,
-                },
-                Awaiting::Comp => Send::PubRel(i.pkid),
-            })
-            .collect()
+    /// On resuming a session: everything in flight is to be sent again, oldest first, PUBLISH
+    /// with DUP or PUBREL depending on how far each got (MQTT 3.1.1 §4.4), by `next_send` and
+    /// within the new connection's window.
+    pub(crate) fn resume(&mut self) {
+        for i in &mut self.inflight {
+            i.resend = true;
+        }
     }
 
     /// Forgets a QoS 1/2 message that can never be written (larger than the client accepts).
@@ -745,7 +764,8 @@ mod tests {
         o.next_send(Instant::now());
         assert!(!o.on_puback(1), "PUBACK does not complete a QoS 2 message");
         assert!(o.on_pubrec(1));
-        let resend = o.resend();
+        o.resume();
+        let resend: Vec<Send> = std::iter::from_fn(|| o.next_send(Instant::now())).collect();
         assert_eq!(resend.len(), 3);
         assert_eq!(resend[0], Send::PubRel(1));
         assert!(matches!(
@@ -767,6 +787,43 @@ mod tests {
         assert!(o.on_pubcomp(1));
         assert!(!o.on_pubcomp(2), "still awaiting PUBREC");
         assert_eq!(o.inflight(), 2);
+    }
+
+    #[test]
+    fn resumed_messages_are_resent_within_the_new_window() {
+        let mut o = Outbound::new(10, 3);
+        for n in 0..4 {
+            o.enqueue(msg(QoS::AtLeastOnce, n), true);
+        }
+        let first: Vec<Send> = std::iter::from_fn(|| o.next_send(Instant::now())).collect();
+        assert_eq!(first.len(), 3, "window of 3");
+        // Reconnected with a receive maximum of 1: one resend at a time, then the queue.
+        o.set_max_inflight(1);
+        o.resume();
+        let pkids = |sends: Vec<Send>| -> Vec<(u16, bool)> {
+            sends
+                .into_iter()
+                .filter_map(|s| match s {
+                    Send::Publish { pkid, dup, .. } => Some((pkid, dup)),
+                    Send::PubRel(_) => None,
+                })
+                .collect()
+        };
+        let again: Vec<Send> = std::iter::from_fn(|| o.next_send(Instant::now())).collect();
+        assert_eq!(pkids(again), vec![(1, true)]);
+        assert!(o.on_puback(1));
+        let again: Vec<Send> = std::iter::from_fn(|| o.next_send(Instant::now())).collect();
+        assert_eq!(pkids(again), vec![(2, true)]);
+        assert!(o.on_puback(2));
+        let again: Vec<Send> = std::iter::from_fn(|| o.next_send(Instant::now())).collect();
+        assert_eq!(pkids(again), vec![(3, true)]);
+        assert!(o.on_puback(3));
+        let rest: Vec<Send> = std::iter::from_fn(|| o.next_send(Instant::now())).collect();
+        assert_eq!(
+            pkids(rest),
+            vec![(4, false)],
+            "then the queued message, new"
+        );
     }
 
     #[test]
