@@ -592,6 +592,8 @@ pub struct Outpost {
     proc: Option<Proc>,
     /// How many times it was started (names the runs in the log).
     runs: u32,
+    /// `RUST_LOG` for the gateway; `None`: the test's own, else `info`.
+    log_filter: Option<String>,
 }
 
 impl Outpost {
@@ -602,6 +604,15 @@ impl Outpost {
 
     /// Like [`Outpost::start`] with a hand-written TOML whose listener is 127.0.0.1:`port`.
     pub fn start_raw(dir: &TestDir, toml: &str, port: u16) -> Result<Self> {
+        Self::create(dir, toml, port, None)
+    }
+
+    /// Like [`Outpost::start_raw`], logging with `RUST_LOG=<filter>` (e.g. `debug`).
+    pub fn start_raw_with_log(dir: &TestDir, toml: &str, port: u16, filter: &str) -> Result<Self> {
+        Self::create(dir, toml, port, Some(filter.to_owned()))
+    }
+
+    fn create(dir: &TestDir, toml: &str, port: u16, log_filter: Option<String>) -> Result<Self> {
         let config_path = dir.join("outpost.toml");
         fs::write(&config_path, toml)?;
         let mut o = Self {
@@ -610,6 +621,7 @@ impl Outpost {
             log: dir.join("outpost.log"),
             proc: None,
             runs: 0,
+            log_filter,
         };
         o.launch()?;
         Ok(o)
@@ -626,7 +638,9 @@ impl Outpost {
         self.runs += 1;
         let mut cmd = Command::new(outpost_bin()?);
         cmd.arg("run").arg("--config").arg(&self.config_path);
-        if std::env::var_os("RUST_LOG").is_none() {
+        if let Some(filter) = &self.log_filter {
+            cmd.env("RUST_LOG", filter);
+        } else if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
         fs::write(
