@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// Batches gathered into one store submission at most.
-const GATHER_MAX: usize = 1024;
+const GATHER_MAX: usize = 65_536;
 
 /// Reads what the store kept for the broker, gives it back to the broker, and returns the
 /// receiving end for [`run`].

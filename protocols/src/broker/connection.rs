@@ -684,6 +684,7 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
             {
                 return end;
             }
+            self.resolve_ready();
             self.ack_ready();
             if !self.write_buf.is_empty()
                 && let Err(end) = Box::pin(self.flush()).await
@@ -965,6 +966,60 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
         }
     }
 
+    /// The gateway stored the message `pkid`: it goes to local subscribers (a QoS 2 id now
+    /// awaits PUBREL). Returns what its ack must wait for: the persisted sessions (and
+    /// retained store) it changed becoming durable.
+    fn accepted(&mut self, pkid: u16, qos: QoS, message: Option<&Publication>) -> Option<Ticket> {
+        let mut durable = None;
+        if qos == QoS::ExactlyOnce {
+            durable = self
+                .shared
+                .router()
+                .with_session_durable(&self.client_id, self.conn_id, |s| s.await_rel(pkid))
+                .and_then(|(_, t)| t);
+        }
+        if let Some(publication) = message {
+            // Batches become durable in order: the later ticket covers both.
+            durable = self
+                .shared
+                .route(publication, Some(&self.client_id))
+                .or(durable);
+        }
+        durable
+    }
+
+    /// Handles the gateway's replies that have already arrived for the messages behind the
+    /// front, in arrival order up to the first still unanswered: accepted ones are routed now,
+    /// so that their session writes are gathered into the same commits instead of waiting,
+    /// one by one, to reach the front. Their acks still leave in order (`ack_ready`). A
+    /// refusal is left for the front, which decides what it does to the connection.
+    fn resolve_ready(&mut self) {
+        for i in 0..self.pending.len() {
+            let Some(rx) = self.pending[i].wait.as_mut() else {
+                continue;
+            };
+            match rx.try_recv() {
+                Ok(Ok(())) => {
+                    let entry = &mut self.pending[i];
+                    entry.wait = None;
+                    let (pkid, qos, message) = (entry.pkid, entry.qos, entry.message.take());
+                    let durable = self.accepted(pkid, qos, message.as_ref());
+                    let entry = &mut self.pending[i];
+                    entry.durable = durable;
+                    entry.reason = AckReason::Success;
+                }
+                Ok(Err(refusal)) => {
+                    // Put back for the front to handle.
+                    let (tx, rx) = oneshot::channel();
+                    let _ = tx.send(Err(refusal));
+                    self.pending[i].wait = Some(rx);
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
     /// The gateway answered for the front message.
     fn resolve(
         &mut self,
@@ -974,23 +1029,7 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
         let reply = reply.unwrap_or(Err(IngestRefusal::StoreUnavailable));
         match reply {
             Ok(()) => {
-                let mut durable = None;
-                if p.qos == QoS::ExactlyOnce {
-                    durable = self
-                        .shared
-                        .router()
-                        .with_session_durable(&self.client_id, self.conn_id, |s| {
-                            s.await_rel(p.pkid)
-                        })
-                        .and_then(|(_, t)| t);
-                }
-                if let Some(publication) = &p.message {
-                    // Batches become durable in order: the later ticket covers both.
-                    durable = self
-                        .shared
-                        .route(publication, Some(&self.client_id))
-                        .or(durable);
-                }
+                let durable = self.accepted(p.pkid, p.qos, p.message.as_ref());
                 match durable {
                     // Acked once what the message changed in persisted sessions is durable.
                     Some(t) => self.pending.push_front(Pending {
