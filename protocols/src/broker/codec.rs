@@ -242,6 +242,8 @@ pub(crate) enum DisconnectReason {
     TopicNameInvalid,
     /// A topic alias of 0 or above the maximum we announced (0x94).
     TopicAliasInvalid,
+    /// More unacknowledged QoS 1/2 publishes than the receive maximum we announced (0x93).
+    ReceiveMaximumExceeded,
 }
 
 /// Why bytes could not be turned into a packet.
@@ -827,6 +829,9 @@ fn write5(packet: &Outgoing, out: &mut BytesMut, max_size: usize) -> Result<(), 
                 DisconnectReason::ProtocolError => v5::DisconnectReasonCode::ProtocolError,
                 DisconnectReason::TopicNameInvalid => v5::DisconnectReasonCode::TopicNameInvalid,
                 DisconnectReason::TopicAliasInvalid => v5::DisconnectReasonCode::TopicAliasInvalid,
+                DisconnectReason::ReceiveMaximumExceeded => {
+                    v5::DisconnectReasonCode::ReceiveMaximumExceeded
+                }
             };
             out.extend_from_slice(&[0xE0, 0x02, code as u8, 0x00]);
             return Ok(());

@@ -6,7 +6,7 @@
 //! The loop keeps reading while replies are outstanding and stops only at
 //! `max_inbound_pending`: that is the backpressure from the store to the publishers.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -69,6 +69,8 @@ enum End {
     InvalidTopic(String),
     /// MQTT 5 topic alias 0 or above `TOPIC_ALIAS_MAX`.
     TopicAliasInvalid(u16),
+    /// An MQTT 5 client had more unacknowledged QoS 1/2 publishes than our receive maximum.
+    ReceiveMaximumExceeded(usize),
     ProtocolViolation(&'static str),
     /// MQTT 3.1.1 publish refused by the gateway: closed without ack, the client resends later.
     Refused(IngestRefusal),
@@ -93,6 +95,7 @@ impl End {
             End::Malformed(_) => DisconnectReason::MalformedPacket,
             End::InvalidTopic(_) => DisconnectReason::TopicNameInvalid,
             End::TopicAliasInvalid(_) => DisconnectReason::TopicAliasInvalid,
+            End::ReceiveMaximumExceeded(_) => DisconnectReason::ReceiveMaximumExceeded,
             End::ProtocolViolation(_) => DisconnectReason::ProtocolError,
             End::Shutdown => DisconnectReason::ServerShuttingDown,
             End::Disconnect { .. } | End::PeerClosed | End::Io(_) | End::Refused(_) => {
@@ -486,6 +489,7 @@ async fn session<R, W>(
         notify,
         topic_aliases: HashMap::new(),
         read_chunk: READ_BUF_MIN,
+        rel_open: HashSet::new(),
         write_gate: None,
     };
     // The session a persistent client is told it has is durable first.
@@ -666,6 +670,9 @@ struct Conn<Rd, Wr> {
     topic_aliases: HashMap<u16, Arc<str>>,
     /// How much room to make in `read_buf` before a read (see `run`).
     read_chunk: usize,
+    /// Inbound QoS 2 ids PUBREC'd on this connection and not yet released (they count against
+    /// the MQTT 5 receive maximum until PUBCOMP).
+    rel_open: HashSet<u16>,
     /// The persisted session's record of what `write_buf` sends (a message's packet id and
     /// handshake state) becoming durable: the buffer is written after it, so a message a
     /// client received is resent with the same packet id after a crash.
@@ -694,7 +701,8 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
             if draining && self.pending.is_empty() {
                 return End::Shutdown;
             }
-            let can_read = !draining && self.pending.len() < self.max_pending;
+            let can_read = !draining
+                && (self.protocol == Protocol::V5 || self.pending.len() < self.max_pending);
             let deadline = self.deadline.filter(|_| can_read);
             let front_waits = self.pending.front().is_some_and(Pending::waits);
             // Room to read into: small while the client is quiet, doubled (up to
@@ -744,7 +752,9 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
 
     /// Handles every complete packet in the read buffer, stopping at the pending bound.
     async fn process_buffer(&mut self) -> Result<(), End> {
-        while self.pending.len() < self.max_pending {
+        // MQTT 3.1.1 has no receive maximum: at the bound the connection stops reading
+        // (backpressure). An MQTT 5 client was told the bound and is held to it (`on_publish`).
+        while self.protocol == Protocol::V5 || self.pending.len() < self.max_pending {
             let packet = codec::read_packet(
                 self.protocol,
                 &mut self.read_buf,
@@ -782,6 +792,7 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
                 self.drain_outbound();
             }
             Incoming::PubRel(pkid) => {
+                self.rel_open.remove(&pkid);
                 self.with_session(|s| s.released(pkid));
                 self.queue(&Outgoing::PubComp { pkid });
             }
@@ -811,6 +822,17 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
     }
 
     async fn on_publish(&mut self, p: PublishIn) -> Result<(), End> {
+        // MQTT 5 §3.3.4: a client may have at most our receive maximum of QoS 1/2 publishes
+        // without PUBACK / PUBCOMP from us; one more is a protocol error (0x93). A resend of
+        // an id already counted is not one more.
+        if self.protocol == Protocol::V5 && p.qos != QoS::AtMostOnce {
+            let again =
+                self.pending.iter().any(|q| q.pkid == p.pkid) || self.rel_open.contains(&p.pkid);
+            let unacked = self.pending.len() + self.rel_open.len();
+            if !again && unacked >= self.max_pending {
+                return Err(End::ReceiveMaximumExceeded(unacked));
+            }
+        }
         let topic = match p.topic_alias {
             Some(alias) if alias == 0 || alias > TOPIC_ALIAS_MAX => {
                 return Err(End::TopicAliasInvalid(alias));
@@ -1082,7 +1104,13 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
     fn queue_ack(&mut self, pkid: u16, qos: QoS, reason: AckReason) {
         match qos {
             QoS::AtLeastOnce => self.queue(&Outgoing::PubAck { pkid, reason }),
-            QoS::ExactlyOnce => self.queue(&Outgoing::PubRec { pkid, reason }),
+            QoS::ExactlyOnce => {
+                // Until PUBCOMP it still counts against the receive maximum.
+                if reason == AckReason::Success {
+                    self.rel_open.insert(pkid);
+                }
+                self.queue(&Outgoing::PubRec { pkid, reason })
+            }
             QoS::AtMostOnce => {}
         }
     }
@@ -1367,6 +1395,11 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
             }
             End::InvalidTopic(why) => {
                 tracing::warn!(%peer, %client_id, %why, "MQTT connection closed: invalid topic name");
+            }
+            End::ReceiveMaximumExceeded(unacked) => {
+                bump(&counters.malformed_packets);
+                tracing::warn!(%peer, %client_id, unacked, max = self.max_pending,
+                    "MQTT connection closed: receive maximum exceeded");
             }
             End::TopicAliasInvalid(alias) => {
                 bump(&counters.malformed_packets);

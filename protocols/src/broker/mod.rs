@@ -6,6 +6,8 @@
 //! [`BrokerSettings::max_inbound_pending`] unanswered messages; acks go out in arrival order. At
 //! that bound the connection stops reading, so a slow store slows publishers through their
 //! in-flight windows instead of dropping anything acknowledged.
+//! (That is MQTT 3.1.1; an MQTT 5 client is told the bound as the receive maximum, and one that
+//! exceeds it is disconnected with 0x93, MQTT 5 §3.3.4.)
 //!
 //! Layout: `codec` adapts rumqttc's v4/v5 codecs to one internal packet set; `session` is the
 //! sans-IO per-client state (queues, in-flight window, packet ids); `router` holds sessions and
