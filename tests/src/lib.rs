@@ -1315,6 +1315,25 @@ fn log_lines(path: &Path) -> Vec<String> {
 // Mosquitto command-line clients
 // ---------------------------------------------------------------------------------------------
 
+/// Runs `openssl <args>` in `dir` (test certificates and keys), requiring success.
+pub fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("running openssl")?;
+    if !out.status.success() {
+        bail!(
+            "openssl {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
 /// Runs `mosquitto_pub -h 127.0.0.1 -p <port> <args>` to completion (deadline 30 s).
 pub fn mosquitto_pub(port: u16, args: &[&str]) -> Result<Output> {
     let mut child = Command::new("mosquitto_pub")

@@ -7,7 +7,6 @@
 //! refused during the handshake. Failed handshakes are counted.
 
 use std::path::Path;
-use std::process::Command;
 
 use outpost_tests::{
     GatewayConfig, ListenerTable, ListenerTls, TestDir, check_paho_rule, free_port,
@@ -15,17 +14,8 @@ use outpost_tests::{
 
 /// Runs `openssl <args>` (split at whitespace) in `dir`, requiring success.
 fn openssl(dir: &Path, args: &str) -> anyhow::Result<()> {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args.split_whitespace())
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "openssl {args} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
+    let args: Vec<&str> = args.split_whitespace().collect();
+    outpost_tests::openssl(dir, &args)
 }
 
 /// A new P-256 key, unencrypted.

@@ -8,10 +8,10 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
 use outpost_tests::{
     GatewayConfig, ListenerTable, ListenerTls, Mosquitto, Outpost, TestDir, free_port,
-    mosquitto_pub, outpost_command, wait_for,
+    mosquitto_pub, openssl, outpost_command, wait_for,
 };
 
 const USER_PASSWORD: &str = "Us3r-Pa55-xyzzy";
@@ -28,20 +28,6 @@ fn http_get(port: u16, path: &str) -> Result<String> {
     Ok(out)
 }
 
-fn openssl(dir: &TestDir, args: &[&str]) -> Result<()> {
-    let out = Command::new("openssl")
-        .current_dir(dir.path())
-        .args(args)
-        .output()
-        .context("running openssl")?;
-    ensure!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
 #[test]
 fn passwords_and_private_keys_never_appear_in_logs_status_or_metrics() -> Result<()> {
     let dir = TestDir::new("secrets")?;
@@ -56,7 +42,7 @@ fn passwords_and_private_keys_never_appear_in_logs_status_or_metrics() -> Result
         .output()?;
     ensure!(made.status.success(), "mosquitto_passwd: {made:?}");
     openssl(
-        &dir,
+        dir.path(),
         &[
             "req",
             "-x509",
