@@ -49,7 +49,10 @@ async fn one_publish_over_the_receive_maximum_is_disconnected_with_0x93() {
     c.send(publish(4, Q5::AtLeastOnce)).await;
     match c.recv().await {
         Some(v5::Packet::Disconnect(d)) => {
-            assert_eq!(d.reason_code, v5::DisconnectReasonCode::ReceiveMaximumExceeded)
+            assert_eq!(
+                d.reason_code,
+                v5::DisconnectReasonCode::ReceiveMaximumExceeded
+            )
         }
         other => panic!("expected DISCONNECT 0x93, got {other:?}"),
     }
