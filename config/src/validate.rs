@@ -178,17 +178,14 @@ fn discovery(c: &mut Collector, raw: RawDiscovery) -> DiscoveryConfig {
             );
         }
     }
-    let coap_interval = match raw.coap_interval {
-        Some(RawDuration(text)) if text == "off" => None,
-        other => Some(duration(
-            c,
-            "discovery.coap_interval",
-            other,
-            d.coap_interval.unwrap_or(Duration::from_secs(300)),
-            Duration::from_secs(1),
-            None,
-        )),
-    };
+    let coap_interval = duration_or_off(
+        c,
+        "discovery.coap_interval",
+        raw.coap_interval,
+        d.coap_interval,
+        Duration::from_secs(1),
+        None,
+    );
     DiscoveryConfig {
         announce_prefix,
         implicit: raw.implicit.unwrap_or(d.implicit),
@@ -418,18 +415,14 @@ fn broker(c: &mut Collector, raw: RawBroker) -> BrokerConfig {
             1,
             u64::MAX,
         ),
-        max_keep_alive: match raw.max_keep_alive {
-            Some(RawDuration(text)) if text == "off" => None,
-            None => d.max_keep_alive,
-            other => Some(duration(
-                c,
-                "broker.max_keep_alive",
-                other,
-                Duration::from_secs(60),
-                Duration::from_secs(1),
-                Some(Duration::from_secs(65535)),
-            )),
-        },
+        max_keep_alive: duration_or_off(
+            c,
+            "broker.max_keep_alive",
+            raw.max_keep_alive,
+            d.max_keep_alive,
+            Duration::from_secs(1),
+            Some(Duration::from_secs(65535)),
+        ),
         connect_timeout: duration(
             c,
             "broker.connect_timeout",
@@ -1123,17 +1116,14 @@ fn health(c: &mut Collector, raw: RawHealth, broker: &[SocketAddr]) -> HealthCon
     };
     HealthConfig {
         listen,
-        resource_interval: match raw.resource_interval {
-            Some(RawDuration(text)) if text == "off" => None,
-            other => Some(duration(
-                c,
-                "health.resource_interval",
-                other,
-                d.resource_interval.unwrap_or(MIN_HEALTH_INTERVAL),
-                MIN_HEALTH_INTERVAL,
-                None,
-            )),
-        },
+        resource_interval: duration_or_off(
+            c,
+            "health.resource_interval",
+            raw.resource_interval,
+            d.resource_interval,
+            MIN_HEALTH_INTERVAL,
+            None,
+        ),
         resource_priority: choice(
             c,
             "health.resource_priority",
@@ -1460,6 +1450,22 @@ fn size(
         return default;
     }
     bytes
+}
+
+/// A duration in `min..=max` that may also be `"off"` (`None`); not written: `default`.
+fn duration_or_off(
+    c: &mut Collector,
+    path: &str,
+    raw: Option<RawDuration>,
+    default: Option<Duration>,
+    min: Duration,
+    max: Option<Duration>,
+) -> Option<Duration> {
+    match raw {
+        None => default,
+        Some(RawDuration(text)) if text == "off" => None,
+        other => Some(duration(c, path, other, default.unwrap_or(min), min, max)),
+    }
 }
 
 /// A duration in `min..=max` (`max` `None`: unbounded).
