@@ -1,4 +1,5 @@
-//! The one error type of this crate: a list of problems, each with the key path it concerns.
+//! The one error type of this crate: a list of problems, each with the key path it concerns;
+//! and [`ConfigWarning`], a legal setting worth a second look.
 
 use std::fmt;
 
@@ -26,6 +27,27 @@ fn render(path: &str, message: &str) -> String {
 
 impl ConfigError {
     /// A problem at `path`.
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A setting that is valid but probably not what was meant: [`crate::Config::warnings`] lists
+/// them, `outpost check-config` and start-up print them. Never stops a configuration from loading.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{}", render(path, message))]
+pub struct ConfigWarning {
+    /// The key it concerns, as in [`ConfigError::path`].
+    pub path: String,
+    /// What may go wrong, and why.
+    pub message: String,
+}
+
+impl ConfigWarning {
+    /// A warning about `path`.
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             path: path.into(),

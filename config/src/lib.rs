@@ -29,7 +29,7 @@
 //!
 //! - `lib.rs`: the typed [`Config`], [`Env`], [`Overrides`], [`Config::load`].
 //! - `raw.rs`: the file's shape for serde, and parse errors with path and line.
-//! - `validate.rs`: raw -> typed, collecting every problem.
+//! - `validate.rs`: raw -> typed, collecting every problem; [`Config::warnings`].
 //! - `types.rs`: validated newtypes and enums. `units.rs`: byte sizes and durations.
 //! - `auth_files.rs`: the broker's password file and ACL file, in mosquitto's formats.
 //! - `tls.rs`: a TLS listener's certificate, key and client CA files ([`TlsListenerConfig`]).
@@ -59,12 +59,13 @@ pub use auth_files::{
     PasswordHash,
 };
 pub use check::{AuthorityError, CheckName, CheckNameError, HostPort, HttpUrl, HttpUrlError};
-pub use error::{ConfigError, ConfigErrors};
+pub use error::{ConfigError, ConfigErrors, ConfigWarning};
 pub use tls::{TlsFileError, TlsFileKey, TlsListenerConfig, TlsMaterial};
 pub use types::{
-    AllowAnonymous, Durability, MQTT_MAX_STRING_BYTES, MqttVersion, NodeName, NodeNameError,
-    PayloadFormat, Priority, RouteTarget, Secret, StoreMode, TopicFilter, TopicFilterError,
-    TopicTemplate, TopicTemplateError, UpstreamUrl, UpstreamUrlError, WhenFull,
+    AllowAnonymous, Durability, MQTT_MAX_PACKET_SIZE, MQTT_MAX_STRING_BYTES, MetadataMode,
+    MqttVersion, NodeName, NodeNameError, PayloadFormat, Priority, RouteTarget, Secret, StoreMode,
+    TopicFilter, TopicFilterError, TopicTemplate, TopicTemplateError, UpstreamProtocol,
+    UpstreamUrl, UpstreamUrlError, WhenFull,
 };
 pub use units::{DurationError, SizeError, parse_duration, parse_size};
 
@@ -341,6 +342,13 @@ pub struct StorageConfig {
     /// Bound on the dead letters' accounted bytes, separate from `quota`. At least 1KiB.
     /// Default 4MiB.
     pub dead_letter_max_bytes: u64,
+    /// At most this many refused records (records the upstream refused for good: larger than
+    /// it takes, not authorized, ...) are kept, in a table of their own; the oldest make room.
+    /// At least 1. Default 1000.
+    pub refused_max_records: u64,
+    /// Bound on the refused records' accounted bytes, separate from `quota`; the oldest make
+    /// room. At least 1KiB. Default 64MiB.
+    pub refused_max_bytes: u64,
 }
 
 impl StorageConfig {
@@ -362,6 +370,8 @@ impl Default for StorageConfig {
             durability: Durability::Full,
             dead_letter_max_records: 1000,
             dead_letter_max_bytes: 4 << 20,
+            refused_max_records: 1000,
+            refused_max_bytes: 64 << 20,
         }
     }
 }
@@ -401,8 +411,20 @@ pub struct UpstreamConfig {
     pub ca_file: Option<PathBuf>,
     /// MQTT keep-alive, whole seconds in 5s..=65535s. Default 30s.
     pub keep_alive: Duration,
-    /// Protocol version. Default [`MqttVersion::V311`].
-    pub protocol: MqttVersion,
+    /// Which MQTT version to speak. Default [`UpstreamProtocol::Auto`]: MQTT 5, and 3.1.1 when
+    /// the broker refuses MQTT 5 at CONNECT.
+    pub protocol: UpstreamProtocol,
+    /// Largest packet the gateway sends upstream, in bytes (128..=268435455). Default
+    /// [`MQTT_MAX_PACKET_SIZE`]. An MQTT 5 broker's own limit (CONNACK Maximum Packet Size)
+    /// applies on top; rumqttc's 10 KiB default never applies.
+    /// A record whose packet would be larger is refused, not sent: it goes to the refused
+    /// records (`storage.refused_max_*`).
+    pub max_packet_size: u64,
+    /// How record metadata travels, as written. `None` (not written): the default of the
+    /// version the connection negotiated ([`MetadataMode::default_for`]): properties on MQTT 5,
+    /// none on 3.1.1; [`UpstreamConfig::metadata_for`] resolves it. Never
+    /// [`MetadataMode::Properties`] with [`UpstreamProtocol::V311`] (a load error).
+    pub metadata: Option<MetadataMode>,
     /// First level(s) of every default upstream topic. No wildcards, no leading or trailing `/`.
     /// Default `outpost`.
     pub topic_prefix: String,
@@ -429,11 +451,22 @@ impl UpstreamConfig {
             password: None,
             ca_file: None,
             keep_alive: Self::DEFAULT_KEEP_ALIVE,
-            protocol: MqttVersion::V311,
+            protocol: UpstreamProtocol::Auto,
+            max_packet_size: MQTT_MAX_PACKET_SIZE,
+            metadata: None,
             topic_prefix: String::from(Self::DEFAULT_TOPIC_PREFIX),
             command_topic: true,
             clean_session: false,
         }
+    }
+
+    /// The metadata mode on a connection that negotiated `version`: `metadata` as written, or
+    /// its default for that version. With `protocol = "auto"` and `metadata = "properties"`
+    /// written, a fallback to 3.1.1 still returns [`MetadataMode::Properties`], which 3.1.1
+    /// cannot carry: the caller decides what that connection does.
+    pub fn metadata_for(&self, version: MqttVersion) -> MetadataMode {
+        self.metadata
+            .unwrap_or_else(|| MetadataMode::default_for(version))
     }
 }
 
@@ -653,6 +686,12 @@ impl Config {
         };
         validate::apply_overrides(&mut raw, overrides);
         validate::validate(raw, env)
+    }
+
+    /// Valid settings that are probably a mistake, for `outpost check-config` and start-up to
+    /// print (each with its key path). Empty for the defaults.
+    pub fn warnings(&self) -> Vec<ConfigWarning> {
+        validate::warnings(self)
     }
 }
 

@@ -136,6 +136,8 @@ pub(crate) struct RawStorage {
     pub durability: Option<String>,
     pub dead_letter_max_records: Option<i64>,
     pub dead_letter_max_bytes: Option<RawSize>,
+    pub refused_max_records: Option<i64>,
+    pub refused_max_bytes: Option<RawSize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -160,6 +162,8 @@ pub(crate) struct RawUpstream {
     pub ca_file: Option<PathBuf>,
     pub keep_alive: Option<RawDuration>,
     pub protocol: Option<String>,
+    pub max_packet_size: Option<RawSize>,
+    pub metadata: Option<String>,
     pub topic_prefix: Option<String>,
     pub command_topic: Option<bool>,
     pub clean_session: Option<bool>,

@@ -11,6 +11,10 @@ use thiserror::Error;
 /// Longest UTF-8 string MQTT can carry in a length-prefixed field (topics, client ids).
 pub const MQTT_MAX_STRING_BYTES: usize = 65_535;
 
+/// The most bytes MQTT's "Remaining Length" can encode: the protocol's limit on a packet, the
+/// largest `broker.max_packet_size` and `upstream.max_packet_size`, and the latter's default.
+pub const MQTT_MAX_PACKET_SIZE: u64 = 268_435_455;
+
 // ---------------------------------------------------------------------------------------------
 // NodeName
 
@@ -621,15 +625,93 @@ config_enum! {
     }
 }
 
+/// An MQTT protocol version: the one a connection to the upstream broker speaks. What is
+/// configured is an [`UpstreamProtocol`], which may leave the choice to the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MqttVersion {
+    /// MQTT 3.1.1: no properties.
+    V311,
+    /// MQTT 5.
+    V5,
+}
+
+impl MqttVersion {
+    /// The version as people write it: `3.1.1` or `5`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::V311 => "3.1.1",
+            Self::V5 => "5",
+        }
+    }
+}
+
+impl fmt::Display for MqttVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 config_enum! {
-    /// MQTT protocol version spoken to the upstream broker.
+    /// Which MQTT version the gateway speaks to the upstream broker (`upstream.protocol`).
     #[derive(Default)]
-    MqttVersion {
-        /// MQTT 3.1.1.
+    UpstreamProtocol {
+        /// Connect with MQTT 5; when the broker refuses MQTT 5 at CONNECT, with MQTT 3.1.1.
         #[default]
-        V311 => "3.1.1",
-        /// MQTT 5: metadata travels in user properties.
+        Auto => "auto",
+        /// MQTT 5 only.
         V5 => "5",
+        /// MQTT 3.1.1 only.
+        V311 => "3.1.1",
+    }
+}
+
+impl UpstreamProtocol {
+    /// The version of the first CONNECT: MQTT 5 unless 3.1.1 is pinned.
+    pub fn first(self) -> MqttVersion {
+        match self {
+            Self::Auto | Self::V5 => MqttVersion::V5,
+            Self::V311 => MqttVersion::V311,
+        }
+    }
+
+    /// The version to try when the broker refuses [`UpstreamProtocol::first`] at CONNECT:
+    /// MQTT 3.1.1 for `auto`, none when a version is pinned.
+    pub fn fallback(self) -> Option<MqttVersion> {
+        match self {
+            Self::Auto => Some(MqttVersion::V311),
+            Self::V5 | Self::V311 => None,
+        }
+    }
+
+    /// Whether a connection made under this setting may speak `version`.
+    pub fn allows(self, version: MqttVersion) -> bool {
+        self.first() == version || self.fallback() == Some(version)
+    }
+}
+
+config_enum! {
+    /// How a record's metadata (`seq`, ingest time, content type) travels upstream
+    /// (`upstream.metadata`).
+    MetadataMode {
+        /// In MQTT 5 user properties; the payload is the bytes the sensor sent. MQTT 5 only.
+        Properties => "properties",
+        /// The payload becomes a CBOR map: `{"v": 1, "seq": uint, "ingested_at": uint (Unix
+        /// ms), "content_type": text (only when the route declares a format), "payload": bytes
+        /// (the original bytes, unchanged)}`. Any protocol version.
+        Envelope => "envelope",
+        /// No metadata: the payload is the bytes the sensor sent.
+        None => "none",
+    }
+}
+
+impl MetadataMode {
+    /// What an `upstream.metadata` left out means on a connection speaking `version`:
+    /// [`MetadataMode::Properties`] on MQTT 5, [`MetadataMode::None`] on 3.1.1.
+    pub fn default_for(version: MqttVersion) -> Self {
+        match version {
+            MqttVersion::V5 => Self::Properties,
+            MqttVersion::V311 => Self::None,
+        }
     }
 }
 
@@ -865,6 +947,22 @@ mod tests {
     }
 
     #[test]
+    fn upstream_protocol_versions() {
+        use MqttVersion::{V5, V311};
+        let p = UpstreamProtocol::Auto;
+        assert_eq!((p.first(), p.fallback()), (V5, Some(V311)));
+        assert!(p.allows(V5) && p.allows(V311));
+        let p = UpstreamProtocol::V5;
+        assert_eq!((p.first(), p.fallback()), (V5, None));
+        assert!(p.allows(V5) && !p.allows(V311));
+        let p = UpstreamProtocol::V311;
+        assert_eq!((p.first(), p.fallback()), (V311, None));
+        assert!(!p.allows(V5) && p.allows(V311));
+        assert_eq!(MetadataMode::default_for(V5), MetadataMode::Properties);
+        assert_eq!(MetadataMode::default_for(V311), MetadataMode::None);
+    }
+
+    #[test]
     fn enums_round_trip_their_names() {
         for name in WhenFull::NAMES {
             assert_eq!(WhenFull::parse(name).unwrap().as_str(), *name);
@@ -873,7 +971,15 @@ mod tests {
             Priority::parse("urgent").unwrap_err(),
             "unknown value \"urgent\"; expected \"high\", \"normal\" or \"low\""
         );
-        assert_eq!(MqttVersion::parse("5"), Ok(MqttVersion::V5));
+        assert_eq!(UpstreamProtocol::parse("5"), Ok(UpstreamProtocol::V5));
+        assert_eq!(UpstreamProtocol::NAMES, ["auto", "5", "3.1.1"]);
+        assert_eq!(UpstreamProtocol::default(), UpstreamProtocol::Auto);
+        assert_eq!(MqttVersion::V311.to_string(), "3.1.1");
+        assert_eq!(MetadataMode::NAMES, ["properties", "envelope", "none"]);
+        assert_eq!(
+            MetadataMode::parse("cbor").unwrap_err(),
+            "unknown value \"cbor\"; expected \"properties\", \"envelope\" or \"none\""
+        );
         for name in PayloadFormat::NAMES {
             assert_eq!(PayloadFormat::parse(name).unwrap().to_string(), *name);
         }

@@ -11,15 +11,16 @@ use std::time::Duration;
 use crate::auth_files::{AclFile, AuthFileError, PasswordFile};
 use crate::check::{CheckName, HostPort, HttpUrl};
 use crate::coap::{check_ingest_path, parse_coap_uri};
-use crate::error::{Collector, ConfigErrors};
+use crate::error::{Collector, ConfigErrors, ConfigWarning};
 use crate::raw::{
     RawAnonymous, RawBroker, RawCheck, RawCoap, RawConfig, RawDiscovery, RawDuration, RawHealth,
     RawLog, RawNode, RawObserve, RawRoute, RawSize, RawStorage, RawSync, RawTls, RawUpstream,
 };
 use crate::tls::TlsListenerConfig;
 use crate::types::{
-    AllowAnonymous, Durability, MQTT_MAX_STRING_BYTES, MqttVersion, NodeName, PayloadFormat,
-    Priority, RouteTarget, Secret, StoreMode, TopicFilter, TopicTemplate, UpstreamUrl, WhenFull,
+    AllowAnonymous, Durability, MQTT_MAX_PACKET_SIZE, MQTT_MAX_STRING_BYTES, MetadataMode,
+    NodeName, PayloadFormat, Priority, RouteTarget, Secret, StoreMode, TopicFilter, TopicTemplate,
+    UpstreamProtocol, UpstreamUrl, WhenFull,
 };
 use crate::units::{parse_duration, parse_size};
 use crate::{
@@ -28,8 +29,6 @@ use crate::{
     SyncConfig, UpstreamConfig,
 };
 
-/// MQTT's "Remaining Length" can encode at most this many bytes.
-const MQTT_MAX_PACKET_SIZE: u64 = 268_435_455;
 const U16_MAX: i64 = u16::MAX as i64;
 const MIN_QUOTA: u64 = 4 * 1024;
 const MAX_COMMIT_BATCH_RECORDS: i64 = 100_000;
@@ -44,6 +43,9 @@ const MIN_EXCHANGE_LIFETIME: Duration = Duration::from_secs(1);
 const MAX_EXCHANGE_LIFETIME: Duration = Duration::from_secs(3600);
 const MIN_COAP_EXCHANGES: i64 = 16;
 const MIN_DEAD_LETTER_BYTES: u64 = 1024;
+const MIN_REFUSED_BYTES: u64 = 1024;
+/// Room for the fixed header, a short topic and a small payload: below this nothing useful fits.
+const MIN_UPSTREAM_PACKET_SIZE: u64 = 128;
 /// Headers an HTTP check sets itself (framing and connection handling of a bodiless GET on a
 /// fresh connection); a configured value would break the request.
 const RESERVED_HEADERS: &[&str] = &[
@@ -105,6 +107,23 @@ pub(crate) fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigEr
         health,
         checks,
     })
+}
+
+/// Valid settings that are probably a mistake (see [`Config::warnings`]).
+pub(crate) fn warnings(config: &Config) -> Vec<ConfigWarning> {
+    let mut out = Vec::new();
+    if let Some(up) = &config.upstream
+        && config.broker.max_packet_size > up.max_packet_size
+    {
+        out.push(ConfigWarning::new(
+            "broker.max_packet_size",
+            format!(
+                "{} bytes is more than upstream.max_packet_size ({} bytes): a reading the local broker accepts may be refused upstream (it is kept in the refused table)",
+                config.broker.max_packet_size, up.max_packet_size
+            ),
+        ));
+    }
+    out
 }
 
 fn discovery(c: &mut Collector, raw: RawDiscovery) -> DiscoveryConfig {
@@ -749,6 +768,22 @@ fn storage(c: &mut Collector, raw: RawStorage) -> StorageConfig {
             MIN_DEAD_LETTER_BYTES,
             u64::MAX,
         ),
+        refused_max_records: int(
+            c,
+            "storage.refused_max_records",
+            raw.refused_max_records,
+            d.refused_max_records,
+            1,
+            None,
+        ),
+        refused_max_bytes: size(
+            c,
+            "storage.refused_max_bytes",
+            raw.refused_max_bytes,
+            d.refused_max_bytes,
+            MIN_REFUSED_BYTES,
+            u64::MAX,
+        ),
     }
 }
 
@@ -931,13 +966,35 @@ fn upstream(
         "upstream.protocol",
         raw.protocol,
         d.protocol,
-        MqttVersion::parse,
+        UpstreamProtocol::parse,
     );
-    if password.is_some() && raw.username.is_none() && protocol == MqttVersion::V311 {
-        // MQTT 3.1.1 section 3.1.2.9: the password flag requires the username flag.
+    if password.is_some() && raw.username.is_none() && protocol != UpstreamProtocol::V5 {
+        // MQTT 3.1.1 section 3.1.2.9: the password flag requires the username flag. "auto" may
+        // fall back to 3.1.1.
+        let message = if protocol == UpstreamProtocol::Auto {
+            "MQTT 3.1.1 requires a username when a password is set, and protocol \"auto\" falls back to 3.1.1 when the broker refuses MQTT 5; set a username, or protocol = \"5\""
+        } else {
+            "MQTT 3.1.1 requires a username when a password is set"
+        };
+        c.push("upstream.username", message);
+    }
+    let max_packet_size = size(
+        c,
+        "upstream.max_packet_size",
+        raw.max_packet_size,
+        d.max_packet_size,
+        MIN_UPSTREAM_PACKET_SIZE,
+        MQTT_MAX_PACKET_SIZE,
+    );
+    let metadata = raw.metadata.and_then(|text| {
+        MetadataMode::parse(&text)
+            .map_err(|e| c.push("upstream.metadata", e))
+            .ok()
+    });
+    if metadata == Some(MetadataMode::Properties) && protocol == UpstreamProtocol::V311 {
         c.push(
-            "upstream.username",
-            "MQTT 3.1.1 requires a username when a password is set",
+            "upstream.metadata",
+            "\"properties\" needs MQTT 5, and protocol is \"3.1.1\": MQTT 3.1.1 has no properties; use \"envelope\" to carry the metadata in the payload",
         );
     }
     if let Some(ca) = &raw.ca_file {
@@ -982,6 +1039,8 @@ fn upstream(
         ca_file: raw.ca_file,
         keep_alive,
         protocol,
+        max_packet_size,
+        metadata,
         topic_prefix,
         command_topic: raw.command_topic.unwrap_or(d.command_topic),
         clean_session: raw.clean_session.unwrap_or(d.clean_session),

@@ -28,6 +28,12 @@ fn value() -> impl Strategy<Value = String> {
         Just("\"coap://10.0.0.1:0/a//%\"".to_owned()),
         Just("\"senml+cbor\"".to_owned()),
         Just("\"normalised\"".to_owned()),
+        Just("\"auto\"".to_owned()),
+        Just("\"3.1.1\"".to_owned()),
+        Just("\"properties\"".to_owned()),
+        Just("\"envelope\"".to_owned()),
+        Just("\"256MiB\"".to_owned()),
+        Just("127".to_owned()),
         Just("\"status\"".to_owned()),
         Just("[]".to_owned()),
         Just("{ \"X Y\" = \"\\u0000\", Connection = \"x\" }".to_owned()),
@@ -89,7 +95,10 @@ fn document() -> impl Strategy<Value = String> {
         Just("max_exchanges"),
         Just("format"),
         Just("store"),
-        Just("dead_letter_max_bytes")
+        Just("dead_letter_max_bytes"),
+        Just("metadata"),
+        Just("refused_max_records"),
+        Just("refused_max_bytes")
     ];
     prop::collection::vec((section, prop::collection::vec((key, value()), 0..5)), 0..6).prop_map(
         |sections| {
@@ -115,11 +124,18 @@ proptest! {
 
     #[test]
     fn structured_documents_never_panic(text in document()) {
-        if let Err(errors) = load(&text) {
+        match load(&text) {
             // Every reported problem says where it is (a syntax error has an empty path but says
             // "TOML error at line ...").
-            for e in errors.iter() {
-                prop_assert!(!e.message.is_empty());
+            Err(errors) => {
+                for e in errors.iter() {
+                    prop_assert!(!e.message.is_empty());
+                }
+            }
+            Ok(config) => {
+                for w in config.warnings() {
+                    prop_assert!(!w.path.is_empty() && !w.message.is_empty());
+                }
             }
         }
     }

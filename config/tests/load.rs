@@ -10,9 +10,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use outpost_config::{
-    AllowAnonymous, CheckKind, CoapConfig, Config, ConfigErrors, Durability, Env, HealthConfig,
-    ListenerConfig, MqttVersion, ObserveConfig, Overrides, PasswordHash, PayloadFormat, Priority,
-    RouteTarget, Secret, StoreMode, TlsListenerConfig, UpstreamUrl, WhenFull, default_config_toml,
+    AllowAnonymous, CheckKind, CoapConfig, Config, ConfigErrors, ConfigWarning, Durability, Env,
+    HealthConfig, ListenerConfig, MQTT_MAX_PACKET_SIZE, MetadataMode, MqttVersion, NodeName,
+    ObserveConfig, Overrides, PasswordHash, PayloadFormat, Priority, RouteTarget, Secret,
+    StoreMode, TlsListenerConfig, UpstreamConfig, UpstreamProtocol, UpstreamUrl, WhenFull,
+    default_config_toml,
 };
 
 /// An environment with nothing set.
@@ -93,6 +95,8 @@ fn no_file_gives_documented_defaults() {
     assert_eq!(c.storage.durability, Durability::Full);
     assert_eq!(c.storage.dead_letter_max_records, 1000);
     assert_eq!(c.storage.dead_letter_max_bytes, 4 << 20);
+    assert_eq!(c.storage.refused_max_records, 1000);
+    assert_eq!(c.storage.refused_max_bytes, 64 << 20);
     assert!(c.routes.is_empty());
     assert_eq!(c.default_route, RouteTarget::Cloud);
     assert_eq!(c.upstream, None);
@@ -262,6 +266,8 @@ fn default_toml_mentions_every_key() {
         "durability",
         "dead_letter_max_records",
         "dead_letter_max_bytes",
+        "refused_max_records",
+        "refused_max_bytes",
         "filter",
         "target",
         "priority",
@@ -276,6 +282,8 @@ fn default_toml_mentions_every_key() {
         "ca_file",
         "keep_alive",
         "protocol",
+        "max_packet_size",
+        "metadata",
         "topic_prefix",
         "command_topic",
         "clean_session",
@@ -341,6 +349,8 @@ fn full_file_is_typed() {
         username = "u"
         keep_alive = "1m"
         protocol = "5"
+        max_packet_size = "100KB"
+        metadata = "envelope"
         topic_prefix = "factory/eu"
         command_topic = false
         clean_session = true
@@ -380,7 +390,10 @@ fn full_file_is_typed() {
         }
     );
     assert_eq!(up.keep_alive, Duration::from_secs(60));
-    assert_eq!(up.protocol, MqttVersion::V5);
+    assert_eq!(up.protocol, UpstreamProtocol::V5);
+    assert_eq!(up.max_packet_size, 100_000);
+    assert_eq!(up.metadata, Some(MetadataMode::Envelope));
+    assert_eq!(up.metadata_for(MqttVersion::V5), MetadataMode::Envelope);
     assert_eq!(up.password, None);
     assert_eq!(up.topic_prefix, "factory/eu");
     assert!(!up.command_topic && up.clean_session);
@@ -394,7 +407,12 @@ fn upstream_defaults_follow_the_node_name() {
     assert_eq!(up.client_id, "outpost-gw-2");
     assert_eq!((up.url.tls, up.url.port), (true, 8883));
     assert_eq!(up.keep_alive, Duration::from_secs(30));
-    assert_eq!(up.protocol, MqttVersion::V311);
+    assert_eq!(up.protocol, UpstreamProtocol::Auto);
+    assert_eq!(up.max_packet_size, 268_435_455);
+    assert_eq!(up.max_packet_size, MQTT_MAX_PACKET_SIZE);
+    assert_eq!(up.metadata, None);
+    assert_eq!(up.metadata_for(MqttVersion::V5), MetadataMode::Properties);
+    assert_eq!(up.metadata_for(MqttVersion::V311), MetadataMode::None);
     assert_eq!(up.topic_prefix, "outpost");
     assert!(up.command_topic && !up.clean_session);
     assert_eq!((up.username, up.password, up.ca_file), (None, None, None));
@@ -548,6 +566,24 @@ fn storage_rules() {
         ("dead_letter_max_bytes", "1023", "at least 1024"),
         ("dead_letter_max_bytes", "\"4 megs\"", "invalid size"),
         ("dead_letter_max_bytes", "-1", "negative"),
+        ("refused_max_records", "0", "must be at least 1, got 0"),
+        ("refused_max_records", "-3", "must be at least 1, got -3"),
+        (
+            "refused_max_bytes",
+            "\"1023\"",
+            "must be at least 1024 bytes, got 1023",
+        ),
+        (
+            "refused_max_bytes",
+            "1023",
+            "must be at least 1024 bytes, got 1023",
+        ),
+        (
+            "refused_max_bytes",
+            "\"64 megs\"",
+            "invalid size \"64 megs\"",
+        ),
+        ("refused_max_bytes", "-1", "must not be negative, got -1"),
     ] {
         assert_one_error(
             &format!("[storage]\n{key} = {bad}"),
@@ -563,6 +599,22 @@ fn storage_rules() {
             dl.storage.dead_letter_max_bytes
         ),
         (1, 1024)
+    );
+    let refused = load_ok("[storage]\nrefused_max_records = 1\nrefused_max_bytes = \"1KiB\"");
+    assert_eq!(
+        (
+            refused.storage.refused_max_records,
+            refused.storage.refused_max_bytes
+        ),
+        (1, 1024)
+    );
+    let refused = load_ok("[storage]\nrefused_max_records = 50000\nrefused_max_bytes = 1000000");
+    assert_eq!(
+        (
+            refused.storage.refused_max_records,
+            refused.storage.refused_max_bytes
+        ),
+        (50_000, 1_000_000)
     );
     // An integer beyond i64 is either refused by TOML or reported, never clamped.
     assert!(load("[storage]\nquota = 18446744073709551616").is_err());
@@ -802,7 +854,7 @@ fn upstream_field_rules() {
     assert_one_error(
         &up("protocol = \"4\""),
         "upstream.protocol",
-        "\"3.1.1\" or \"5\"",
+        "unknown value \"4\"; expected \"auto\", \"5\" or \"3.1.1\"",
     );
     assert_one_error(&up("topic_prefix = \"\""), "upstream.topic_prefix", "empty");
     assert_one_error(
@@ -822,11 +874,22 @@ fn upstream_field_rules() {
         "upstream.ca_file",
         "no TLS",
     );
-    // MQTT 3.1.1 forbids a password without a username; MQTT 5 allows it.
+    // MQTT 3.1.1 forbids a password without a username; MQTT 5 allows it; "auto" (the
+    // default) may fall back to 3.1.1.
     assert_one_error(
         &up("password = \"p\""),
         "upstream.username",
         "requires a username",
+    );
+    assert_one_error(
+        &up("password = \"p\""),
+        "upstream.username",
+        "protocol \"auto\" falls back to 3.1.1",
+    );
+    assert_one_error(
+        &up("password = \"p\"\nprotocol = \"3.1.1\""),
+        "upstream.username",
+        "MQTT 3.1.1 requires a username when a password is set",
     );
     assert!(
         load_ok(&up("password = \"p\"\nprotocol = \"5\""))
@@ -837,6 +900,207 @@ fn upstream_field_rules() {
     );
     // The system roots are used when mqtts has no ca_file.
     assert_eq!(load_ok(&up("")).upstream.unwrap().ca_file, None);
+}
+
+#[test]
+fn upstream_protocol_values() {
+    let up = |rest: &str| {
+        load_ok(&format!("[upstream]\nurl = \"mqtts://b\"\n{rest}"))
+            .upstream
+            .unwrap()
+    };
+    assert_eq!(up("").protocol, UpstreamProtocol::Auto);
+    assert_eq!(up("protocol = \"auto\"").protocol, UpstreamProtocol::Auto);
+    assert_eq!(up("protocol = \"5\"").protocol, UpstreamProtocol::V5);
+    assert_eq!(up("protocol = \"3.1.1\"").protocol, UpstreamProtocol::V311);
+    let bad = |value: &str| format!("[upstream]\nurl = \"mqtts://b\"\nprotocol = {value}");
+    for value in ["\"4\"", "\"v5\"", "\"3.1\"", "\"AUTO\"", "\"\""] {
+        assert_one_error(
+            &bad(value),
+            "upstream.protocol",
+            "; expected \"auto\", \"5\" or \"3.1.1\"",
+        );
+    }
+    // A number is the wrong TOML type: one error at the key.
+    let errs = errors(&bad("5"));
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0].0, "upstream.protocol", "{errs:?}");
+}
+
+#[test]
+fn upstream_max_packet_size_values() {
+    let size = |value: &str| {
+        load_ok(&format!(
+            "[upstream]\nurl = \"mqtts://b\"\nmax_packet_size = {value}"
+        ))
+        .upstream
+        .unwrap()
+        .max_packet_size
+    };
+    assert_eq!(size("\"100KB\""), 100_000);
+    assert_eq!(size("\"256KiB\""), 256 * 1024);
+    assert_eq!(size("1048576"), 1 << 20);
+    assert_eq!(size("128"), 128);
+    assert_eq!(size("\"128B\""), 128);
+    assert_eq!(size("268435455"), 268_435_455);
+    assert_eq!(size("\"268435455\""), MQTT_MAX_PACKET_SIZE);
+    let bad = |value: &str| format!("[upstream]\nurl = \"mqtts://b\"\nmax_packet_size = {value}");
+    for (value, needle) in [
+        ("127", "must be between 128 and 268435455 bytes, got 127"),
+        ("0", "must be between 128 and 268435455 bytes, got 0"),
+        (
+            "268435456",
+            "must be between 128 and 268435455 bytes, got 268435456",
+        ),
+        (
+            "\"256MiB\"",
+            "must be between 128 and 268435455 bytes, got 268435456",
+        ),
+        ("\"1GB\"", "must be between 128 and 268435455 bytes"),
+        ("-1", "must not be negative, got -1"),
+        ("\"10 kilos\"", "invalid size \"10 kilos\""),
+        ("\"1.5KiB\"", "invalid size \"1.5KiB\""),
+    ] {
+        assert_one_error(&bad(value), "upstream.max_packet_size", needle);
+    }
+}
+
+#[test]
+fn upstream_metadata_values() {
+    let up = |rest: &str| {
+        load_ok(&format!("[upstream]\nurl = \"mqtts://b\"\n{rest}"))
+            .upstream
+            .unwrap()
+    };
+    // Not written: decided by the version the connection speaks.
+    let default = up("");
+    assert_eq!(default.metadata, None);
+    assert_eq!(
+        default.metadata_for(MqttVersion::V5),
+        MetadataMode::Properties
+    );
+    assert_eq!(default.metadata_for(MqttVersion::V311), MetadataMode::None);
+    let pinned = up("protocol = \"3.1.1\"");
+    assert_eq!(pinned.metadata, None);
+    assert_eq!(pinned.metadata_for(MqttVersion::V311), MetadataMode::None);
+    // Written: that, whatever the version.
+    for (value, mode) in [
+        ("properties", MetadataMode::Properties),
+        ("envelope", MetadataMode::Envelope),
+        ("none", MetadataMode::None),
+    ] {
+        for protocol in ["auto", "5"] {
+            let u = up(&format!(
+                "protocol = \"{protocol}\"\nmetadata = \"{value}\""
+            ));
+            assert_eq!(u.metadata, Some(mode), "{protocol} {value}");
+            assert_eq!(u.metadata_for(MqttVersion::V5), mode);
+            assert_eq!(u.metadata.unwrap().as_str(), value);
+        }
+    }
+    for value in ["envelope", "none"] {
+        let u = up(&format!("protocol = \"3.1.1\"\nmetadata = \"{value}\""));
+        assert_eq!(u.metadata_for(MqttVersion::V311).as_str(), value);
+    }
+    let bad = |value: &str| format!("[upstream]\nurl = \"mqtts://b\"\nmetadata = {value}");
+    for value in ["\"cbor\"", "\"Properties\"", "\"\"", "\"off\""] {
+        assert_one_error(
+            &bad(value),
+            "upstream.metadata",
+            "; expected \"properties\", \"envelope\" or \"none\"",
+        );
+    }
+    let errs = errors(&bad("false"));
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0].0, "upstream.metadata", "{errs:?}");
+}
+
+#[test]
+fn metadata_properties_on_mqtt_3_1_1_is_an_error() {
+    let text = "[upstream]\nurl = \"mqtts://b\"\nprotocol = \"3.1.1\"\nmetadata = \"properties\"";
+    assert_one_error(
+        text,
+        "upstream.metadata",
+        "\"properties\" needs MQTT 5, and protocol is \"3.1.1\": MQTT 3.1.1 has no properties; use \"envelope\"",
+    );
+    // Reported beside the section's other problems, each at its key.
+    let errs = errors(&format!("{text}\nmax_packet_size = 1\nkeep_alive = \"1s\""));
+    let paths: Vec<&str> = errs.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "upstream.max_packet_size",
+            "upstream.metadata",
+            "upstream.keep_alive"
+        ],
+        "{errs:#?}"
+    );
+    // A bad protocol is not also blamed on metadata.
+    assert_one_error(
+        "[upstream]\nurl = \"mqtts://b\"\nprotocol = \"3\"\nmetadata = \"properties\"",
+        "upstream.protocol",
+        "unknown value \"3\"",
+    );
+}
+
+#[test]
+fn upstream_with_url_speaks_auto() {
+    let node = NodeName::new("gw").unwrap();
+    let up = UpstreamConfig::with_url(UpstreamUrl::parse("mqtt://h").unwrap(), &node);
+    assert_eq!(up.protocol, UpstreamProtocol::Auto);
+    assert_eq!(up.max_packet_size, MQTT_MAX_PACKET_SIZE);
+    assert_eq!(up.metadata, None);
+    // `outpost run --upstream URL` without a file: the same.
+    let overrides = Overrides {
+        upstream_url: Some("mqtt://h".into()),
+        ..Overrides::default()
+    };
+    let c = Config::load(None, &overrides, &no_env()).unwrap();
+    assert_eq!(
+        c.upstream,
+        Some(UpstreamConfig::with_url(up.url, &c.node.name))
+    );
+}
+
+#[test]
+fn broker_packets_larger_than_upstream_ones_are_a_warning() {
+    // Defaults (no upstream, or the default one): nothing to say.
+    assert_eq!(Config::default().warnings(), []);
+    assert_eq!(load_ok(default_config_toml()).warnings(), []);
+    let upstream = "[upstream]\nurl = \"mqtt://h\"\n";
+    assert_eq!(load_ok(upstream).warnings(), []);
+    // Equal sizes, or a smaller broker limit: no warning.
+    let text = format!("[broker]\nmax_packet_size = \"100KB\"\n{upstream}max_packet_size = 100000");
+    assert_eq!(load_ok(&text).warnings(), []);
+    // No upstream: nothing can be refused upstream.
+    assert_eq!(
+        load_ok("[broker]\nmax_packet_size = 268435455").warnings(),
+        []
+    );
+    // Larger: one warning, and the configuration still loads.
+    let text =
+        format!("[broker]\nmax_packet_size = \"256KiB\"\n{upstream}max_packet_size = \"100KB\"");
+    let warnings = load_ok(&text).warnings();
+    assert_eq!(
+        warnings,
+        [ConfigWarning {
+            path: "broker.max_packet_size".into(),
+            message: "262144 bytes is more than upstream.max_packet_size (100000 bytes): a reading the local broker accepts may be refused upstream (it is kept in the refused table)".into(),
+        }]
+    );
+    assert_eq!(
+        warnings[0].to_string(),
+        format!("broker.max_packet_size: {}", warnings[0].message)
+    );
+    // The broker's default (256KiB) against a small upstream limit.
+    let text = format!("{upstream}max_packet_size = \"1KiB\"");
+    let warnings = load_ok(&text).warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0]
+            .message
+            .contains("may be refused upstream (it is kept in the refused table)")
+    );
 }
 
 #[test]

@@ -15,7 +15,7 @@ use outpost_storage::{DeadLetterLimits, Store, StoreSettings};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::broker_state;
 use crate::discovery;
@@ -48,6 +48,10 @@ pub fn store_settings(config: &Config) -> StoreSettings {
         durability: match s.durability {
             Durability::Full => outpost_storage::Durability::Full,
             Durability::Normal => outpost_storage::Durability::Normal,
+        },
+        refused: outpost_storage::RefusedLimits {
+            max_records: s.refused_max_records,
+            max_bytes: s.refused_max_bytes,
         },
     }
 }
@@ -97,6 +101,9 @@ pub fn broker_settings(config: &Config) -> BrokerSettings {
 
 /// Runs the gateway until `shutdown` is cancelled, then stops it in order.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    for w in config.warnings() {
+        warn!(path = %w.path, "configuration: {}", w.message);
+    }
     let settings = store_settings(&config);
     let db = settings.path.clone();
     let limits = DeadLetterLimits {
@@ -274,6 +281,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 store: store.clone(),
                 router: Arc::clone(&router),
                 broker: broker_handle.clone(),
+                local_max_packet_size: config.broker.max_packet_size,
                 metrics: Arc::clone(&metrics),
                 lifecycle: Arc::new(lifecycle(
                     &config,

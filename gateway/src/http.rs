@@ -315,9 +315,60 @@ impl prometheus_client::collector::Collector for Snapshot {
         )?;
         f.counter(
             "outpost_sync_rejected",
-            "Records the upstream refused with an MQTT 5 reason code (kept, resent).",
+            "Upstream PUBACKs with an MQTT 5 failure reason code, transient or not.",
             get(&m.sync_rejected),
         )?;
+        // Always the known reasons, so a dashboard sees 0 before the first refusal.
+        let mut refused = m.refused_by_reason();
+        for reason in [
+            "packet_too_large",
+            "not_authorized",
+            "topic_name_invalid",
+            "payload_format_invalid",
+            "unspecified_error",
+            "implementation_specific_error",
+            "unencodable",
+            "connection_closed_on_publish",
+        ] {
+            refused.entry(reason.to_owned()).or_insert(0);
+        }
+        f.labelled(
+            "outpost_sync_refused",
+            "Records the upstream refused for good, moved to the refused table, by reason.",
+            MetricType::Counter,
+            refused
+                .into_iter()
+                .map(|(reason, n)| (vec![label("reason", reason)], n as f64))
+                .collect(),
+        )?;
+        f.counter(
+            "outpost_sync_refusals_retried",
+            "Records the upstream refused for now (quota exceeded, server busy), resent after a pause.",
+            get(&m.sync_refusals_retried),
+        )?;
+        f.counter(
+            "outpost_uplink_births",
+            "Birth messages published upstream (one per real connection).",
+            get(&m.births_published),
+        )?;
+        f.counter(
+            "outpost_commands_refused",
+            "Commands from the cloud refused (larger than broker.max_packet_size, malformed topic).",
+            get(&m.commands_refused),
+        )?;
+        let uplink = m.uplink_info();
+        f.gauge(
+            "outpost_uplink_protocol_fallback",
+            "1 when protocol = \"auto\" fell back to MQTT 3.1.1 because the broker refused MQTT 5.",
+            f64::from(u8::from(uplink.fallback)),
+        )?;
+        if let Some(max) = uplink.max_packet_size {
+            f.gauge(
+                "outpost_uplink_max_packet_size_bytes",
+                "The largest PUBLISH the current upstream connection may send.",
+                max as f64,
+            )?;
+        }
         f.counter(
             "outpost_sync_bytes",
             "Topic and payload bytes sent upstream.",
@@ -456,6 +507,21 @@ impl prometheus_client::collector::Collector for Snapshot {
                 "outpost_store_commits",
                 "Store transactions committed (group commits).",
                 s.commits_total,
+            )?;
+            f.gauge(
+                "outpost_refused_records",
+                "Records the upstream refused for good, kept in the refused table.",
+                s.refused_records as f64,
+            )?;
+            f.gauge(
+                "outpost_refused_bytes",
+                "Accounted bytes of the refused table.",
+                s.refused_bytes as f64,
+            )?;
+            f.counter(
+                "outpost_refused_evicted",
+                "Refused records deleted beyond the refused table's bounds.",
+                s.refused_evicted_total,
             )?;
             f.gauge(
                 "outpost_store_last_seq",

@@ -92,6 +92,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the records the upstream refused for good (too large, not authorized...): kept whole
+    /// with their seq, outside the backlog.
+    Refused {
+        /// Configuration file (to find the data directory).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Data directory (overrides the file).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show buffer depth, oldest unsynced age, upstream state and counters.
     Status {
         /// Configuration file (to find the data directory).
@@ -114,7 +130,14 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::CheckConfig { file } => match load(Some(&file), &Overrides::default()) {
-            Ok(_) => {
+            Ok(config) => {
+                let warnings = config.warnings();
+                if !warnings.is_empty() {
+                    eprintln!("{}: {} warning(s):", file.display(), warnings.len());
+                    for w in &warnings {
+                        eprintln!("  {w}");
+                    }
+                }
                 println!("{}: ok", file.display());
                 ExitCode::SUCCESS
             }
@@ -167,6 +190,26 @@ fn main() -> ExitCode {
                     format!(
                         "#{} {} {} [{}] {} bytes: {}\n",
                         d.id, d.at_ms, d.topic, d.source, d.payload_bytes, d.reason
+                    )
+                })
+                .collect())
+        }),
+        Command::Refused {
+            config,
+            data_dir,
+            limit,
+            json,
+        } => inspect(config, data_dir, |config| {
+            let list = status::refused(&config.storage.db_path(), limit)?;
+            if json {
+                return Ok(serde_json::to_string_pretty(&list)? + "\n");
+            }
+            Ok(list
+                .iter()
+                .map(|r| {
+                    format!(
+                        "seq {} {} [{}] {} bytes, refused at {}: {}\n",
+                        r.seq, r.topic, r.priority, r.payload_bytes, r.refused_at_ms, r.reason
                     )
                 })
                 .collect())

@@ -4,6 +4,7 @@
 //! sync) never wait on each other to count. A snapshot is serialised to the store's state table by
 //! the status reporter so that `outpost status` can read it from another process.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -68,8 +69,18 @@ pub struct Metrics {
     pub sync_published: AtomicU64,
     /// Records the upstream acknowledged (and that were then deleted).
     pub sync_acked: AtomicU64,
-    /// Upstream PUBACKs with a failure reason code (MQTT 5): the record stays and is sent again.
+    /// Upstream PUBACKs with a failure reason code (MQTT 5), transient or not.
     pub sync_rejected: AtomicU64,
+    /// Transient refusals (quota exceeded, server busy): the record was resent after a pause.
+    pub sync_refusals_retried: AtomicU64,
+    /// Birth messages published: one per real connection.
+    pub births_published: AtomicU64,
+    /// Commands from the cloud refused: too large for the local broker, or a malformed topic.
+    pub commands_refused: AtomicU64,
+    /// Records the upstream refused for good (moved to the refused table), by reason.
+    sync_refused: Mutex<BTreeMap<String, u64>>,
+    /// What the current (or last) upstream connection negotiated.
+    uplink: Mutex<UplinkInfo>,
     /// Successful upstream connections after the first one.
     pub reconnects: AtomicU64,
     /// Failed connection attempts and dropped connections.
@@ -92,7 +103,45 @@ pub struct Metrics {
     last_error: Mutex<Option<String>>,
 }
 
+/// What the sync engine reports about its connection beyond the state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UplinkInfo {
+    /// "5" or "3.1.1": the version of the current or last connection.
+    pub protocol: Option<&'static str>,
+    /// `protocol = "auto"` fell back to 3.1.1 because the broker refused MQTT 5.
+    pub fallback: bool,
+    /// The largest PUBLISH the current connection may send.
+    pub max_packet_size: Option<u64>,
+    /// The record at the head of repeated connection failures, and why.
+    pub failing: Option<(u64, String)>,
+}
+
 impl Metrics {
+    /// Counts one record refused for good, under its reason's label.
+    pub fn count_refused(&self, reason: &str) {
+        if let Ok(mut map) = self.sync_refused.lock() {
+            *map.entry(reason.to_owned()).or_insert(0) += 1;
+        }
+    }
+
+    /// Records refused for good, by reason.
+    pub fn refused_by_reason(&self) -> BTreeMap<String, u64> {
+        self.sync_refused
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn set_uplink_info(&self, info: UplinkInfo) {
+        if let Ok(mut slot) = self.uplink.lock() {
+            *slot = info;
+        }
+    }
+
+    pub fn uplink_info(&self) -> UplinkInfo {
+        self.uplink.lock().map(|i| i.clone()).unwrap_or_default()
+    }
+
     pub fn uplink_state(&self) -> UplinkState {
         UplinkState::from_u8(self.uplink_state.load(Ordering::Relaxed))
     }

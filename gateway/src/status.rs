@@ -5,6 +5,7 @@
 //! it with the store's own counters. Reading through SQLite keeps the status working when the
 //! gateway is wedged or stopped: the last snapshot says when it was written.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -47,6 +48,34 @@ pub struct RuntimeStatus {
     pub sync_published: u64,
     pub sync_acked: u64,
     pub sync_rejected: u64,
+    /// Records the upstream refused for good (moved to the refused table), and by reason.
+    #[serde(default)]
+    pub sync_refused: u64,
+    #[serde(default)]
+    pub sync_refused_by_reason: BTreeMap<String, u64>,
+    /// Transient refusals (quota exceeded, server busy) resent after a pause.
+    #[serde(default)]
+    pub sync_refusals_retried: u64,
+    /// "5" or "3.1.1": the version of the current or last upstream connection.
+    #[serde(default)]
+    pub uplink_protocol: Option<String>,
+    /// `protocol = "auto"` fell back to 3.1.1 because the broker refused MQTT 5.
+    #[serde(default)]
+    pub uplink_protocol_fallback: bool,
+    /// The largest PUBLISH the current connection may send (configured, or lower if announced).
+    #[serde(default)]
+    pub uplink_max_packet_size: Option<u64>,
+    /// The record at the head of repeated connection failures, and the last error.
+    #[serde(default)]
+    pub uplink_failing_seq: Option<u64>,
+    #[serde(default)]
+    pub uplink_failing_reason: Option<String>,
+    /// Birth messages published: one per real connection.
+    #[serde(default)]
+    pub births_published: u64,
+    /// Commands from the cloud refused (too large for the local broker, malformed).
+    #[serde(default)]
+    pub commands_refused: u64,
     pub commands_forwarded: u64,
     pub commands_failed: u64,
     pub ack_write_failures: u64,
@@ -107,6 +136,8 @@ pub fn snapshot(
     coap: Option<&CoapHandle>,
 ) -> RuntimeStatus {
     let b = broker.stats();
+    let uplink = metrics.uplink_info();
+    let refused_by_reason = metrics.refused_by_reason();
     RuntimeStatus {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         node: identity.node.clone(),
@@ -128,6 +159,16 @@ pub fn snapshot(
         sync_published: get(&metrics.sync_published),
         sync_acked: get(&metrics.sync_acked),
         sync_rejected: get(&metrics.sync_rejected),
+        sync_refused: refused_by_reason.values().sum(),
+        sync_refused_by_reason: refused_by_reason,
+        sync_refusals_retried: get(&metrics.sync_refusals_retried),
+        uplink_protocol: uplink.protocol.map(str::to_owned),
+        uplink_protocol_fallback: uplink.fallback,
+        uplink_max_packet_size: uplink.max_packet_size,
+        uplink_failing_seq: uplink.failing.as_ref().map(|f| f.0),
+        uplink_failing_reason: uplink.failing.map(|f| f.1),
+        births_published: get(&metrics.births_published),
+        commands_refused: get(&metrics.commands_refused),
         commands_forwarded: get(&metrics.commands_forwarded),
         commands_failed: get(&metrics.commands_failed),
         ack_write_failures: get(&metrics.ack_write_failures),
@@ -219,6 +260,12 @@ pub struct StatusReport {
     /// Payloads kept in the dead-letter table (not synced; see `outpost dead-letters`).
     pub dead_letters: u64,
     pub dead_letter_bytes: u64,
+    /// Records the upstream refused for good, kept whole (see `outpost refused`).
+    pub refused_records: u64,
+    pub refused_bytes: u64,
+    /// Records ever refused, and refused records deleted beyond the table's bounds.
+    pub refused_total: u64,
+    pub refused_evicted_total: u64,
     /// Seconds to drain the backlog at the last measured upstream ack rate (None: not draining).
     pub drain_eta_s: Option<f64>,
     pub store: StoreCounters,
@@ -286,6 +333,10 @@ pub fn build_report(
         oldest_unsynced_age_ms: stats.oldest_ingested_at_ms.map(|t| now.saturating_sub(t)),
         dead_letters: stats.dead_letters,
         dead_letter_bytes: stats.dead_letter_bytes,
+        refused_records: stats.refused_records,
+        refused_bytes: stats.refused_bytes,
+        refused_total: stats.refused_total,
+        refused_evicted_total: stats.refused_evicted_total,
         drain_eta_s: match (stats.records, runtime.as_ref().map(|r| r.ack_rate_per_s)) {
             (0, _) => Some(0.0),
             (n, Some(rate)) if rate > 0.0 => Some(n as f64 / rate),
@@ -390,6 +441,17 @@ pub fn render(report: &StatusReport) -> String {
         "rejected (full)",
         s.rejected_full_total.to_string(),
     );
+    line(
+        &mut out,
+        "refused upstream",
+        format!(
+            "{} kept ({} bytes), {} in all, {} evicted",
+            report.refused_records,
+            report.refused_bytes,
+            report.refused_total,
+            report.refused_evicted_total
+        ),
+    );
     line(&mut out, "store poisoned", s.poisoned.to_string());
     if let Some(r) = &report.runtime {
         line(&mut out, "node", r.node.clone());
@@ -404,7 +466,43 @@ pub fn render(report: &StatusReport) -> String {
             "uplink last error",
             r.uplink_last_error.clone().unwrap_or_else(|| "-".into()),
         );
+        line(
+            &mut out,
+            "uplink protocol",
+            match (&r.uplink_protocol, r.uplink_protocol_fallback) {
+                (Some(p), true) => format!("MQTT {p} (the broker refused MQTT 5)"),
+                (Some(p), false) => format!("MQTT {p}"),
+                (None, _) => "-".to_owned(),
+            },
+        );
+        if let Some(seq) = r.uplink_failing_seq {
+            line(
+                &mut out,
+                "uplink failing on",
+                format!(
+                    "seq {seq}: {}",
+                    r.uplink_failing_reason.as_deref().unwrap_or("-")
+                ),
+            );
+        }
         line(&mut out, "reconnects", r.reconnects.to_string());
+        if r.sync_refused > 0 || r.sync_refusals_retried > 0 {
+            let reasons: Vec<String> = r
+                .sync_refused_by_reason
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            line(
+                &mut out,
+                "refused by upstream",
+                format!(
+                    "{} ({}); {} retried",
+                    r.sync_refused,
+                    reasons.join(", "),
+                    r.sync_refusals_retried
+                ),
+            );
+        }
         line(
             &mut out,
             "devices",
@@ -484,6 +582,42 @@ pub fn dead_letters(db: &Path, limit: usize) -> anyhow::Result<Vec<DeadLetterVie
                 .iter()
                 .map(|b| format!("{b:02x}"))
                 .collect(),
+        })
+        .collect())
+}
+
+/// A refused record as `outpost refused` shows it.
+#[derive(Debug, Serialize)]
+pub struct RefusedView {
+    pub seq: u64,
+    /// The local topic (the upstream topic is rendered from it at send time).
+    pub topic: String,
+    pub priority: &'static str,
+    pub ingested_at_ms: u64,
+    pub refused_at_ms: u64,
+    pub reason: String,
+    pub payload_bytes: usize,
+}
+
+/// Reads the refused table from the database (read-only: works while the gateway runs).
+pub fn refused(db: &Path, limit: usize) -> anyhow::Result<Vec<RefusedView>> {
+    use anyhow::Context;
+    let list = outpost_storage::read_refused(db, limit)
+        .with_context(|| format!("reading refused records at {}", db.display()))?;
+    Ok(list
+        .into_iter()
+        .map(|r| RefusedView {
+            seq: r.record.seq,
+            topic: r.record.stream,
+            priority: match r.record.priority {
+                outpost_storage::Priority::High => "high",
+                outpost_storage::Priority::Normal => "normal",
+                outpost_storage::Priority::Low => "low",
+            },
+            ingested_at_ms: r.record.ingested_at_ms,
+            refused_at_ms: r.refused_at_ms,
+            reason: r.reason,
+            payload_bytes: r.record.payload.len(),
         })
         .collect())
 }

@@ -31,6 +31,8 @@
 //! - [`coap`]: [`coap::CoapServer`] (ingest resource, `/.well-known/core`, observable
 //!   `/status`) and [`coap::CoapObserver`] (observes a device resource).
 //! - [`payload`]: [`payload::ContentFormat`] and [`payload::validate`] (SenML per RFC 8428).
+//! - [`upstream`]: the upstream MQTT client (rumqttc, 3.1.1 and 5) behind the [`upstream::Upstream`]
+//!   trait; it carries packets, the gateway's sync core decides.
 
 #![forbid(unsafe_code)]
 
@@ -39,6 +41,7 @@ pub mod coap;
 pub mod discovery;
 pub mod payload;
 pub mod topic;
+pub mod upstream;
 
 pub use broker::{
     Access, Auth, Broker, BrokerError, BrokerHandle, BrokerSettings, BrokerStats, Inbound,

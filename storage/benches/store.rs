@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use outpost_storage::{Durability, NewRecord, Priority, Store, StoreSettings, WhenFull};
+use outpost_storage::{
+    Durability, NewRecord, Priority, RefusedLimits, Store, StoreSettings, WhenFull,
+};
 
 const PAYLOAD: usize = 100;
 const TASKS: usize = 10;
@@ -36,6 +38,7 @@ fn settings(path: PathBuf, durability: Durability, batch_max_records: usize) -> 
         batch_max_records,
         batch_max_delay: Duration::from_millis(5),
         durability,
+        refused: RefusedLimits::default(),
     }
 }
 

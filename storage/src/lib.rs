@@ -12,11 +12,23 @@
 //! [`Store::read_after`] (so never synced as data), and have their own bounds
 //! ([`DeadLetterLimits`]).
 //!
+//! And it keeps **refused records** ([`RefusedRecord`]): acknowledged readings the upstream
+//! refused for good (larger than its maximum packet size, a topic it refuses, an MQTT 5 PUBACK
+//! with a failure reason code). Sync hands them to [`Store::refuse`] so that one record never
+//! blocks the link; they move, whole and with the reason, into their own table, out of the send
+//! path, listable ([`Store::refused`], [`read_refused`]) and re-queueable once an operator fixed
+//! the broker ([`Store::requeue_refused`]), within their own bounds ([`RefusedLimits`]).
+//!
 //! # Invariants
 //!
 //! - **A record is deleted only after it is acknowledged** ([`Store::ack`]), or when a documented
 //!   bound removes it: TTL expiry (`expired_total`) or quota eviction (`evicted_total`). Every
-//!   removal is counted; nothing disappears silently.
+//!   removal is counted; nothing disappears silently. Moving a record to the refused table
+//!   (`refused_total`) is not a deletion: it is kept whole, and deleted from there only by the
+//!   refused bounds (`refused_evicted_total`) or moved back (`requeued_total`).
+//! - **A seq is in the records or in the refused table, never in both**, and moves between them
+//!   in one transaction with the counters of both. A refused record keeps its seq; a requeued one
+//!   gets it back (a requeue never assigns a seq).
 //! - **Acknowledged means committed.** [`Store::append`] resolves only after the SQLite transaction
 //!   holding the records has committed, so the gateway may PUBACK its own publishers then.
 //! - **`seq` is monotonic and never reused**, also across restarts and after every record was
@@ -37,6 +49,10 @@
 //!   oldest dead letters are deleted first to make room (`dead_letters_evicted_total`), and one
 //!   larger than the byte bound is truncated, saying so in its reason, instead of refused. Its id
 //!   is `dead_lettered_total` after it was stored: increasing, never reused.
+//! - **A refused record is data on hold, never sent, never truncated.** [`Store::read_after`]
+//!   never returns it and the [`Store::committed_seq`] watch never announces it; it is not in the
+//!   records quota nor in `records`/`bytes`. It is kept byte for byte (unlike a dead letter) and
+//!   bounded by deleting whole refusals, oldest refusal first.
 //!
 //! # Threading and group commit
 //!
@@ -44,13 +60,13 @@
 //! bounded channel ([`COMMAND_QUEUE`] commands; senders wait when it is full, which is how a slow
 //! disk slows ingest down instead of dropping data). No SQLite call ever runs in async code.
 //!
-//! Writes (append, ack, put_state, dead_letter) are gathered in memory until `batch_max_records` records are
+//! Writes (append, ack, put_state, dead_letter, refuse, requeue_refused) are gathered in memory until `batch_max_records` records are
 //! pending or `batch_max_delay` has passed since the first pending write, then applied in ONE
 //! transaction, after which every waiter is answered. Reads and stats arriving while a batch is
 //! gathering are served immediately from the committed state (no transaction is open while
 //! gathering), so read latency does not depend on the batch delay.
 //!
-//! # On-disk format (schema version 2, `PRAGMA user_version`)
+//! # On-disk format (schema version 3, `PRAGMA user_version`)
 //!
 //! ```sql
 //! PRAGMA application_id = 0x4F555450;  -- "OUTP": tells our file apart from other SQLite files
@@ -65,7 +81,8 @@
 //! CREATE INDEX records_by_priority ON records (priority, seq);   -- sync reads, eviction
 //! CREATE INDEX records_by_ingested ON records (ingested_at_ms); -- TTL, oldest record
 //! CREATE TABLE counters (id INTEGER PRIMARY KEY CHECK (id = 1), records, bytes, ...,
-//!     dead_letters, dead_letter_bytes, dead_lettered_total, dead_letters_evicted_total);
+//!     dead_letters, dead_letter_bytes, dead_lettered_total, dead_letters_evicted_total,
+//!     refused_records, refused_bytes, refused_total, refused_evicted_total, requeued_total);
 //! CREATE TABLE state (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
 //! CREATE TABLE dead_letters (                -- since version 2
 //!     id             INTEGER PRIMARY KEY,  -- = counters.dead_lettered_total when inserted
@@ -77,14 +94,28 @@
 //!     size           INTEGER NOT NULL,     -- accounted size, see dead_letter_accounted_size
 //!     payload        BLOB    NOT NULL
 //! );
+//! CREATE TABLE refused (                     -- since version 3
+//!     id             INTEGER PRIMARY KEY,  -- refusal order: = counters.refused_total when inserted
+//!     seq            INTEGER NOT NULL,     -- the record's own seq
+//!     stream         TEXT    NOT NULL,     -- stream, priority, ingested_at_ms, payload: the
+//!     priority       INTEGER NOT NULL,     --   record as it was in `records`
+//!     ingested_at_ms INTEGER NOT NULL,
+//!     record_size    INTEGER NOT NULL,     -- records.size, carried back on requeue
+//!     size           INTEGER NOT NULL,     -- record_size + reason bytes (refused_accounted_size)
+//!     payload        BLOB    NOT NULL,
+//!     reason         TEXT    NOT NULL,
+//!     refused_at_ms  INTEGER NOT NULL      -- unix ms, from the caller
+//! );
+//! CREATE UNIQUE INDEX refused_by_seq ON refused (seq);  -- requeue by seq, the both-tables guard
 //! ```
 //!
-//! Migrations run in one transaction when the writer opens the file. Version 1 to 2 is DDL only
-//! (`CREATE TABLE dead_letters` and `ALTER TABLE counters ADD COLUMN ... DEFAULT 0`, which SQLite
+//! Migrations run in one transaction when the writer opens the file. Versions 1 to 2 and 2 to 3
+//! are DDL only (`CREATE TABLE` and `ALTER TABLE counters ADD COLUMN ... DEFAULT 0`, which SQLite
 //! applies by editing the schema text): no record is read or rewritten, so upgrading a big store
 //! is instant. A version newer than this build's is refused ([`StoreError::UnsupportedSchema`]).
-//! The read-only entry points ([`read_stats`], [`read_state`], [`read_dead_letters`]) cannot
-//! migrate; they read a version 1 file as it is (no dead letters, their counters 0).
+//! The read-only entry points ([`read_stats`], [`read_state`], [`read_dead_letters`],
+//! [`read_refused`]) cannot migrate; they read an older file as it is (no dead letters before
+//! version 2, no refused records before version 3, their counters 0).
 //!
 //! The database runs in WAL mode so that `outpost status` ([`read_stats`]) can read from another
 //! process while the gateway writes. [`Durability::Full`] fsyncs the WAL at every commit (survives
@@ -119,6 +150,22 @@
 //! `max_bytes` keeps only as much payload as fits, and its reason gets
 //! `" (payload truncated from N bytes)"`. TTL does not apply to dead letters.
 //!
+//! Refused records are bounded the same way by [`RefusedLimits`] (count and accounted bytes,
+//! default 1000 and 64 MiB), not by the quota, so the file is bounded by roughly
+//! `quota_bytes + dead letters' max_bytes + refused max_bytes`. After the records of a
+//! [`Store::refuse`] call moved, the oldest refusals (by refusal order, not by seq: a record
+//! refused again after a requeue is a new refusal) are deleted until both bounds hold, counted in
+//! `refused_evicted_total`. They are never truncated: a refused record whose accounted size alone
+//! exceeds `max_bytes` makes everything older go and then goes itself (counted; it has left the
+//! send path either way, which is the point: it must not block the link). Trade-off: during a
+//! long misconfiguration of the upstream the oldest refused readings are lost first, but the
+//! file stays bounded. TTL does not apply to refused records either: they are bounded by
+//! [`RefusedLimits`], and an operator looking at them days later still finds them. A requeued
+//! record is a record again, with its original ingest time: if that is older than the TTL, it
+//! expires like any other (`expired_total`). [`Store::requeue_refused`] is subject to the quota
+//! but never evicts (see there): if the records do not fit, the call is refused with
+//! [`StoreError::Full`] and they stay refused.
+//!
 //! TTL: records with `ingested_at_ms + ttl < now` are never returned by [`Store::read_after`]; the
 //! writer thread deletes them in bounded passes ([`EXPIRE_PASS_LIMIT`] records per transaction)
 //! every few seconds, counting `expired_total`.
@@ -127,7 +174,8 @@
 //!
 //! - `lib.rs`: public types and the [`Store`] handle (async API, talks to the thread).
 //! - `schema.rs`: opening, identity checks, migrations, counters row, read queries.
-//! - `writer.rs`: the writer thread: command loop, group commit, quota, TTL, poisoning.
+//! - `writer.rs`: the writer thread: command loop, group commit, quota, TTL, refusals,
+//!   poisoning.
 
 #![forbid(unsafe_code)]
 
@@ -136,6 +184,8 @@ mod writer;
 
 #[cfg(test)]
 mod model_tests;
+#[cfg(test)]
+mod refused_tests;
 #[cfg(test)]
 mod tests;
 
@@ -162,6 +212,11 @@ pub const DEAD_LETTER_OVERHEAD_BYTES: u64 = 64;
 /// Smallest `max_bytes` of [`DeadLetterLimits`]; smaller values are raised to it so that a dead
 /// letter with its topic, source and reason always fits.
 pub const DEAD_LETTER_MIN_BYTES: u64 = 1024;
+
+/// Smallest `max_bytes` of [`RefusedLimits`]; smaller values are raised to it. A typical refused
+/// record is one larger than the upstream's maximum packet size (rumqttc's default is 10 KiB), so
+/// a bound below a few of those would only ever keep the last one.
+pub const REFUSED_MIN_BYTES: u64 = 64 << 10;
 
 /// Bound of the command channel between the handles and the writer thread.
 pub const COMMAND_QUEUE: usize = 1024;
@@ -237,6 +292,9 @@ pub struct StoreSettings {
     pub batch_max_delay: Duration,
     /// How hard commits are pushed to disk.
     pub durability: Durability,
+    /// Bounds of the refused table ([`Store::refuse`]), separate from the quota. Clamped, see
+    /// [`RefusedLimits::clamped`]; lowered bounds apply from the next refusal on.
+    pub refused: RefusedLimits,
 }
 
 /// One change to the `state` table (small values the gateway keeps by key).
@@ -333,6 +391,64 @@ impl DeadLetterLimits {
     }
 }
 
+/// A record the upstream refused for good (larger than its maximum packet size, a topic it
+/// refuses, an MQTT 5 PUBACK with a failure reason code...), with why. Input of [`Store::refuse`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The record's seq.
+    pub seq: u64,
+    /// Why the upstream refused it, for the operator (e.g. "PUBACK 0x87 not authorized").
+    pub reason: String,
+    /// Unix time in milliseconds of the refusal, from the caller.
+    pub at_ms: u64,
+}
+
+/// A refused record as stored: the original record, unchanged (same seq, stream, priority,
+/// ingest time and payload), plus why and when it was refused.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefusedRecord {
+    pub record: Record,
+    pub reason: String,
+    pub refused_at_ms: u64,
+}
+
+/// Bounds of the refused table, separate from the records quota (see the crate docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RefusedLimits {
+    /// At most this many refused records are kept (at least 1).
+    pub max_records: u64,
+    /// Bound on the sum of their accounted sizes ([`refused_accounted_size`]); at least
+    /// [`REFUSED_MIN_BYTES`].
+    pub max_bytes: u64,
+}
+
+impl Default for RefusedLimits {
+    /// 1000 refused records, 64 MiB.
+    fn default() -> Self {
+        RefusedLimits {
+            max_records: 1000,
+            max_bytes: 64 << 20,
+        }
+    }
+}
+
+impl RefusedLimits {
+    /// The limits the store applies: `max_records` at least 1, `max_bytes` at least
+    /// [`REFUSED_MIN_BYTES`].
+    pub fn clamped(self) -> RefusedLimits {
+        RefusedLimits {
+            max_records: self.max_records.max(1),
+            max_bytes: self.max_bytes.max(REFUSED_MIN_BYTES),
+        }
+    }
+}
+
+/// Accounted size of a refused record: its accounted size as a record ([`accounted_size`]) plus
+/// the length of the reason.
+pub fn refused_accounted_size(stream: &str, payload_len: usize, reason: &str) -> u64 {
+    accounted_size(stream, payload_len).saturating_add(reason.len() as u64)
+}
+
 /// Accounted size of a dead letter: payload, topic, source and reason lengths plus
 /// [`DEAD_LETTER_OVERHEAD_BYTES`].
 pub fn dead_letter_accounted_size(letter: &DeadLetter) -> u64 {
@@ -387,6 +503,17 @@ pub struct StoreStats {
     pub dead_lettered_total: u64,
     /// Dead letters deleted to stay within [`DeadLetterLimits`].
     pub dead_letters_evicted_total: u64,
+    /// Refused records currently stored ([`Store::refuse`]); not counted in `records`.
+    pub refused_records: u64,
+    /// Sum of accounted sizes of the stored refused records ([`refused_accounted_size`]).
+    pub refused_bytes: u64,
+    /// Records ever moved into the refused table (a record refused twice counts twice).
+    pub refused_total: u64,
+    /// Refused records deleted to stay within [`RefusedLimits`].
+    pub refused_evicted_total: u64,
+    /// Refused records moved back into the records by [`Store::requeue_refused`]. With the
+    /// two above: `refused_records = refused_total - refused_evicted_total - requeued_total`.
+    pub requeued_total: u64,
 }
 
 /// Errors of the store.
@@ -651,7 +778,9 @@ impl Store {
     }
 
     /// Last committed seq; changes after every commit that appended records. The sync engine
-    /// waits on it for new data.
+    /// waits on it for new data. A commit that requeued refused records
+    /// ([`Store::requeue_refused`]) also marks it changed, with the same value (no seq was
+    /// assigned): a woken reader should not assume the value grew.
     pub fn committed_seq(&self) -> watch::Receiver<u64> {
         self.shared.committed.clone()
     }
@@ -732,6 +861,67 @@ impl Store {
     pub async fn dead_letters(&self, limit: usize) -> Result<Vec<StoredDeadLetter>, StoreError> {
         self.request(|reply| Command::Read(Read::DeadLetters { limit, reply }))
             .await
+    }
+
+    /// Moves each refused record from the records into the refused table, in ONE transaction
+    /// (group-committed with the other writes, answered after the commit), counters included:
+    /// it leaves `records`/`bytes`/`records_by_priority` and enters `refused_records`/
+    /// `refused_bytes`/`refused_total`. From then on [`Store::read_after`] never returns it.
+    ///
+    /// A seq that is not in the records (acked, evicted or expired meanwhile, already refused,
+    /// or never assigned) is skipped, not an error. Returns how many records moved. Then, beyond
+    /// the [`RefusedLimits`], the oldest refusals are deleted (`refused_evicted_total`); a
+    /// record whose accounted size alone exceeds `max_bytes` is therefore deleted right away
+    /// (it still counts as moved: it left the send path). Fails only like every write does.
+    pub async fn refuse(&self, refusals: Vec<Refusal>) -> Result<u64, StoreError> {
+        if refusals.is_empty() {
+            return Ok(0);
+        }
+        self.request(|reply| {
+            Command::Write(Write::Refuse {
+                refusals,
+                reply,
+                moved: 0,
+            })
+        })
+        .await
+    }
+
+    /// Committed refused records, newest refusal first, at most `limit`.
+    pub async fn refused(&self, limit: usize) -> Result<Vec<RefusedRecord>, StoreError> {
+        self.request(|reply| Command::Read(Read::Refused { limit, reply }))
+            .await
+    }
+
+    /// Moves refused records back into the records with their ORIGINAL seq, stream, priority,
+    /// ingest time and payload, so that sync sends them again; returns how many moved. Seqs not
+    /// in the refused table are skipped. All-or-nothing per call, group-committed like every
+    /// write.
+    ///
+    /// The moved records count towards the quota again, but a requeue never evicts: if they do
+    /// not fit (after expired records were dropped), nothing moves and the call gets
+    /// [`StoreError::Full`] (not counted in `rejected_full_total`: nothing was lost, the records
+    /// stay refused). An operator action should not destroy other data; requeue fewer, or later.
+    ///
+    /// The ingest time is not refreshed: a requeued record older than the TTL is expired like
+    /// any other (hidden from [`Store::read_after`], deleted and counted in `expired_total`).
+    ///
+    /// When it takes effect: a requeued seq is usually lower than what sync already read, so a
+    /// sync engine that reads forward from a cursor sends it from its next (re)connection, or
+    /// whenever it re-reads from a lower cursor. A requeue that moved records also wakes the
+    /// [`Store::committed_seq`] watchers (the value is unchanged: no seq was assigned).
+    pub async fn requeue_refused(&self, seqs: Vec<u64>) -> Result<u64, StoreError> {
+        if seqs.is_empty() {
+            return Ok(0);
+        }
+        self.request(|reply| {
+            Command::Write(Write::Requeue {
+                seqs,
+                reply,
+                result: Ok(0),
+            })
+        })
+        .await
     }
 
     /// Runs TTL passes now until no expired record is left; returns how many were deleted. The
@@ -840,4 +1030,12 @@ pub fn read_state(path: &Path, key: &str) -> Result<Option<Vec<u8>>, StoreError>
 pub fn read_dead_letters(path: &Path, limit: usize) -> Result<Vec<StoredDeadLetter>, StoreError> {
     let ro = schema::open_read_only(path)?;
     schema::read_dead_letters(&ro.conn, ro.version, limit)
+}
+
+/// Reads the refused records (at most `limit`, newest refusal first) of a store another process
+/// may have open, through a read-only connection (for `outpost status` or a CLI). A file older
+/// than schema version 3 has none.
+pub fn read_refused(path: &Path, limit: usize) -> Result<Vec<RefusedRecord>, StoreError> {
+    let ro = schema::open_read_only(path)?;
+    schema::read_refused(&ro.conn, ro.version, limit)
 }

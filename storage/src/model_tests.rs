@@ -1,22 +1,26 @@
 //! Model-based property test: random operations run against the real store and against a plain
 //! in-memory model of the documented semantics (seq assignment, quota policy, all-or-nothing
-//! calls, acks, counters), compared after every step. The quota is small so eviction and refusals
-//! happen often; reopening checks that everything, counters included, survives a restart.
+//! calls, acks, the refused table with its bound and requeue, counters), compared after every
+//! step. The quota and the refused bound are small so eviction, refusals and requeues that do
+//! not fit happen often; reopening checks that everything, counters included, survives a
+//! restart.
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use bytes::Bytes;
 use proptest::prelude::*;
 
 use crate::{
-    Durability, NewRecord, Priority, Record, Store, StoreError, StoreSettings, WhenFull,
-    accounted_size,
+    Durability, NewRecord, Priority, Record, Refusal, RefusedLimits, RefusedRecord, Store,
+    StoreError, StoreSettings, WhenFull, accounted_size, refused_accounted_size,
 };
 
 const QUOTA: u64 = 1500;
+/// Small enough that refusals evict often (the byte bound is far above what fits in QUOTA).
+const REFUSED_MAX_RECORDS: u64 = 4;
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -29,6 +33,10 @@ enum Op {
     },
     /// Raw numbers, mapped onto the range of seqs handed out so far (plus unknown ones).
     Ack(Vec<u64>),
+    /// Raw numbers as for `Ack`, each with the length of its reason.
+    Refuse(Vec<(u64, usize)>),
+    /// Raw numbers as for `Ack`.
+    Requeue(Vec<u64>),
     Reopen,
 }
 
@@ -45,6 +53,8 @@ fn op() -> impl Strategy<Value = Op> {
             limit
         }),
         3 => prop::collection::vec(any::<u64>(), 1..6).prop_map(Op::Ack),
+        2 => prop::collection::vec((any::<u64>(), 0usize..40), 1..4).prop_map(Op::Refuse),
+        2 => prop::collection::vec(any::<u64>(), 1..5).prop_map(Op::Requeue),
         1 => Just(Op::Reopen),
     ]
 }
@@ -59,12 +69,17 @@ struct Model {
     evicted_total: u64,
     evicted_by_priority: [u64; 3],
     rejected_full_total: u64,
+    /// Refused records in refusal order (oldest first).
+    refused: Vec<RefusedRecord>,
+    refused_total: u64,
+    refused_evicted_total: u64,
+    requeued_total: u64,
     /// Distinct ingest times make `oldest_ingested_at_ms` unambiguous.
     clock_ms: u64,
 }
 
 #[derive(Debug, PartialEq)]
-enum Refusal {
+enum Rejection {
     Full,
     TooLarge,
 }
@@ -73,19 +88,23 @@ fn size_of(r: &Record) -> u64 {
     accounted_size(&r.stream, r.payload.len())
 }
 
+fn refused_size_of(r: &RefusedRecord) -> u64 {
+    refused_accounted_size(&r.record.stream, r.record.payload.len(), &r.reason)
+}
+
 impl Model {
     fn count(&self, p: Priority) -> u64 {
         self.records.values().filter(|r| r.priority == p).count() as u64
     }
 
-    fn append(&mut self, when_full: WhenFull, new: &[NewRecord]) -> Result<Vec<u64>, Refusal> {
+    fn append(&mut self, when_full: WhenFull, new: &[NewRecord]) -> Result<Vec<u64>, Rejection> {
         let n = new.len() as u64;
         if new
             .iter()
             .any(|r| accounted_size(&r.stream, r.payload.len()) > QUOTA)
         {
             self.rejected_full_total += n;
-            return Err(Refusal::TooLarge);
+            return Err(Rejection::TooLarge);
         }
         let before = self.clone();
         let mut seqs = Vec::new();
@@ -108,7 +127,7 @@ impl Model {
                 let Some(victim) = victim else {
                     *self = before;
                     self.rejected_full_total += n;
-                    return Err(Refusal::Full);
+                    return Err(Rejection::Full);
                 };
                 let gone = self.records.remove(&victim).unwrap();
                 self.bytes -= size_of(&gone);
@@ -143,6 +162,52 @@ impl Model {
         existed
     }
 
+    fn refuse(&mut self, refusals: &[Refusal]) -> u64 {
+        let mut moved = 0;
+        for refusal in refusals {
+            if let Some(record) = self.records.remove(&refusal.seq) {
+                self.bytes -= size_of(&record);
+                self.refused.push(RefusedRecord {
+                    record,
+                    reason: refusal.reason.clone(),
+                    refused_at_ms: refusal.at_ms,
+                });
+                self.refused_total += 1;
+                moved += 1;
+            }
+        }
+        while self.refused.len() as u64 > REFUSED_MAX_RECORDS {
+            self.refused.remove(0);
+            self.refused_evicted_total += 1;
+        }
+        moved
+    }
+
+    /// All or nothing, never evicting: `None` when the records do not fit.
+    fn requeue(&mut self, seqs: &[u64]) -> Option<u64> {
+        let wanted: BTreeSet<u64> = seqs.iter().copied().collect();
+        let needed: u64 = self
+            .refused
+            .iter()
+            .filter(|r| wanted.contains(&r.record.seq))
+            .map(|r| size_of(&r.record))
+            .sum();
+        if self.bytes + needed > QUOTA {
+            return None;
+        }
+        let (back, kept): (Vec<RefusedRecord>, Vec<RefusedRecord>) =
+            std::mem::take(&mut self.refused)
+                .into_iter()
+                .partition(|r| wanted.contains(&r.record.seq));
+        self.refused = kept;
+        for r in &back {
+            self.bytes += size_of(&r.record);
+            self.records.insert(r.record.seq, r.record.clone());
+        }
+        self.requeued_total += back.len() as u64;
+        Some(back.len() as u64)
+    }
+
     fn read(&self, p: Priority, after_seq: u64, limit: usize) -> Vec<Record> {
         self.records
             .range(after_seq + 1..)
@@ -163,6 +228,10 @@ fn settings(path: std::path::PathBuf, when_full: WhenFull) -> StoreSettings {
         batch_max_records: 64,
         batch_max_delay: Duration::ZERO,
         durability: Durability::Normal,
+        refused: RefusedLimits {
+            max_records: REFUSED_MAX_RECORDS,
+            ..RefusedLimits::default()
+        },
     }
 }
 
@@ -191,6 +260,16 @@ async fn check(store: &Store, model: &Model) -> Result<(), TestCaseError> {
     prop_assert_eq!(stats.rejected_full_total, model.rejected_full_total);
     prop_assert_eq!(stats.expired_total, 0);
     prop_assert!(!stats.poisoned);
+    let refused: Vec<RefusedRecord> = model.refused.iter().rev().cloned().collect();
+    prop_assert_eq!(&store.refused(usize::MAX).await.unwrap(), &refused);
+    prop_assert_eq!(stats.refused_records, refused.len() as u64);
+    prop_assert_eq!(
+        stats.refused_bytes,
+        refused.iter().map(refused_size_of).sum::<u64>()
+    );
+    prop_assert_eq!(stats.refused_total, model.refused_total);
+    prop_assert_eq!(stats.refused_evicted_total, model.refused_evicted_total);
+    prop_assert_eq!(stats.requeued_total, model.requeued_total);
     Ok(())
 }
 
@@ -218,8 +297,8 @@ async fn run(ops: Vec<Op>, when_full: WhenFull) -> Result<(), TestCaseError> {
                 let got = store.append(records).await;
                 match (&expected, &got) {
                     (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
-                    (Err(Refusal::Full), Err(StoreError::Full { .. })) => {}
-                    (Err(Refusal::TooLarge), Err(StoreError::TooLarge { .. })) => {}
+                    (Err(Rejection::Full), Err(StoreError::Full { .. })) => {}
+                    (Err(Rejection::TooLarge), Err(StoreError::TooLarge { .. })) => {}
                     _ => prop_assert!(false, "model {:?} vs store {:?}", expected, got),
                 }
             }
@@ -236,6 +315,31 @@ async fn run(ops: Vec<Op>, when_full: WhenFull) -> Result<(), TestCaseError> {
                 let seqs: Vec<u64> = raw.iter().map(|r| r % (model.last_seq + 3)).collect();
                 let expected = model.ack(&seqs);
                 prop_assert_eq!(store.ack(seqs).await.unwrap(), expected);
+            }
+            Op::Refuse(raw) => {
+                let refusals: Vec<Refusal> = raw
+                    .iter()
+                    .map(|&(r, reason_len)| {
+                        model.clock_ms += 1;
+                        Refusal {
+                            seq: r % (model.last_seq + 3),
+                            reason: "r".repeat(reason_len),
+                            at_ms: model.clock_ms,
+                        }
+                    })
+                    .collect();
+                let expected = model.refuse(&refusals);
+                prop_assert_eq!(store.refuse(refusals).await.unwrap(), expected);
+            }
+            Op::Requeue(raw) => {
+                let seqs: Vec<u64> = raw.iter().map(|r| r % (model.last_seq + 3)).collect();
+                let expected = model.requeue(&seqs);
+                let got = store.requeue_refused(seqs).await;
+                match (expected, &got) {
+                    (Some(a), Ok(b)) => prop_assert_eq!(a, *b),
+                    (None, Err(StoreError::Full { .. })) => {}
+                    _ => prop_assert!(false, "model {:?} vs store {:?}", expected, got),
+                }
             }
             Op::Reopen => {
                 if model.last_seq % 2 == 0 {

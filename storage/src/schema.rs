@@ -8,14 +8,14 @@ use bytes::Bytes;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use crate::{
-    DeadLetter, Durability, Priority, Record, StoreError, StoreSettings, StoreStats,
+    DeadLetter, Durability, Priority, Record, RefusedRecord, StoreError, StoreSettings, StoreStats,
     StoredDeadLetter,
 };
 
 /// `PRAGMA application_id` of our files: "OUTP".
 pub(crate) const APPLICATION_ID: i64 = 0x4F55_5450;
 /// `PRAGMA user_version` this build writes and understands.
-pub(crate) const SCHEMA_VERSION: i64 = 2;
+pub(crate) const SCHEMA_VERSION: i64 = 3;
 /// How long a statement waits for a lock held by another connection (e.g. a checkpoint while
 /// `outpost status` reads) before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -55,7 +55,8 @@ INSERT INTO counters VALUES (1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
 CREATE TABLE state (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
 ";
 
-/// Version 2: the dead-letter table and its counters. Cheap on a big store: DDL only, no row of
+/// Version 2: the dead-letter table and its counters. Frozen like [`SCHEMA_V1`]. Cheap on a big
+/// store: DDL only, no row of
 /// `records` is read or rewritten. `ADD COLUMN` with a constant default only edits the schema text
 /// in SQLite (existing rows read the default), and `counters` has one row anyway.
 const SCHEMA_V2: &str = "
@@ -73,6 +74,35 @@ ALTER TABLE counters ADD COLUMN dead_letters               INTEGER NOT NULL DEFA
 ALTER TABLE counters ADD COLUMN dead_letter_bytes          INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE counters ADD COLUMN dead_lettered_total        INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE counters ADD COLUMN dead_letters_evicted_total INTEGER NOT NULL DEFAULT 0;
+";
+
+/// Version 3: the refused table (records the upstream refused for good) and its counters. DDL
+/// only, like [`SCHEMA_V2`]: no row of `records` is read or rewritten.
+///
+/// `id` is the refusal order (= `counters.refused_total` when inserted, never reused): listing
+/// and eviction go by it, so a record refused again after a requeue counts as a new refusal.
+/// `seq` is the record's own seq, unique: a seq is in `records` or in `refused`, never in both.
+/// `record_size` is the record's accounted size (as in `records.size`, carried back on requeue);
+/// `size` the accounted size in the refused table (`record_size` + reason bytes).
+const SCHEMA_V3: &str = "
+CREATE TABLE refused (
+    id             INTEGER PRIMARY KEY,
+    seq            INTEGER NOT NULL,
+    stream         TEXT    NOT NULL,
+    priority       INTEGER NOT NULL,
+    ingested_at_ms INTEGER NOT NULL,
+    record_size    INTEGER NOT NULL,
+    size           INTEGER NOT NULL,
+    payload        BLOB    NOT NULL,
+    reason         TEXT    NOT NULL,
+    refused_at_ms  INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX refused_by_seq ON refused (seq);
+ALTER TABLE counters ADD COLUMN refused_records       INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE counters ADD COLUMN refused_bytes         INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE counters ADD COLUMN refused_total         INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE counters ADD COLUMN refused_evicted_total INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE counters ADD COLUMN requeued_total        INTEGER NOT NULL DEFAULT 0;
 ";
 
 /// In-memory copy of the counters row; the writer changes it alongside the SQL and writes it back
@@ -95,6 +125,12 @@ pub(crate) struct Counters {
     /// Also the id of the last dead letter: ids are `1..=dead_lettered_total`, never reused.
     pub dead_lettered_total: u64,
     pub dead_letters_evicted_total: u64,
+    pub refused_records: u64,
+    pub refused_bytes: u64,
+    /// Also the id of the last refusal: ids are `1..=refused_total`, never reused.
+    pub refused_total: u64,
+    pub refused_evicted_total: u64,
+    pub requeued_total: u64,
 }
 
 impl Counters {
@@ -126,6 +162,11 @@ impl Counters {
             dead_letter_bytes: self.dead_letter_bytes,
             dead_lettered_total: self.dead_lettered_total,
             dead_letters_evicted_total: self.dead_letters_evicted_total,
+            refused_records: self.refused_records,
+            refused_bytes: self.refused_bytes,
+            refused_total: self.refused_total,
+            refused_evicted_total: self.refused_evicted_total,
+            requeued_total: self.requeued_total,
         }
     }
 }
@@ -188,8 +229,8 @@ pub(crate) fn open_read_write(settings: &StoreSettings) -> Result<Opened, StoreE
 /// A read-only connection and the schema version of its file.
 pub(crate) struct ReadOnly {
     pub conn: Connection,
-    /// 1 or [`SCHEMA_VERSION`]: a v1 file is read as it is (read-only cannot migrate), so that
-    /// `outpost status` works on a store the upgraded gateway has not opened yet.
+    /// 1 to [`SCHEMA_VERSION`]: an older file is read as it is (read-only cannot migrate), so
+    /// that `outpost status` works on a store the upgraded gateway has not opened yet.
     pub version: i64,
 }
 
@@ -256,6 +297,9 @@ fn migrate(conn: &mut Connection, from: i64) -> rusqlite::Result<()> {
     if from < 2 {
         tx.execute_batch(SCHEMA_V2)?;
     }
+    if from < 3 {
+        tx.execute_batch(SCHEMA_V3)?;
+    }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()
 }
@@ -265,19 +309,24 @@ pub(crate) fn load_counters(conn: &Connection) -> rusqlite::Result<Counters> {
     load_counters_at(conn, SCHEMA_VERSION)
 }
 
-/// Loads the counters row of a file at `version` (1 has no dead-letter columns: they read 0).
+/// Loads the counters row of a file at `version` (columns added by a later version read 0).
 pub(crate) fn load_counters_at(conn: &Connection, version: i64) -> rusqlite::Result<Counters> {
     let dead_letter_columns = if version >= 2 {
         "dead_letters, dead_letter_bytes, dead_lettered_total, dead_letters_evicted_total"
     } else {
         "0, 0, 0, 0"
     };
+    let refused_columns = if version >= 3 {
+        "refused_records, refused_bytes, refused_total, refused_evicted_total, requeued_total"
+    } else {
+        "0, 0, 0, 0, 0"
+    };
     conn.query_row(
         &format!(
             "SELECT records, bytes, records_high, records_normal, records_low, last_seq,
                 appended_total, acked_total, evicted_total, evicted_high, evicted_normal,
                 evicted_low, expired_total, rejected_full_total, commits_total,
-                {dead_letter_columns}
+                {dead_letter_columns}, {refused_columns}
          FROM counters WHERE id = 1"
         ),
         [],
@@ -299,6 +348,11 @@ pub(crate) fn load_counters_at(conn: &Connection, version: i64) -> rusqlite::Res
                 dead_letter_bytes: get(16)?,
                 dead_lettered_total: get(17)?,
                 dead_letters_evicted_total: get(18)?,
+                refused_records: get(19)?,
+                refused_bytes: get(20)?,
+                refused_total: get(21)?,
+                refused_evicted_total: get(22)?,
+                requeued_total: get(23)?,
             })
         },
     )
@@ -311,7 +365,8 @@ pub(crate) fn write_counters(conn: &Connection, c: &Counters) -> rusqlite::Resul
             evicted_total = ?9, evicted_high = ?10, evicted_normal = ?11, evicted_low = ?12,
             expired_total = ?13, rejected_full_total = ?14, commits_total = ?15,
             dead_letters = ?16, dead_letter_bytes = ?17, dead_lettered_total = ?18,
-            dead_letters_evicted_total = ?19
+            dead_letters_evicted_total = ?19, refused_records = ?20, refused_bytes = ?21,
+            refused_total = ?22, refused_evicted_total = ?23, requeued_total = ?24
          WHERE id = 1",
     )?;
     let changed = stmt.execute(params![
@@ -334,6 +389,11 @@ pub(crate) fn write_counters(conn: &Connection, c: &Counters) -> rusqlite::Resul
         to_i64(c.dead_letter_bytes),
         to_i64(c.dead_lettered_total),
         to_i64(c.dead_letters_evicted_total),
+        to_i64(c.refused_records),
+        to_i64(c.refused_bytes),
+        to_i64(c.refused_total),
+        to_i64(c.refused_evicted_total),
+        to_i64(c.requeued_total),
     ])?;
     if changed != 1 {
         // The row is created with the schema; without it the counters would silently not persist.
@@ -371,21 +431,52 @@ pub(crate) fn read_after(
     ])?;
     let mut out = Vec::new();
     while let Some(row) = rows.next()? {
-        let seq = to_u64(row.get(0)?);
-        let stored_priority: i64 = row.get(2)?;
-        let priority = usize::try_from(stored_priority)
-            .ok()
-            .and_then(Priority::from_index)
-            .ok_or(StoreError::Corrupt {
-                seq,
-                what: "priority out of range",
-            })?;
-        out.push(Record {
+        out.push(record_from_row(row)?);
+    }
+    Ok(out)
+}
+
+/// A [`Record`] from the columns `seq, stream, priority, payload, ingested_at_ms` (in that order,
+/// first in the row), of `records` or `refused`.
+fn record_from_row(row: &rusqlite::Row<'_>) -> Result<Record, StoreError> {
+    let seq = to_u64(row.get(0)?);
+    let stored_priority: i64 = row.get(2)?;
+    let priority = usize::try_from(stored_priority)
+        .ok()
+        .and_then(Priority::from_index)
+        .ok_or(StoreError::Corrupt {
             seq,
-            stream: row.get(1)?,
-            priority,
-            payload: Bytes::from(row.get::<_, Vec<u8>>(3)?),
-            ingested_at_ms: to_u64(row.get(4)?),
+            what: "priority out of range",
+        })?;
+    Ok(Record {
+        seq,
+        stream: row.get(1)?,
+        priority,
+        payload: Bytes::from(row.get::<_, Vec<u8>>(3)?),
+        ingested_at_ms: to_u64(row.get(4)?),
+    })
+}
+
+/// Refused records, newest refusal first, at most `limit`. A file before version 3 has none.
+pub(crate) fn read_refused(
+    conn: &Connection,
+    version: i64,
+    limit: usize,
+) -> Result<Vec<RefusedRecord>, StoreError> {
+    if version < 3 || limit == 0 {
+        return Ok(Vec::new());
+    }
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, stream, priority, payload, ingested_at_ms, reason, refused_at_ms
+         FROM refused ORDER BY id DESC LIMIT ?1",
+    )?;
+    let mut rows = stmt.query([i64::try_from(limit).unwrap_or(i64::MAX)])?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        out.push(RefusedRecord {
+            record: record_from_row(row)?,
+            reason: row.get(5)?,
+            refused_at_ms: to_u64(row.get(6)?),
         });
     }
     Ok(out)

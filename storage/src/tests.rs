@@ -7,12 +7,12 @@ use bytes::Bytes;
 
 use crate::{
     DEAD_LETTER_MIN_BYTES, DEAD_LETTER_OVERHEAD_BYTES, DeadLetter, DeadLetterLimits, Durability,
-    NewRecord, Priority, RECORD_OVERHEAD_BYTES, StateOp, Store, StoreError, StoreSettings,
-    StoreStats, StoredDeadLetter, WhenFull, dead_letter_accounted_size, read_dead_letters,
-    read_state, read_states_with_prefix, read_stats,
+    NewRecord, Priority, RECORD_OVERHEAD_BYTES, RefusedLimits, StateOp, Store, StoreError,
+    StoreSettings, StoreStats, StoredDeadLetter, WhenFull, dead_letter_accounted_size,
+    read_dead_letters, read_state, read_states_with_prefix, read_stats,
 };
 
-fn settings(dir: &Path, quota_bytes: u64) -> StoreSettings {
+pub(crate) fn settings(dir: &Path, quota_bytes: u64) -> StoreSettings {
     StoreSettings {
         path: dir.join("sub").join("store.db"),
         quota_bytes,
@@ -21,11 +21,12 @@ fn settings(dir: &Path, quota_bytes: u64) -> StoreSettings {
         batch_max_records: 512,
         batch_max_delay: Duration::from_millis(2),
         durability: Durability::Normal,
+        refused: RefusedLimits::default(),
     }
 }
 
 /// A record whose accounted size is exactly `size` (stream "s", 1 byte).
-fn rec(priority: Priority, size: u64) -> NewRecord {
+pub(crate) fn rec(priority: Priority, size: u64) -> NewRecord {
     let payload_len = size - 1 - RECORD_OVERHEAD_BYTES;
     NewRecord {
         stream: "s".into(),
@@ -35,14 +36,14 @@ fn rec(priority: Priority, size: u64) -> NewRecord {
     }
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64
 }
 
-async fn seqs_of(store: &Store, priority: Priority) -> Vec<u64> {
+pub(crate) async fn seqs_of(store: &Store, priority: Priority) -> Vec<u64> {
     store
         .read_after(priority, 0, usize::MAX)
         .await
@@ -659,7 +660,7 @@ fn files_that_are_not_our_store_are_refused_with_their_path() {
         Store::open(s.clone()),
         Err(StoreError::UnsupportedSchema {
             found: 7,
-            supported: 2,
+            supported: 3,
             ..
         })
     ));
@@ -710,7 +711,7 @@ async fn a_second_writer_on_the_same_file_is_refused_until_the_first_closes() {
 // ---- dead letters ----
 
 /// A dead letter whose accounted size is exactly `size` (topic "t", source "coap", reason "bad").
-fn letter(size: u64, byte: u8) -> DeadLetter {
+pub(crate) fn letter(size: u64, byte: u8) -> DeadLetter {
     let text = 1 + 4 + 3;
     DeadLetter {
         topic: "t".into(),
@@ -1003,7 +1004,7 @@ async fn dead_letters_and_their_counters_survive_reopen() {
 
 /// The version 1 schema exactly as version 1 builds created it; frozen here on purpose so that a
 /// change to the migration code cannot silently change what "a v1 file" means in this test.
-const V1_SCHEMA: &str = "
+pub(crate) const V1_SCHEMA: &str = "
 CREATE TABLE records (
     seq            INTEGER PRIMARY KEY,
     stream         TEXT    NOT NULL,
@@ -1087,7 +1088,7 @@ async fn a_version_1_store_is_read_as_is_and_migrated_by_the_writer() {
 
     // The writer migrates it; everything of v1 is kept.
     let store = Store::open(s.clone()).unwrap();
-    assert_eq!(version(&s.path), 2);
+    assert_eq!(version(&s.path), 3);
     let stats = store.stats().await.unwrap();
     assert_eq!(stats, v1_stats);
     let high = store.read_after(Priority::High, 0, 10).await.unwrap();

@@ -1,11 +1,13 @@
 //! The writer thread: owns the read-write connection, gathers writes into group commits, applies
-//! quota and TTL, and poisons the store when a commit fails.
+//! quota and TTL, moves records into and out of the refused table, and poisons the store when a
+//! commit fails.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rusqlite::{Connection, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -13,8 +15,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::schema::{self, Counters, to_i64, to_u64};
 use crate::{
     DEAD_LETTER_OVERHEAD_BYTES, DeadLetter, DeadLetterLimits, EXPIRE_PASS_LIMIT, NewRecord,
-    Priority, Record, StateOp, StoreError, StoreSettings, StoreStats, StoredDeadLetter, WhenFull,
-    accounted_size, dead_letter_accounted_size,
+    Priority, Record, Refusal, RefusedLimits, RefusedRecord, StateOp, StoreError, StoreSettings,
+    StoreStats, StoredDeadLetter, WhenFull, accounted_size, dead_letter_accounted_size,
 };
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
@@ -53,6 +55,19 @@ pub(crate) enum Write {
         reply: Reply<u64>,
         id: u64,
     },
+    /// Records the upstream refused, moved from `records` to `refused`.
+    Refuse {
+        refusals: Vec<Refusal>,
+        reply: Reply<u64>,
+        moved: u64,
+    },
+    /// Refused records moved back to `records`.
+    Requeue {
+        seqs: Vec<u64>,
+        reply: Reply<u64>,
+        /// How many moved, or a refusal (full) that does not fail the batch.
+        result: Result<u64, StoreError>,
+    },
     Expire {
         /// `None` for the periodic pass the thread schedules itself.
         reply: Option<Reply<u64>>,
@@ -70,6 +85,8 @@ impl Write {
             Write::Ack { seqs, .. } => seqs.len(),
             Write::States { ops, .. } => ops.len(),
             Write::DeadLetter { .. } => 1,
+            Write::Refuse { refusals, .. } => refusals.len(),
+            Write::Requeue { seqs, .. } => seqs.len(),
             // A TTL pass closes the batch: it is maintenance, not worth waiting for company.
             Write::Expire { .. } => usize::MAX,
         }
@@ -92,6 +109,12 @@ impl Write {
             Write::DeadLetter { reply, id, .. } => {
                 let _ = reply.send(failed().map_or(Ok(id), Err));
             }
+            Write::Refuse { reply, moved, .. } => {
+                let _ = reply.send(failed().map_or(Ok(moved), Err));
+            }
+            Write::Requeue { reply, result, .. } => {
+                let _ = reply.send(failed().map_or(result, Err));
+            }
             Write::Expire { reply, expired, .. } => {
                 if let Some(reply) = reply {
                     let _ = reply.send(failed().map_or(Ok(expired), Err));
@@ -113,6 +136,12 @@ impl Write {
                 let _ = reply.send(Err(error()));
             }
             Write::DeadLetter { reply, .. } => {
+                let _ = reply.send(Err(error()));
+            }
+            Write::Refuse { reply, .. } => {
+                let _ = reply.send(Err(error()));
+            }
+            Write::Requeue { reply, .. } => {
                 let _ = reply.send(Err(error()));
             }
             Write::Expire { reply, .. } => {
@@ -146,10 +175,15 @@ pub(crate) enum Read {
         limit: usize,
         reply: Reply<Vec<StoredDeadLetter>>,
     },
+    Refused {
+        limit: usize,
+        reply: Reply<Vec<RefusedRecord>>,
+    },
 }
 
 pub(crate) struct Writer {
     conn: Connection,
+    /// `refused` already clamped by [`RefusedLimits::clamped`].
     settings: StoreSettings,
     /// Already clamped by [`DeadLetterLimits::clamped`].
     dead_letter_limits: DeadLetterLimits,
@@ -195,6 +229,10 @@ impl Writer {
         fail_next_commit: Arc<AtomicBool>,
         committed: watch::Sender<u64>,
     ) -> Writer {
+        let settings = StoreSettings {
+            refused: settings.refused.clamped(),
+            ..settings
+        };
         Writer {
             conn,
             settings,
@@ -388,6 +426,13 @@ impl Writer {
                     limit,
                 ));
             }
+            Read::Refused { limit, reply } => {
+                let _ = reply.send(schema::read_refused(
+                    &self.conn,
+                    schema::SCHEMA_VERSION,
+                    limit,
+                ));
+            }
         }
     }
 }
@@ -412,10 +457,14 @@ impl Writer {
         ) {
             Ok(()) => {
                 let last_seq = self.counters.last_seq;
+                // Requeued records are new data for sync too, though no seq was assigned.
+                let requeued = batch
+                    .iter()
+                    .any(|w| matches!(w, Write::Requeue { result: Ok(n), .. } if *n > 0));
                 self.committed.send_if_modified(|seq| {
                     let changed = *seq != last_seq;
                     *seq = last_seq;
-                    changed
+                    changed || requeued
                 });
                 None
             }
@@ -472,6 +521,14 @@ fn apply_batch(
             }
             Write::DeadLetter { letter, id, .. } => {
                 *id = dead_letter(&tx, dead_letter_limits, counters, letter)?;
+            }
+            Write::Refuse {
+                refusals, moved, ..
+            } => {
+                *moved = refuse(&tx, &settings.refused, counters, refusals)?;
+            }
+            Write::Requeue { seqs, result, .. } => {
+                *result = requeue(&tx, settings, counters, seqs, cutoff)?;
             }
             Write::Expire {
                 expired,
@@ -671,6 +728,175 @@ fn expire(
         expired += 1;
     }
     Ok(expired)
+}
+
+/// Moves the refused records from `records` to `refused` (see [`crate::Store::refuse`]), then
+/// trims the refused table to its bounds. Returns how many moved. Copies row to row inside
+/// SQLite: the payload never passes through here.
+fn refuse(
+    conn: &Connection,
+    limits: &RefusedLimits,
+    counters: &mut Counters,
+    refusals: &[Refusal],
+) -> rusqlite::Result<u64> {
+    // The NOT EXISTS keeps a seq out of both tables at once even if that invariant were broken
+    // (the record then stays where it is) instead of failing the whole batch on the index.
+    let mut copy = conn.prepare_cached(
+        "INSERT INTO refused (id, seq, stream, priority, ingested_at_ms, record_size, size,
+                              payload, reason, refused_at_ms)
+         SELECT ?1, seq, stream, priority, ingested_at_ms, size, size + ?2, payload, ?3, ?4
+         FROM records WHERE seq = ?5 AND NOT EXISTS (SELECT 1 FROM refused WHERE seq = ?5)
+         RETURNING priority, record_size, size",
+    )?;
+    let mut delete = conn.prepare_cached("DELETE FROM records WHERE seq = ?1")?;
+    let mut moved = 0;
+    for refusal in refusals {
+        let id = counters.refused_total + 1;
+        let inserted = copy
+            .query_row(
+                params![
+                    to_i64(id),
+                    to_i64(refusal.reason.len() as u64),
+                    refusal.reason,
+                    to_i64(refusal.at_ms),
+                    to_i64(refusal.seq),
+                ],
+                |row| {
+                    Ok((
+                        row.get::<_, i64>(0)?,
+                        to_u64(row.get(1)?),
+                        to_u64(row.get(2)?),
+                    ))
+                },
+            )
+            .optional()?;
+        // Not in the records (acked, evicted, expired, already refused): skipped.
+        let Some((priority, record_size, size)) = inserted else {
+            continue;
+        };
+        delete.execute([to_i64(refusal.seq)])?;
+        counters.remove(usize::try_from(priority).unwrap_or(usize::MAX), record_size);
+        counters.refused_total = id;
+        counters.refused_records += 1;
+        counters.refused_bytes = counters.refused_bytes.saturating_add(size);
+        moved += 1;
+    }
+    trim_refused(conn, limits, counters)?;
+    Ok(moved)
+}
+
+/// Deletes the oldest refusals (by id) until both bounds hold.
+fn trim_refused(
+    conn: &Connection,
+    limits: &RefusedLimits,
+    counters: &mut Counters,
+) -> rusqlite::Result<()> {
+    let within =
+        |records: u64, bytes: u64| records <= limits.max_records && bytes <= limits.max_bytes;
+    while !within(counters.refused_records, counters.refused_bytes) && counters.refused_records > 0
+    {
+        let mut candidates =
+            conn.prepare_cached("SELECT id, size FROM refused ORDER BY id LIMIT ?1")?;
+        let mut rows = candidates.query([EVICT_CHUNK])?;
+        let mut last = None;
+        let mut freed = 0u64;
+        let mut count = 0u64;
+        while let Some(row) = rows.next()? {
+            last = Some(row.get::<_, i64>(0)?);
+            freed = freed.saturating_add(to_u64(row.get(1)?));
+            count += 1;
+            if within(
+                counters.refused_records.saturating_sub(count),
+                counters.refused_bytes.saturating_sub(freed),
+            ) {
+                break;
+            }
+        }
+        drop(rows);
+        let Some(last) = last else {
+            tracing::warn!("store refused counters disagree with the refused table");
+            break;
+        };
+        let deleted = conn
+            .prepare_cached("DELETE FROM refused WHERE id <= ?1")?
+            .execute([last])? as u64;
+        counters.refused_records = counters.refused_records.saturating_sub(deleted);
+        counters.refused_bytes = counters.refused_bytes.saturating_sub(freed);
+        counters.refused_evicted_total += deleted;
+    }
+    Ok(())
+}
+
+/// Moves refused records back to `records` with their original seq (see
+/// [`crate::Store::requeue_refused`]): all or nothing, never evicting. The outer error is an SQL
+/// failure (fails the batch); the inner one a refusal of this call only.
+fn requeue(
+    conn: &Connection,
+    settings: &StoreSettings,
+    counters: &mut Counters,
+    seqs: &[u64],
+    cutoff: u64,
+) -> rusqlite::Result<Result<u64, StoreError>> {
+    // Distinct, and moved in seq order. A seq also in `records` (a broken invariant) is left.
+    let wanted: BTreeSet<u64> = seqs.iter().copied().collect();
+    let mut lookup = conn.prepare_cached(
+        "SELECT record_size FROM refused
+         WHERE seq = ?1 AND NOT EXISTS (SELECT 1 FROM records WHERE seq = ?1)",
+    )?;
+    let mut found = Vec::new();
+    let mut needed = 0u64;
+    for &seq in &wanted {
+        if let Some(size) = lookup
+            .query_row([to_i64(seq)], |row| row.get::<_, i64>(0))
+            .optional()?
+        {
+            found.push(seq);
+            needed = needed.saturating_add(to_u64(size));
+        }
+    }
+    if found.is_empty() {
+        return Ok(Ok(0));
+    }
+    let quota = settings.quota_bytes;
+    if counters.bytes.saturating_add(needed) > quota && settings.ttl.is_some() {
+        // Expired records are dead weight: drop them before refusing.
+        expire(conn, counters, cutoff, EXPIRE_PASS_LIMIT)?;
+    }
+    if counters.bytes.saturating_add(needed) > quota {
+        return Ok(Err(StoreError::Full { needed, quota }));
+    }
+    let mut copy = conn.prepare_cached(
+        "INSERT INTO records (seq, stream, priority, ingested_at_ms, size, payload)
+         SELECT seq, stream, priority, ingested_at_ms, record_size, payload
+         FROM refused WHERE seq = ?1
+         RETURNING priority, size",
+    )?;
+    let mut delete = conn.prepare_cached("DELETE FROM refused WHERE seq = ?1 RETURNING size")?;
+    let mut moved = 0;
+    for seq in found {
+        let Some((priority, record_size)) = copy
+            .query_row([to_i64(seq)], |row| {
+                Ok((row.get::<_, i64>(0)?, to_u64(row.get(1)?)))
+            })
+            .optional()?
+        else {
+            continue;
+        };
+        let size: i64 = delete.query_row([to_i64(seq)], |row| row.get(0))?;
+        counters.records += 1;
+        counters.bytes = counters.bytes.saturating_add(record_size);
+        if let Some(n) = usize::try_from(priority)
+            .ok()
+            .and_then(|p| counters.records_by_priority.get_mut(p))
+        {
+            *n += 1;
+        }
+        counters.refused_records = counters.refused_records.saturating_sub(1);
+        counters.refused_bytes = counters.refused_bytes.saturating_sub(to_u64(size));
+        counters.requeued_total += 1;
+        moved += 1;
+    }
+    Ok(Ok(moved))
 }
 
 /// Stores one dead letter (truncated to fit, see [`fit_dead_letter`]), first deleting the oldest
