@@ -265,8 +265,6 @@ struct InFlight<T> {
     sent_at: Instant,
     /// Order of sending on this connection.
     order: u64,
-    /// Records acked on this connection when it was sent.
-    acks_before: u64,
 }
 
 /// The sync engine's decisions. `T` is the rendered publish the shell hands to the client.
@@ -292,6 +290,8 @@ pub struct SyncCore<T> {
     transient: u32,
     acked: u64,
     sent: u64,
+    /// The latest send order among the records acked on this connection.
+    latest_acked_order: u64,
 }
 
 impl<T: Clone> SyncCore<T> {
@@ -320,6 +320,7 @@ impl<T: Clone> SyncCore<T> {
             transient: 0,
             acked: 0,
             sent: 0,
+            latest_acked_order: 0,
         }
     }
 
@@ -368,6 +369,7 @@ impl<T: Clone> SyncCore<T> {
         self.transient = 0;
         self.acked = 0;
         self.sent = 0;
+        self.latest_acked_order = 0;
     }
 
     /// The broker accepted the CONNECT. Everything not acked will be offered again from the
@@ -517,7 +519,6 @@ impl<T: Clone> SyncCore<T> {
                 item,
                 sent_at: now,
                 order: self.sent,
-                acks_before: self.acked,
             },
         );
         SentOutcome::Mapped
@@ -535,6 +536,7 @@ impl<T: Clone> SyncCore<T> {
         };
         if code.is_success() {
             self.acked += 1;
+            self.latest_acked_order = self.latest_acked_order.max(f.order);
             self.transient = 0;
             if self.strike.is_some_and(|(s, _)| s == seq) {
                 self.strike = None;
@@ -568,13 +570,14 @@ impl<T: Clone> SyncCore<T> {
         match self.state {
             ConnState::Connected { since, .. } => {
                 was_connected = true;
-                // The first record on the wire that was not acked, if nothing was acked after it.
+                // The first record on the wire that was not acked, if no record sent after it
+                // was acked (a broker that took a later one did not choke on this one).
                 let head = self
                     .inflight
                     .values()
                     .filter(|f| matches!(f.slot, Slot::Record(_)))
                     .min_by_key(|f| f.order)
-                    .filter(|f| f.acks_before == self.acked)
+                    .filter(|f| self.latest_acked_order < f.order)
                     .and_then(|f| match f.slot {
                         Slot::Record(seq) => Some(seq),
                         Slot::Lifecycle => None,
@@ -1160,6 +1163,37 @@ mod tests {
             c.on_puback(3, PubAckCode::Success, t);
             assert_eq!(c.on_connection_lost(&lost(), t).poison, None);
         }
+    }
+
+    #[test]
+    fn a_late_ack_of_an_earlier_record_does_not_clear_suspicion() {
+        // 3.1.1 broker closing on record 8: record 7 went first and its ack arrives after 8 was
+        // written. That ack says nothing about 8, so 8 still collects strikes.
+        let t = Instant::now();
+        let mut c = Core::new(settings());
+        let mut poisoned = None;
+        for _ in 0..POISON_STRIKES {
+            c.begin_connect();
+            c.on_connack(false, None, t);
+            c.poll_send(t);
+            c.on_sent(1, t);
+            serve_read(&mut c, t, Priority::High, vec![ready(7, 5), ready(8, 5)]);
+            assert_eq!(next_publish(&mut c, t), Some(7));
+            assert_eq!(next_publish(&mut c, t), Some(8));
+            c.on_sent(2, t);
+            c.on_sent(3, t);
+            c.on_puback(2, PubAckCode::Success, t); // 7 acked after 8 was sent
+            poisoned = c.on_connection_lost(&lost(), t).poison;
+        }
+        assert_eq!(
+            poisoned,
+            Some((
+                8,
+                Refusal::ConnectionClosedOnPublish {
+                    times: POISON_STRIKES
+                }
+            ))
+        );
     }
 
     fn connect_fail(c: &mut Core, kind: UpstreamErrorKind, t: Instant) -> Lost {
