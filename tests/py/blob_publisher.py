@@ -30,6 +30,8 @@ def main() -> int:
     ap.add_argument("--client-id", default="")
     ap.add_argument("--ack-timeout", type=float, default=60.0)
     ap.add_argument("--connect-timeout", type=float, default=30.0)
+    ap.add_argument("--user-property", action="append", default=[], metavar="NAME=VALUE",
+                    help="MQTT 5 user property on every publish")
     args = ap.parse_args()
 
     plan = []
@@ -41,6 +43,13 @@ def main() -> int:
                 plan.append((topic, path))
 
     proto = mqtt.MQTTv5 if args.protocol == "5" else mqtt.MQTTv311
+    props = None
+    if args.user_property:
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = [tuple(p.split("=", 1)) for p in args.user_property]
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=args.client_id, protocol=proto)
     cond = threading.Condition()
     state = {"connected": False, "lost": False, "connack": None, "acks": {}}
@@ -85,7 +94,7 @@ def main() -> int:
     for i, (topic, path) in enumerate(plan):
         with open(path, "rb") as f:
             payload = f.read()
-        info = client.publish(topic, payload, qos=1)
+        info = client.publish(topic, payload, qos=1, properties=props)
         deadline = time.monotonic() + args.ack_timeout
         with cond:
             while info.mid not in state["acks"] and not state["lost"]:

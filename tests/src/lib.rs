@@ -3852,18 +3852,20 @@ pub fn blob(tag: u64, size: usize) -> Vec<u8> {
     out
 }
 
-/// Publishes `readings` (topic, payload) at QoS 1 with `tests/py/blob_publisher.py` (paho,
-/// `protocol` "3.1.1" or "5") to 127.0.0.1:`port`, one at a time in order (each after the
-/// previous one's PUBACK), and fails unless every one was acknowledged with success within
-/// `timeout`. Payload files go to `dir/<name>-payloads/`, the output to `dir/<name>.log`.
-pub fn publish_all_acked(
+/// Runs `tests/py/blob_publisher.py` (paho, `protocol` "3.1.1" or "5") against
+/// 127.0.0.1:`port`: publishes `readings` (topic, payload) at QoS 1 one at a time, in order,
+/// each after the previous one's PUBACK, with the MQTT 5 `user_props` on each. Payload files go
+/// to `dir/<name>-payloads/`, the output to `dir/<name>.log`. Returns whether it exited 0 and its
+/// output lines (`acked <i> <reason>`, `refused <i> <reason>`, `lost <i>`, ...).
+pub fn run_blob_publisher(
     dir: &TestDir,
     name: &str,
     port: u16,
     protocol: &str,
+    user_props: &[(&str, &str)],
     readings: &[(String, Vec<u8>)],
     timeout: Duration,
-) -> Result<()> {
+) -> Result<(bool, Vec<String>)> {
     let pdir = dir.join(&format!("{name}-payloads"));
     fs::create_dir_all(&pdir)?;
     let mut plan = String::new();
@@ -3881,17 +3883,33 @@ pub fn publish_all_acked(
         .args(["--client-id", &format!("blob-{name}")])
         .arg("--plan")
         .arg(&plan_file);
+    for (k, v) in user_props {
+        cmd.arg("--user-property").arg(format!("{k}={v}"));
+    }
     let mut proc = Proc::spawn(
         &format!("blob publisher {name}"),
         cmd,
         &dir.join(&format!("{name}.log")),
     )?;
     let st = proc.wait(timeout)?;
-    let lines = log_lines(proc.log());
+    Ok((st.success(), log_lines(proc.log())))
+}
+
+/// [`run_blob_publisher`] without properties, failing unless every reading was acknowledged
+/// with success within `timeout`.
+pub fn publish_all_acked(
+    dir: &TestDir,
+    name: &str,
+    port: u16,
+    protocol: &str,
+    readings: &[(String, Vec<u8>)],
+    timeout: Duration,
+) -> Result<()> {
+    let (ok, lines) = run_blob_publisher(dir, name, port, protocol, &[], readings, timeout)?;
     let acked = lines.iter().filter(|l| l.starts_with("acked ")).count();
-    if !st.success() || acked != readings.len() {
+    if !ok || acked != readings.len() {
         bail!(
-            "blob publisher {name}: {acked} of {} readings acked ({st}):\n{}",
+            "blob publisher {name}: {acked} of {} readings acked:\n{}",
             readings.len(),
             lines.join("\n")
         );
