@@ -20,6 +20,8 @@ import time
 
 import paho.mqtt.client as mqtt
 
+from mqtt_connect import connect_and_wait
+
 
 def main() -> int:
     ap = argparse.ArgumentParser()
@@ -54,40 +56,14 @@ def main() -> int:
     cond = threading.Condition()
     state = {"connected": False, "lost": False, "connack": None, "acks": {}}
 
-    def on_connect(client, userdata, flags, reason_code, properties):
-        with cond:
-            state["connack"] = str(reason_code)
-            state["connected"] = not reason_code.is_failure
-            cond.notify_all()
-
-    def on_disconnect(client, userdata, flags, reason_code, properties):
-        with cond:
-            state["lost"] = True
-            state["connected"] = False
-            cond.notify_all()
-
     def on_publish(client, userdata, mid, reason_code, properties):
         with cond:
             state["acks"][mid] = reason_code
             cond.notify_all()
 
-    client.on_connect = on_connect
-    client.on_disconnect = on_disconnect
     client.on_publish = on_publish
-    try:
-        client.connect(args.host, args.port, keepalive=30)
-    except OSError as e:
-        print(f"connect failed: {e}", flush=True)
+    if not connect_and_wait(client, args.host, args.port, cond, state, args.connect_timeout):
         return 2
-    client.loop_start()
-    deadline = time.monotonic() + args.connect_timeout
-    with cond:
-        while not state["connected"] and not state["lost"] and time.monotonic() < deadline:
-            cond.wait(0.1)
-        if not state["connected"]:
-            print(f"not connected: connack={state['connack']}", flush=True)
-            client.loop_stop()
-            return 2
 
     acked = refused = 0
     ok = True

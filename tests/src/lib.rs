@@ -252,6 +252,26 @@ impl Proc {
     pub fn log(&self) -> &Path {
         &self.log
     }
+
+    /// Waits until something accepts TCP connections on 127.0.0.1:`port`; fails at the
+    /// deadline, or as soon as this process exits, with the last `lines` lines of its log.
+    pub fn wait_listening(&mut self, port: u16, timeout: Duration, lines: usize) -> Result<()> {
+        let name = self.name.clone();
+        let log = self.log.clone();
+        wait_for(
+            &format!("{name} to listen on 127.0.0.1:{port}"),
+            timeout,
+            || {
+                if let Ok(Some(st)) = self.try_status() {
+                    return Some(Err(anyhow!(
+                        "{name} exited before listening ({st}):\n{}",
+                        tail(&log, lines)
+                    )));
+                }
+                port_open(port).then_some(Ok(()))
+            },
+        )?
+    }
 }
 
 impl Drop for Proc {
@@ -731,21 +751,7 @@ impl Outpost {
             ),
         )?;
         let mut proc = Proc::spawn(&format!("outpost run #{}", self.runs), cmd, &self.log)?;
-        let port = self.port;
-        let log = self.log.clone();
-        wait_for(
-            &format!("outpost to listen on 127.0.0.1:{port}"),
-            Duration::from_secs(60),
-            || {
-                if let Ok(Some(st)) = proc.try_status() {
-                    return Some(Err(anyhow!(
-                        "outpost exited during start-up ({st}):\n{}",
-                        tail(&log, 40)
-                    )));
-                }
-                port_open(port).then_some(Ok(()))
-            },
-        )??;
+        proc.wait_listening(self.port, Duration::from_secs(60), 40)?;
         self.proc = Some(proc);
         Ok(())
     }
@@ -973,6 +979,16 @@ pub struct MosquittoOptions {
     pub acl: Option<String>,
     /// `log_type debug` too (every packet in and out, e.g. "Received PUBACK from ...").
     pub log_debug: bool,
+}
+
+impl MosquittoOptions {
+    /// Only `max_packet_size limit`.
+    pub fn packet_limit(limit: u32) -> Self {
+        Self {
+            max_packet_size: Some(limit),
+            ..Self::default()
+        }
+    }
 }
 
 /// A mosquitto on 127.0.0.1:`port`, configured with `allow_anonymous true`,
@@ -1506,14 +1522,7 @@ impl Subscriber {
                 serde_json::from_str(line).with_context(|| format!("bad line {line:?}"))?;
             let hex = j["payload_hex"].as_str().unwrap_or_default();
             let payload = decode_hex(hex).ok_or_else(|| anyhow!("bad hex in {line:?}"))?;
-            let props = j["props"]
-                .as_object()
-                .map(|m| {
-                    m.iter()
-                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let props = string_map(&j["props"]);
             let envelope = if let Some(e) = j.get("envelope_error") {
                 Some(Err(e.as_str().unwrap_or_default().to_owned()))
             } else {
@@ -1568,19 +1577,23 @@ fn parse_envelope(e: &Value) -> Envelope {
                     .collect()
             })
             .unwrap_or_default(),
-        types: e["types"]
-            .as_object()
-            .map(|m| {
-                m.iter()
-                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
-                    .collect()
-            })
-            .unwrap_or_default(),
+        types: string_map(&e["types"]),
         v: e["v"].as_u64(),
         seq: e["seq"].as_u64(),
         ingested_at: e["ingested_at"].as_u64(),
         content_type: e["content_type"].as_str().map(str::to_owned),
     }
+}
+
+/// A JSON object's string values by key (non-strings as ""); empty if `v` is not an object.
+fn string_map(v: &Value) -> BTreeMap<String, String> {
+    v.as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn decode_hex(hex: &str) -> Option<Vec<u8>> {
@@ -2900,14 +2913,7 @@ pub fn scrape_metrics(port: u16) -> Result<Scrape> {
             let raw = s["value"].as_str().unwrap_or_default();
             samples.push(MetricSample {
                 name: s["name"].as_str().unwrap_or_default().to_owned(),
-                labels: s["labels"]
-                    .as_object()
-                    .map(|m| {
-                        m.iter()
-                            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
+                labels: string_map(&s["labels"]),
                 value: raw
                     .parse()
                     .with_context(|| format!("sample value {raw:?} is not a float"))?,
@@ -2987,17 +2993,7 @@ impl StatusHttpServer {
             cmd,
             &dir.join(&format!("{name}.log")),
         )?;
-        let log = proc.log().to_path_buf();
-        wait_for(
-            &format!("http server {name} to listen on {port}"),
-            Duration::from_secs(30),
-            || {
-                if let Ok(Some(st)) = proc.try_status() {
-                    return Some(Err(anyhow!("exited ({st}):\n{}", tail(&log, 20))));
-                }
-                port_open(port).then_some(Ok(()))
-            },
-        )??;
+        proc.wait_listening(port, Duration::from_secs(30), 20)?;
         Ok(Self { proc, status_file })
     }
 
@@ -3852,6 +3848,9 @@ pub fn blob(tag: u64, size: usize) -> Vec<u8> {
     out
 }
 
+/// One reading as a sensor publishes it: local topic and payload bytes.
+pub type RawReading = (String, Vec<u8>);
+
 /// Runs `tests/py/blob_publisher.py` (paho, `protocol` "3.1.1" or "5") against
 /// 127.0.0.1:`port`: publishes `readings` (topic, payload) at QoS 1 one at a time, in order,
 /// each after the previous one's PUBACK, with the MQTT 5 `user_props` on each. Payload files go
@@ -3863,7 +3862,7 @@ pub fn run_blob_publisher(
     port: u16,
     protocol: &str,
     user_props: &[(&str, &str)],
-    readings: &[(String, Vec<u8>)],
+    readings: &[RawReading],
     timeout: Duration,
 ) -> Result<(bool, Vec<String>)> {
     let pdir = dir.join(&format!("{name}-payloads"));
@@ -3902,7 +3901,7 @@ pub fn publish_all_acked(
     name: &str,
     port: u16,
     protocol: &str,
-    readings: &[(String, Vec<u8>)],
+    readings: &[RawReading],
     timeout: Duration,
 ) -> Result<()> {
     let (ok, lines) = run_blob_publisher(dir, name, port, protocol, &[], readings, timeout)?;
@@ -3963,20 +3962,7 @@ impl NatsServer {
         cmd.arg("-c").arg(&conf_path);
         let mut proc = Proc::spawn("nats-server", cmd, &ndir.join("nats.log"))
             .context("nats-server is an apt package (scripts/install-test-deps.sh installs it)")?;
-        let log = proc.log().to_path_buf();
-        wait_for(
-            &format!("nats-server's MQTT listener on 127.0.0.1:{mqtt_port}"),
-            Duration::from_secs(30),
-            || {
-                if let Ok(Some(st)) = proc.try_status() {
-                    return Some(Err(anyhow!(
-                        "nats-server exited ({st}):\n{}",
-                        tail(&log, 30)
-                    )));
-                }
-                port_open(mqtt_port).then_some(Ok(()))
-            },
-        )??;
+        proc.wait_listening(mqtt_port, Duration::from_secs(30), 30)?;
         Ok(Self { mqtt_port, proc })
     }
 

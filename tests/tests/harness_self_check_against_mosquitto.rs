@@ -64,10 +64,7 @@ fn packet_size_arithmetic_matches_mosquitto() -> anyhow::Result<()> {
     let broker = Mosquitto::start_with(
         &dir,
         free_port()?,
-        &MosquittoOptions {
-            max_packet_size: Some(u32::try_from(LIMIT)?),
-            ..MosquittoOptions::default()
-        },
+        &MosquittoOptions::packet_limit(u32::try_from(LIMIT)?),
     )?;
     let sub = Subscriber::spawn(&dir, "sub", &SubscriberSpec::new(broker.port(), "h/#"))?;
     // The user properties the gateway adds: seq and ingested_at (1 + 2+3 + 2+2 and

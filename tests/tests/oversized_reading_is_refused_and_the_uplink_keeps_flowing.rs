@@ -27,9 +27,10 @@
 use std::time::Duration;
 
 use outpost_tests::{
-    GatewayConfig, Mosquitto, MosquittoOptions, Outpost, Received, SeqSource, Subscriber,
-    SubscriberSpec, TestDir, UplinkReport, UpstreamProtocol, births, blob, check_upstream_delivery,
-    free_port, json_u64, payload, publish_all_acked, scrape_metrics, wait_for, wait_for_readings,
+    GatewayConfig, Mosquitto, MosquittoOptions, Outpost, RawReading, Received, SeqSource,
+    Subscriber, SubscriberSpec, TestDir, UplinkReport, UpstreamProtocol, births, blob,
+    check_upstream_delivery, free_port, json_u64, payload, publish_all_acked, scrape_metrics,
+    wait_for, wait_for_readings,
 };
 
 const NODE: &str = "gw1";
@@ -41,11 +42,11 @@ const BIG: &str = "sensors/blob";
 const BIG_SIZES: [usize; 3] = [20_000, 200_000, 1_000_000];
 
 /// The readings in publish order: 5 small, 20 KB, 5 small, 200 KB, 5 small, 1 MB, 5 small.
-fn plan() -> (Vec<(String, Vec<u8>)>, Vec<(String, u64)>) {
+fn plan() -> (Vec<RawReading>, Vec<(String, u64)>) {
     let mut readings = Vec::new();
     let mut small = Vec::new();
     let mut counter = 0;
-    let mut smalls = |readings: &mut Vec<(String, Vec<u8>)>| {
+    let mut smalls = |readings: &mut Vec<RawReading>| {
         for _ in 0..5 {
             readings.push((SMALL.to_owned(), payload(SMALL, counter, 100)));
             small.push((SMALL.to_owned(), counter));
@@ -66,14 +67,7 @@ fn setup(
     dir: &TestDir,
     cfg_fn: impl FnOnce(&mut GatewayConfig),
 ) -> anyhow::Result<(Mosquitto, Subscriber, Outpost, GatewayConfig)> {
-    let cloud = Mosquitto::start_with(
-        dir,
-        free_port()?,
-        &MosquittoOptions {
-            max_packet_size: Some(LIMIT),
-            ..MosquittoOptions::default()
-        },
-    )?;
+    let cloud = Mosquitto::start_with(dir, free_port()?, &MosquittoOptions::packet_limit(LIMIT))?;
     let consumer = Subscriber::spawn(
         dir,
         "cloud",
@@ -88,6 +82,18 @@ fn setup(
     Ok((cloud, consumer, gw, cfg))
 }
 
+/// A sensor publishes `readings` (QoS 1, MQTT 3.1.1, in order); the gateway must ack them all.
+fn sensor(dir: &TestDir, gw: &Outpost, readings: &[RawReading]) -> anyhow::Result<()> {
+    publish_all_acked(
+        dir,
+        "sensor",
+        gw.port(),
+        "3.1.1",
+        readings,
+        Duration::from_secs(120),
+    )
+}
+
 fn big_readings(
     name: &str,
     cfg_fn: impl FnOnce(&mut GatewayConfig),
@@ -98,14 +104,7 @@ fn big_readings(
     let (_cloud, consumer, mut gw, cfg) = setup(&dir, cfg_fn)?;
 
     let (readings, small) = plan();
-    publish_all_acked(
-        &dir,
-        "sensor",
-        gw.port(),
-        "3.1.1",
-        &readings,
-        Duration::from_secs(120),
-    )?;
+    sensor(&dir, &gw, &readings)?;
 
     wait_for_readings(&consumer, &mut gw, &small, Duration::from_secs(60))?;
     gw.wait_status(
@@ -210,19 +209,12 @@ fn mqtt311_without_a_limit_names_the_record_that_breaks_the_link() -> anyhow::Re
         cfg.protocol = Some(UpstreamProtocol::V311);
     })?;
     let small: Vec<(String, u64)> = (0..5).map(|c| (SMALL.to_owned(), c)).collect();
-    let mut readings: Vec<(String, Vec<u8>)> = small
+    let mut readings: Vec<RawReading> = small
         .iter()
         .map(|(t, c)| (t.clone(), payload(t, *c, 100)))
         .collect();
     readings.push((BIG.to_owned(), blob(1, BIG_SIZES[1])));
-    publish_all_acked(
-        &dir,
-        "sensor",
-        gw.port(),
-        "3.1.1",
-        &readings,
-        Duration::from_secs(60),
-    )?;
+    sensor(&dir, &gw, &readings)?;
     let msgs = wait_for_readings(&consumer, &mut gw, &small, Duration::from_secs(60))?;
     check_upstream_delivery(
         &msgs,

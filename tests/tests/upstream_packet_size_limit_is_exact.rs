@@ -48,7 +48,7 @@ fn sweep_firsts<'a>(
     let mut seen: Vec<&[u8]> = Vec::new();
     let mut firsts = Vec::new();
     for m in msgs.iter().filter(|m| m.topic == topic) {
-        if !expected.iter().any(|e| *e == m.payload) {
+        if !expected.contains(&m.payload) {
             anyhow::bail!(
                 "a {} B payload no sensor sent (or changed on the way) arrived on {topic}",
                 m.payload.len()
@@ -68,10 +68,7 @@ fn boundary(protocol: UpstreamProtocol) -> anyhow::Result<()> {
     let cloud = Mosquitto::start_with(
         &dir,
         free_port()?,
-        &MosquittoOptions {
-            max_packet_size: Some(u32::try_from(LIMIT)?),
-            ..MosquittoOptions::default()
-        },
+        &MosquittoOptions::packet_limit(u32::try_from(LIMIT)?),
     )?;
     // A 3.1.1 consumer for the 3.1.1 gateway: its received packets have no property block
     // either, so their size is the gateway's.
