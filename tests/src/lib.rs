@@ -2,8 +2,10 @@
 //! "cloud" broker) and real third-party clients (paho-mqtt for Python, mosquitto_pub/_sub).
 //!
 //! # What it needs on the machine
-//! `mosquitto`, `mosquitto_pub`, `mosquitto_sub` on `PATH` (apt `mosquitto mosquitto-clients`)
-//! and `python3` with `paho-mqtt` 2.x (pip). `.ci/run` installs them.
+//! `mosquitto`, `mosquitto_pub`, `mosquitto_sub` on `PATH` (apt `mosquitto mosquitto-clients`),
+//! `nats-server` (apt; an MQTT 3.1.1-only upstream) and `python3` with `paho-mqtt` 2.x and
+//! `cbor2` (pip). `scripts/install-test-deps.sh` installs them; a scenario whose peer is missing
+//! fails (it never skips).
 //!
 //! # How the binary is found (and built)
 //! A test crate cannot use `env!("CARGO_BIN_EXE_outpost")` for another package's binary, and a
@@ -28,8 +30,12 @@
 //! # Layout
 //! - [`Mosquitto`]: the upstream broker; start, stop (SIGTERM), kill (SIGKILL), restart on
 //!   the same port; optional persistence for scenarios that restart it under a subscriber.
+//! - [`MosquittoOptions`]: a packet size limit, an ACL file, debug logging.
 //! - [`GatewayConfig`] renders an outpost TOML file; [`Outpost`] runs the binary:
-//!   start, restart, sigterm, sigkill, `status --json`.
+//!   start, restart, sigterm, sigkill, `status --json`. The uplink's protocol, packet size
+//!   limit and metadata mode are left to the gateway's defaults unless a scenario sets them
+//!   ([`UpstreamProtocol`], [`Metadata`]); [`UplinkVariant`] runs one delivery scenario in
+//!   several uplink modes; [`UplinkReport`] reads the uplink's figures from a status.
 //! - [`Publisher`] (tests/py/publisher.py), [`Subscriber`] (tests/py/subscriber.py),
 //!   [`Client`] (tests/py/client.py): paho clients; [`payload`] is the publisher's payload.
 //! - [`mosquitto_pub`], [`spawn_mosquitto_sub`]: the Mosquitto command-line clients.
@@ -38,7 +44,12 @@
 //!   the rule expects on `/metrics` ([`check_broker_counter_moves`]).
 //! - [`check_upstream_delivery`]: the upstream contract over what a consumer received (every
 //!   acked reading, topic mapping, payload unchanged, per-topic order, `seq` rules for
-//!   duplicates); [`wait_for_readings`] waits for a set of readings upstream.
+//!   duplicates, the seq read from user properties or the CBOR envelope: [`SeqSource`]);
+//!   [`wait_for_readings`] waits for a set of readings upstream.
+//! - [`publish_all_acked`] / [`run_blob_publisher`] (tests/py/blob_publisher.py): arbitrary
+//!   payloads ([`blob`]), one at a time; [`publish_packet_size`] / [`Received::packet_size`]:
+//!   the MQTT packet size a limit applies to; [`births`]: the gateway's birth messages;
+//!   [`NatsServer`]: an upstream that refuses MQTT 5.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

@@ -257,7 +257,8 @@ fn boundary(protocol: UpstreamProtocol) -> anyhow::Result<()> {
         sync_refused: Some(1),
         refused_by_reason: UplinkReport::only("packet_too_large", 1),
         refused_records: Some(1),
-        buffered_records: Some(0),
+        // buffered_records reached 0 above; the gateway's own resource samples (every 30 s)
+        // may be in flight at any one instant.
         ..r.clone()
     };
     assert_eq!(r, want, "uplink figures; status: {status:#}");
