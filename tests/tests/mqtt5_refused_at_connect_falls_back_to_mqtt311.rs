@@ -207,7 +207,8 @@ fn protocol_5_pinned_never_connects_and_status_says_why() -> anyhow::Result<()> 
         protocol: None,
         protocol_reported: true,
         fallback: Some(false),
-        reconnects: Some(0),
+        // Not `reconnects`: each attempt gets a (refusing) CONNACK from nats-server, and the
+        // contract counts "connections after the first that got a CONNACK".
         births_published: Some(0),
         buffered_records: Some(10),
         ..r.clone()
