@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the real peers the tests run against: mosquitto (the cloud broker, reference clients
-# and mosquitto_passwd), openssl and libcoap's coap-client-notls from apt, paho-mqtt and aiocoap
-# from PyPI.
+# and mosquitto_passwd), nats-server (an MQTT 3.1.1-only upstream), openssl and libcoap's
+# coap-client-notls from apt, paho-mqtt, cbor2 and aiocoap from PyPI.
 # Idempotent: skips what is already there.
 set -euo pipefail
 
@@ -12,6 +12,8 @@ command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 command -v coap-client-notls >/dev/null 2>&1 || need_apt+=(libcoap3-bin)
 # The TLS scenarios make their CA and certificates with the openssl command.
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+# The protocol fallback scenario's upstream: NATS's MQTT listener speaks 3.1.1 only.
+command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || need_apt+=(nats-server)
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""
   [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -36,4 +38,9 @@ fi
 # The mDNS discovery scenarios use python-zeroconf as the peer (inside network namespaces).
 if ! python3 -c 'import zeroconf' 2>/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check 'zeroconf>=0.130,<1'
+fi
+
+# The envelope scenarios decode the gateway's CBOR envelope as a cloud consumer would, with cbor2.
+if ! python3 -c 'import cbor2' 2>/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check 'cbor2>=5.4,<6'
 fi

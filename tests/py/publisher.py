@@ -22,6 +22,8 @@ import time
 
 import paho.mqtt.client as mqtt
 
+from mqtt_connect import connect_and_wait
+
 
 def payload(topic: str, counter: int, size: int) -> bytes:
     head = f"{topic}|{counter}|".encode()
@@ -69,18 +71,6 @@ def main() -> int:
         state["acked"] += 1
         state["outstanding"] -= 1
 
-    def on_connect(client, userdata, flags, reason_code, properties):
-        with lock:
-            state["connack"] = str(reason_code)
-            state["connected"] = not reason_code.is_failure
-            lock.notify_all()
-
-    def on_disconnect(client, userdata, flags, reason_code, properties):
-        with lock:
-            state["lost"] = True
-            state["connected"] = False
-            lock.notify_all()
-
     def on_publish(client, userdata, mid, reason_code, properties):
         # Runs on paho's network thread while paho holds its own locks: only touch ours here,
         # and never call paho while holding ours (see the main loop).
@@ -94,23 +84,9 @@ def main() -> int:
                 record(entry)
             lock.notify_all()
 
-    client.on_connect = on_connect
-    client.on_disconnect = on_disconnect
     client.on_publish = on_publish
-    try:
-        client.connect(args.host, args.port, keepalive=30)
-    except OSError as e:
-        print(f"connect failed: {e}", flush=True)
+    if not connect_and_wait(client, args.host, args.port, lock, state, args.connect_timeout):
         return 2
-    client.loop_start()
-    deadline = time.monotonic() + args.connect_timeout
-    with lock:
-        while not state["connected"] and not state["lost"] and time.monotonic() < deadline:
-            lock.wait(0.1)
-        if not state["connected"]:
-            print(f"not connected: connack={state['connack']}", flush=True)
-            client.loop_stop()
-            return 2
 
     published = 0
     for topic, counter in plan:

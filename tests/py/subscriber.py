@@ -2,8 +2,20 @@
 """MQTT subscriber for the scenario tests (paho-mqtt 2.x), by default MQTT 5 at QoS 1.
 
 Every message received becomes one JSON line in `--out`:
-    {"topic": ..., "payload_hex": ..., "qos": n, "retain": bool, "dup": bool, "props": {name: value}}
-where `props` holds the MQTT 5 user properties (a repeated name keeps the last value).
+    {"topic": ..., "payload_hex": ..., "qos": n, "retain": bool, "dup": bool, "props": {name: value},
+     "props_len": n | null, "content_type": str | null}
+where `props` holds the MQTT 5 user properties (a repeated name keeps the last value),
+`props_len` the length of the PUBLISH's whole encoded property block (its length prefix included;
+null over 3.1.1), so a test can compute the size of the packet the sender wrote, and
+`content_type` the MQTT 5 Content Type property.
+
+With `--envelope` every payload is decoded as the gateway's CBOR envelope (cbor2, the decoder a
+cloud consumer would use): `payload_hex` is then the envelope's "payload", and the line gets
+    "envelope": {"keys": [...], "types": {key: type}, "v": .., "seq": .., "ingested_at": ..,
+                 "content_type": ..}
+(`types`: "uint", "int", "bytes", "text", or the Python type name), or
+`"envelope_error": "..."` when the payload is not one CBOR map with nothing after it (the raw
+payload is then in `payload_hex`).
 `--ready` is created once the SUBACK has arrived, so a test can start publishing.
 
 With `--session-expiry S` the session is persistent (clean start only on the first connect,
@@ -15,6 +27,7 @@ Stops after `--count` messages, or after `--idle` seconds without a message once
 arrived, or when killed. Output is line-buffered.
 """
 import argparse
+import io
 import json
 import sys
 import threading
@@ -23,6 +36,40 @@ import time
 import paho.mqtt.client as mqtt
 from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
+
+
+def cbor_type(v) -> str:
+    if type(v) is int:
+        return "uint" if v >= 0 else "int"
+    if isinstance(v, bytes):
+        return "bytes"
+    if isinstance(v, str):
+        return "text"
+    return type(v).__name__
+
+
+def decode_envelope(raw: bytes) -> dict:
+    """The envelope fields of the line (see the module doc), or {"envelope_error": ...}."""
+    import cbor2  # only the envelope scenarios need it
+
+    try:
+        fp = io.BytesIO(raw)
+        doc = cbor2.CBORDecoder(fp).decode()
+        if fp.tell() != len(raw):
+            return {"envelope_error": f"{len(raw) - fp.tell()} bytes after the CBOR item"}
+    except Exception as e:  # noqa: BLE001 - any decoding failure is the finding
+        return {"envelope_error": f"not CBOR: {e!r}"}
+    if not isinstance(doc, dict):
+        return {"envelope_error": f"not a CBOR map but {cbor_type(doc)}"}
+    keys = [k if isinstance(k, str) else repr(k) for k in doc]
+    env = {"keys": keys, "types": {k: cbor_type(doc[k]) for k in doc if isinstance(k, str)}}
+    for k in ("v", "seq", "ingested_at", "content_type"):
+        v = doc.get(k)
+        env[k] = v if isinstance(v, (int, str)) and type(v) is not bool else None
+    out = {"envelope": env}
+    if isinstance(doc.get("payload"), bytes):
+        out["payload_hex"] = doc["payload"].hex()
+    return out
 
 
 def main() -> int:
@@ -38,6 +85,8 @@ def main() -> int:
     ap.add_argument("--ready", required=True)
     ap.add_argument("--count", type=int, default=0)
     ap.add_argument("--idle", type=float, default=0.0)
+    ap.add_argument("--envelope", action="store_true",
+                    help="decode every payload as the gateway's CBOR envelope")
     args = ap.parse_args()
 
     proto = mqtt.MQTTv5 if args.protocol == "5" else mqtt.MQTTv311
@@ -77,17 +126,27 @@ def main() -> int:
 
     def on_message(client, userdata, msg):
         props = {}
-        if msg.properties is not None and hasattr(msg.properties, "UserProperty"):
-            for k, v in msg.properties.UserProperty:
-                props[k] = v
-        line = json.dumps({
+        props_len = None
+        content_type = None
+        if msg.properties is not None:
+            if hasattr(msg.properties, "UserProperty"):
+                for k, v in msg.properties.UserProperty:
+                    props[k] = v
+            content_type = getattr(msg.properties, "ContentType", None)
+            props_len = len(msg.properties.pack())
+        rec = {
             "topic": msg.topic,
             "payload_hex": msg.payload.hex(),
             "qos": msg.qos,
             "retain": bool(msg.retain),
             "dup": bool(msg.dup),
             "props": props,
-        })
+            "props_len": props_len,
+            "content_type": content_type,
+        }
+        if args.envelope:
+            rec.update(decode_envelope(msg.payload))
+        line = json.dumps(rec)
         with lock:
             out.write(line + "\n")
             state["n"] += 1

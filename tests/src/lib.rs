@@ -2,8 +2,10 @@
 //! "cloud" broker) and real third-party clients (paho-mqtt for Python, mosquitto_pub/_sub).
 //!
 //! # What it needs on the machine
-//! `mosquitto`, `mosquitto_pub`, `mosquitto_sub` on `PATH` (apt `mosquitto mosquitto-clients`)
-//! and `python3` with `paho-mqtt` 2.x (pip). `.ci/run` installs them.
+//! `mosquitto`, `mosquitto_pub`, `mosquitto_sub` on `PATH` (apt `mosquitto mosquitto-clients`),
+//! `nats-server` (apt; an MQTT 3.1.1-only upstream) and `python3` with `paho-mqtt` 2.x and
+//! `cbor2` (pip). `scripts/install-test-deps.sh` installs them; a scenario whose peer is missing
+//! fails (it never skips).
 //!
 //! # How the binary is found (and built)
 //! A test crate cannot use `env!("CARGO_BIN_EXE_outpost")` for another package's binary, and a
@@ -28,8 +30,12 @@
 //! # Layout
 //! - [`Mosquitto`]: the upstream broker; start, stop (SIGTERM), kill (SIGKILL), restart on
 //!   the same port; optional persistence for scenarios that restart it under a subscriber.
+//! - [`MosquittoOptions`]: a packet size limit, an ACL file, debug logging.
 //! - [`GatewayConfig`] renders an outpost TOML file; [`Outpost`] runs the binary:
-//!   start, restart, sigterm, sigkill, `status --json`.
+//!   start, restart, sigterm, sigkill, `status --json`. The uplink's protocol, packet size
+//!   limit and metadata mode are left to the gateway's defaults unless a scenario sets them
+//!   ([`UpstreamProtocol`], [`Metadata`]); [`UplinkVariant`] runs one delivery scenario in
+//!   several uplink modes; [`UplinkReport`] reads the uplink's figures from a status.
 //! - [`Publisher`] (tests/py/publisher.py), [`Subscriber`] (tests/py/subscriber.py),
 //!   [`Client`] (tests/py/client.py): paho clients; [`payload`] is the publisher's payload.
 //! - [`mosquitto_pub`], [`spawn_mosquitto_sub`]: the Mosquitto command-line clients.
@@ -38,7 +44,12 @@
 //!   the rule expects on `/metrics` ([`check_broker_counter_moves`]).
 //! - [`check_upstream_delivery`]: the upstream contract over what a consumer received (every
 //!   acked reading, topic mapping, payload unchanged, per-topic order, `seq` rules for
-//!   duplicates); [`wait_for_readings`] waits for a set of readings upstream.
+//!   duplicates, the seq read from user properties or the CBOR envelope: [`SeqSource`]);
+//!   [`wait_for_readings`] waits for a set of readings upstream.
+//! - [`publish_all_acked`] / [`run_blob_publisher`] (tests/py/blob_publisher.py): arbitrary
+//!   payloads ([`blob`]), one at a time; [`publish_packet_size`] / [`Received::packet_size`]:
+//!   the MQTT packet size a limit applies to; [`births`]: the gateway's birth messages;
+//!   [`NatsServer`]: an upstream that refuses MQTT 5.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -252,6 +263,26 @@ impl Proc {
     pub fn log(&self) -> &Path {
         &self.log
     }
+
+    /// Waits until something accepts TCP connections on 127.0.0.1:`port`; fails at the
+    /// deadline, or as soon as this process exits, with the last `lines` lines of its log.
+    pub fn wait_listening(&mut self, port: u16, timeout: Duration, lines: usize) -> Result<()> {
+        let name = self.name.clone();
+        let log = self.log.clone();
+        wait_for(
+            &format!("{name} to listen on 127.0.0.1:{port}"),
+            timeout,
+            || {
+                if let Ok(Some(st)) = self.try_status() {
+                    return Some(Err(anyhow!(
+                        "{name} exited before listening ({st}):\n{}",
+                        tail(&log, lines)
+                    )));
+                }
+                port_open(port).then_some(Ok(()))
+            },
+        )?
+    }
 }
 
 impl Drop for Proc {
@@ -398,6 +429,51 @@ impl Route {
     }
 }
 
+/// `[upstream] protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// "auto": MQTT 5, falling back to 3.1.1 when the broker refuses 5 at CONNECT (the
+    /// default when the key is absent).
+    Auto,
+    /// "5", pinned: no fallback.
+    V5,
+    /// "3.1.1", pinned.
+    V311,
+}
+
+impl UpstreamProtocol {
+    /// The TOML value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::V5 => "5",
+            Self::V311 => "3.1.1",
+        }
+    }
+}
+
+/// `[upstream] metadata`: where a record's `seq`, ingest time and content type travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metadata {
+    /// MQTT 5 user properties (the default on MQTT 5).
+    Properties,
+    /// A CBOR envelope around the payload (see [`Envelope`]); works on 3.1.1 too.
+    Envelope,
+    /// Nothing (the default on MQTT 3.1.1): the payload alone.
+    None,
+}
+
+impl Metadata {
+    /// The TOML value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Properties => "properties",
+            Self::Envelope => "envelope",
+            Self::None => "none",
+        }
+    }
+}
+
 /// The knobs scenarios turn, rendered to outpost's TOML by [`GatewayConfig::to_toml`].
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -409,8 +485,19 @@ pub struct GatewayConfig {
     pub data_dir: PathBuf,
     /// `[upstream] url = mqtt://127.0.0.1:<port>`; `None` leaves `[upstream]` out.
     pub upstream_port: Option<u16>,
-    /// `[upstream] protocol`: "3.1.1" or "5".
-    pub protocol: String,
+    /// `[upstream] protocol`; `None` (the default) writes nothing: the shipped default, "auto"
+    /// (MQTT 5, falling back to 3.1.1 when the broker refuses 5 at CONNECT).
+    pub protocol: Option<UpstreamProtocol>,
+    /// `[upstream] max_packet_size` (a size, e.g. "100000"); `None` writes nothing (the MQTT
+    /// maximum; an MQTT 5 broker's CONNACK limit applies on top).
+    pub upstream_max_packet_size: Option<String>,
+    /// `[upstream] metadata`; `None` writes nothing (properties on MQTT 5, none on 3.1.1).
+    pub metadata: Option<Metadata>,
+    /// Only `url` in `[upstream]` and no `[sync]` table: every other uplink setting is the
+    /// shipped default (the README quick start, `outpost run --upstream URL`). When false (the
+    /// default) the harness also writes client id, topic prefix, keep-alive and `[sync]`, with
+    /// the values the default configuration has today.
+    pub upstream_url_only: bool,
     /// `[storage] quota`.
     pub quota: String,
     /// `[storage] when_full`.
@@ -425,6 +512,9 @@ pub struct GatewayConfig {
     /// `[health] resource_interval`, if set (the gateway stores its own resource samples as
     /// records; a scenario counting records exactly pushes them out of its time frame).
     pub resource_interval: Option<String>,
+    /// `[broker] max_packet_size` (the local broker's limit, also the largest reading a sensor
+    /// can publish). The harness writes "256KiB", the shipped default.
+    pub broker_max_packet_size: String,
     /// Lines added to the `[broker]` table (`password_file`, `acl_file`, `allow_anonymous`, ...).
     pub broker_extra: String,
     /// `[[broker.listener]]` tables in place of `listeners = ["127.0.0.1:<port>"]`. Empty (the
@@ -487,20 +577,25 @@ impl ListenerTable {
 }
 
 impl GatewayConfig {
-    /// Defaults for node `node` on a free port with its data under `dir/data`, upstream MQTT 5.
+    /// Defaults for node `node` on a free port with its data under `dir/data`; the upstream
+    /// protocol, packet size limit and metadata mode are left to the gateway's defaults.
     pub fn new(dir: &TestDir, node: &str, upstream_port: Option<u16>) -> Result<Self> {
         Ok(Self {
             node: node.to_owned(),
             port: free_port()?,
             data_dir: dir.join("data"),
             upstream_port,
-            protocol: "5".to_owned(),
+            protocol: None,
+            upstream_max_packet_size: None,
+            metadata: None,
+            upstream_url_only: false,
             quota: "1GiB".to_owned(),
             when_full: "evict-lowest-oldest".to_owned(),
             durability: "normal".to_owned(),
             routes: Vec::new(),
             health_port: free_port()?,
             resource_interval: None,
+            broker_max_packet_size: "256KiB".to_owned(),
             broker_extra: String::new(),
             listener_tables: Vec::new(),
             extra: String::new(),
@@ -522,8 +617,8 @@ impl GatewayConfig {
         }
         let _ = writeln!(
             s,
-            "max_packet_size = \"256KiB\"\nmax_inflight = 32\nmax_inbound_pending = 64\n{}",
-            self.broker_extra
+            "max_packet_size = \"{}\"\nmax_inflight = 32\nmax_inbound_pending = 64\n{}",
+            self.broker_max_packet_size, self.broker_extra
         );
         for l in &self.listener_tables {
             s.push_str(&l.to_toml());
@@ -548,15 +643,30 @@ impl GatewayConfig {
             s.push('\n');
         }
         if let Some(p) = self.upstream_port {
-            let _ = writeln!(
-                s,
-                "[upstream]\nurl = \"mqtt://127.0.0.1:{p}\"\nclient_id = \"outpost-{}\"\nprotocol = \"{}\"\ntopic_prefix = \"outpost\"\nkeep_alive = \"30s\"\n",
-                self.node, self.protocol
-            );
-            let _ = writeln!(
-                s,
-                "[sync]\ninflight_window = 100\nbackoff_min = \"100ms\"\nbackoff_max = \"1s\"\n"
-            );
+            let _ = writeln!(s, "[upstream]\nurl = \"mqtt://127.0.0.1:{p}\"");
+            if let Some(v) = self.protocol {
+                let _ = writeln!(s, "protocol = \"{}\"", v.as_str());
+            }
+            if let Some(m) = &self.upstream_max_packet_size {
+                let _ = writeln!(s, "max_packet_size = \"{m}\"");
+            }
+            if let Some(m) = self.metadata {
+                let _ = writeln!(s, "metadata = \"{}\"", m.as_str());
+            }
+            if !self.upstream_url_only {
+                let _ = writeln!(
+                    s,
+                    "client_id = \"outpost-{}\"\ntopic_prefix = \"outpost\"\nkeep_alive = \"30s\"",
+                    self.node
+                );
+            }
+            s.push('\n');
+            if !self.upstream_url_only {
+                let _ = writeln!(
+                    s,
+                    "[sync]\ninflight_window = 100\nbackoff_min = \"100ms\"\nbackoff_max = \"1s\"\n"
+                );
+            }
         }
         let _ = writeln!(s, "[health]\nlisten = \"127.0.0.1:{}\"", self.health_port);
         if let Some(i) = &self.resource_interval {
@@ -652,21 +762,7 @@ impl Outpost {
             ),
         )?;
         let mut proc = Proc::spawn(&format!("outpost run #{}", self.runs), cmd, &self.log)?;
-        let port = self.port;
-        let log = self.log.clone();
-        wait_for(
-            &format!("outpost to listen on 127.0.0.1:{port}"),
-            Duration::from_secs(60),
-            || {
-                if let Ok(Some(st)) = proc.try_status() {
-                    return Some(Err(anyhow!(
-                        "outpost exited during start-up ({st}):\n{}",
-                        tail(&log, 40)
-                    )));
-                }
-                port_open(port).then_some(Ok(()))
-            },
-        )??;
+        proc.wait_listening(self.port, Duration::from_secs(60), 40)?;
         self.proc = Some(proc);
         Ok(())
     }
@@ -757,6 +853,13 @@ impl Outpost {
         })
     }
 
+    /// Waits (deadline 30 s) for `runtime.uplink_state == "connected"`.
+    pub fn wait_uplink_connected(&self) -> Result<Value> {
+        self.wait_status("uplink connected", Duration::from_secs(30), |s| {
+            json_str(s, &["runtime", "uplink_state"]) == Some("connected")
+        })
+    }
+
     /// Polls `status --json` until `pred` holds; on timeout the error shows the last status.
     pub fn wait_status(
         &self,
@@ -775,6 +878,88 @@ impl Outpost {
     }
 }
 
+/// The uplink's figures in a `status --json` document, as the sync contract names them
+/// (runtime fields under "runtime", the store's at the top level). A field the gateway does not
+/// report is `None` (JSON null too), so an assertion failure shows what was missing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UplinkReport {
+    /// runtime.uplink_state ("connected", ...).
+    pub state: Option<String>,
+    /// runtime.uplink_protocol: "5" or "3.1.1"; None when null (never connected) or absent.
+    pub protocol: Option<String>,
+    /// Whether runtime.uplink_protocol is present (null included): the field exists.
+    pub protocol_reported: bool,
+    /// runtime.uplink_protocol_fallback.
+    pub fallback: Option<bool>,
+    /// runtime.uplink_max_packet_size: the effective limit on the current connection.
+    pub max_packet_size: Option<u64>,
+    /// runtime.uplink_last_error.
+    pub last_error: Option<String>,
+    /// runtime.uplink_failing_seq.
+    pub failing_seq: Option<u64>,
+    /// runtime.uplink_failing_reason.
+    pub failing_reason: Option<String>,
+    /// runtime.reconnects: connections after the first that got a CONNACK.
+    pub reconnects: Option<u64>,
+    /// runtime.births_published: one per real connection.
+    pub births_published: Option<u64>,
+    /// runtime.sync_refused: records permanently refused by the upstream.
+    pub sync_refused: Option<u64>,
+    /// runtime.sync_refused_by_reason without its zero entries; None if absent.
+    pub refused_by_reason: Option<BTreeMap<String, u64>>,
+    /// runtime.sync_refusals_retried: transient refusals retried with back-off.
+    pub refusals_retried: Option<u64>,
+    /// runtime.commands_refused: cloud commands refused.
+    pub commands_refused: Option<u64>,
+    /// refused_records: rows in the store's refused table.
+    pub refused_records: Option<u64>,
+    /// refused_total: records ever moved to the refused table.
+    pub refused_total: Option<u64>,
+    /// buffered_records: records waiting to be synced.
+    pub buffered_records: Option<u64>,
+}
+
+impl UplinkReport {
+    /// Reads the figures from a `status --json` document.
+    pub fn from_status(s: &Value) -> Self {
+        let rt = &s["runtime"];
+        let text = |v: &Value| v.as_str().map(str::to_owned);
+        Self {
+            state: text(&rt["uplink_state"]),
+            protocol: text(&rt["uplink_protocol"]),
+            protocol_reported: rt.get("uplink_protocol").is_some(),
+            fallback: rt["uplink_protocol_fallback"].as_bool(),
+            max_packet_size: rt["uplink_max_packet_size"].as_u64(),
+            last_error: text(&rt["uplink_last_error"]),
+            failing_seq: rt["uplink_failing_seq"].as_u64(),
+            failing_reason: text(&rt["uplink_failing_reason"]),
+            reconnects: rt["reconnects"].as_u64(),
+            births_published: rt["births_published"].as_u64(),
+            sync_refused: rt["sync_refused"].as_u64(),
+            refused_by_reason: rt["sync_refused_by_reason"].as_object().map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
+                    .filter(|(_, n)| *n > 0)
+                    .collect()
+            }),
+            refusals_retried: rt["sync_refusals_retried"].as_u64(),
+            commands_refused: rt["commands_refused"].as_u64(),
+            refused_records: s["refused_records"].as_u64(),
+            refused_total: s["refused_total"].as_u64(),
+            buffered_records: s["buffered_records"].as_u64(),
+        }
+    }
+
+    /// `refused_by_reason` as expected for `n` refusals of `reason` and no other.
+    pub fn only(reason: &str, n: u64) -> Option<BTreeMap<String, u64>> {
+        Some(if n == 0 {
+            BTreeMap::new()
+        } else {
+            [(reason.to_owned(), n)].into()
+        })
+    }
+}
+
 /// `v[path...]` as u64 (status fields), `None` if absent or not a number.
 pub fn json_u64(v: &Value, path: &[&str]) -> Option<u64> {
     path.iter().try_fold(v, |v, k| v.get(k))?.as_u64()
@@ -788,6 +973,34 @@ pub fn json_str<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
 // ---------------------------------------------------------------------------------------------
 // Mosquitto, the upstream broker
 // ---------------------------------------------------------------------------------------------
+
+/// How a [`Mosquitto`] is configured beyond the fixed part (listener, anonymous access,
+/// logging, `max_queued_messages 0`).
+#[derive(Debug, Clone, Default)]
+pub struct MosquittoOptions {
+    /// `persistence true` with a 1 s autosave in its directory (see [`Mosquitto::start_on`]).
+    pub persistence: bool,
+    /// `max_packet_size N`: mosquitto refuses larger packets (it closes the connection; over
+    /// MQTT 5 it announces the limit in CONNACK and sends DISCONNECT 0x95 first).
+    /// Measured with mosquitto 2.0.11: it compares the remaining length + 1 with the limit, so
+    /// it takes whole packets up to 2-4 bytes (the remaining length's own bytes) over it.
+    pub max_packet_size: Option<u32>,
+    /// The content of an `acl_file` (`topic [read|write|readwrite|deny] FILTER` lines before any
+    /// `user` line apply to anonymous clients).
+    pub acl: Option<String>,
+    /// `log_type debug` too (every packet in and out, e.g. "Received PUBACK from ...").
+    pub log_debug: bool,
+}
+
+impl MosquittoOptions {
+    /// Only `max_packet_size limit`.
+    pub fn packet_limit(limit: u32) -> Self {
+        Self {
+            max_packet_size: Some(limit),
+            ..Self::default()
+        }
+    }
+}
 
 /// A mosquitto on 127.0.0.1:`port`, configured with `allow_anonymous true`,
 /// `max_queued_messages 0` (no per-client queue limit) and logging to a file.
@@ -812,12 +1025,32 @@ impl Mosquitto {
     /// restored on restart, so a persistent-session subscriber keeps its subscription across an
     /// outage (after a SIGKILL: if [`Mosquitto::wait_saved`] saw it saved).
     pub fn start_on(dir: &TestDir, port: u16, persistence: bool) -> Result<Self> {
+        let opts = MosquittoOptions {
+            persistence,
+            ..MosquittoOptions::default()
+        };
+        Self::start_with(dir, port, &opts)
+    }
+
+    /// Starts one on `port` configured by `opts` (see [`MosquittoOptions`]).
+    pub fn start_with(dir: &TestDir, port: u16, opts: &MosquittoOptions) -> Result<Self> {
         let mdir = dir.join("mosquitto");
         fs::create_dir_all(&mdir)?;
         let mut conf = format!(
             "listener {port} 127.0.0.1\nallow_anonymous true\nlog_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\nconnection_messages true\nmax_queued_messages 0\n"
         );
-        if persistence {
+        if opts.log_debug {
+            conf.push_str("log_type debug\n");
+        }
+        if let Some(n) = opts.max_packet_size {
+            let _ = writeln!(conf, "max_packet_size {n}");
+        }
+        if let Some(acl) = &opts.acl {
+            let path = mdir.join("acl");
+            fs::write(&path, acl)?;
+            let _ = writeln!(conf, "acl_file {}", path.display());
+        }
+        if opts.persistence {
             // Started as root, mosquitto drops to user `mosquitto`, which cannot write into a
             // private temp dir: stay the user we are (ignored when not root).
             let user = Command::new("id").arg("-un").output()?;
@@ -1093,6 +1326,108 @@ pub struct Received {
     pub dup: bool,
     /// MQTT 5 user properties.
     pub props: BTreeMap<String, String>,
+    /// MQTT 5: the length of the whole encoded property block as received (its own length
+    /// prefix included); `None` over 3.1.1. See [`publish_packet_size`].
+    pub props_len: Option<usize>,
+    /// MQTT 5 Content Type property.
+    pub content_type: Option<String>,
+    /// With [`SubscriberSpec::envelope`]: the decoded CBOR envelope (then `payload` is the
+    /// envelope's payload), or why the payload is not one.
+    pub envelope: Option<std::result::Result<Envelope, String>>,
+}
+
+/// A CBOR envelope as a consumer's cbor2 decoded it (`tests/py/subscriber.py --envelope`).
+/// The contract (`[upstream] metadata = "envelope"`): a map {"v": 1, "seq": uint,
+/// "ingested_at": uint (Unix ms), "content_type": text (only if the route declares a format),
+/// "payload": bytes (the original payload unchanged)}.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Envelope {
+    /// The map's keys, in encoded order (non-text keys as Python reprs).
+    pub keys: Vec<String>,
+    /// Each text key's value type: "uint", "int", "bytes", "text", or a Python type name.
+    pub types: BTreeMap<String, String>,
+    /// "v" when an integer.
+    pub v: Option<u64>,
+    /// "seq" when an unsigned integer.
+    pub seq: Option<u64>,
+    /// "ingested_at" when an unsigned integer.
+    pub ingested_at: Option<u64>,
+    /// "content_type" when text.
+    pub content_type: Option<String>,
+}
+
+impl Envelope {
+    /// Checks the envelope against the contract, with `content_type` the format the route
+    /// declares (`None`: the key must be absent); returns its seq.
+    pub fn check(&self, content_type: Option<&str>) -> Result<u64> {
+        let mut want: Vec<&str> = vec!["v", "seq", "ingested_at", "payload"];
+        if content_type.is_some() {
+            want.push("content_type");
+        }
+        let mut keys: Vec<&str> = self.keys.iter().map(String::as_str).collect();
+        keys.sort_unstable();
+        want.sort_unstable();
+        if keys != want {
+            bail!("envelope keys {:?}, the contract says {want:?}", self.keys);
+        }
+        for (k, t) in [
+            ("v", "uint"),
+            ("seq", "uint"),
+            ("ingested_at", "uint"),
+            ("payload", "bytes"),
+            ("content_type", "text"),
+        ] {
+            if let Some(got) = self.types.get(k)
+                && got != t
+            {
+                bail!("envelope {k:?} is a CBOR {got}, the contract says {t}");
+            }
+        }
+        if self.v != Some(1) {
+            bail!("envelope v is {:?}, not 1", self.v);
+        }
+        if self.content_type.as_deref() != content_type {
+            bail!(
+                "envelope content_type {:?}, the route declares {content_type:?}",
+                self.content_type
+            );
+        }
+        // Unix milliseconds: after 2020-01-01 and before 2100.
+        let at = self.ingested_at.unwrap_or(0);
+        if !(1_577_836_800_000..4_102_444_800_000).contains(&at) {
+            bail!("envelope ingested_at {at} is not Unix milliseconds");
+        }
+        self.seq.ok_or_else(|| anyhow!("envelope without seq"))
+    }
+}
+
+/// The size in bytes of an MQTT PUBLISH packet at QoS 1 (with a packet identifier) on a topic
+/// of `topic_len` bytes (no topic alias) with `payload_len` bytes of payload: fixed header
+/// (1 byte + the remaining length's 1-4 bytes) + topic (2 + len) + packet id (2) + over
+/// MQTT 5 the property block (`props_len`: its length prefix included) + payload. This is
+/// the "packet size" the MQTT 5 Maximum Packet Size limits (spec 3.1.2.11.4 / 3.2.2.3.6).
+pub fn publish_packet_size(
+    topic_len: usize,
+    props_len: Option<usize>,
+    payload_len: usize,
+) -> usize {
+    let remaining = 2 + topic_len + 2 + props_len.unwrap_or(0) + payload_len;
+    let len_bytes = match remaining {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    };
+    1 + len_bytes + remaining
+}
+
+impl Received {
+    /// The size of the PUBLISH packet that carried it (see [`publish_packet_size`]): with
+    /// QoS 1 on both hops and mosquitto passing properties through unchanged, also the size
+    /// of the packet the gateway sent. Not meaningful with [`SubscriberSpec::envelope`].
+    pub fn packet_size(&self) -> usize {
+        publish_packet_size(self.topic.len(), self.props_len, self.payload.len())
+    }
 }
 
 /// What a [`Subscriber`] does.
@@ -1110,6 +1445,8 @@ pub struct SubscriberSpec {
     pub client_id: String,
     /// Persistent session with this expiry (seconds), reconnecting after broker restarts.
     pub session_expiry: Option<u32>,
+    /// Decode every payload as the gateway's CBOR envelope ([`Received::envelope`]).
+    pub envelope: bool,
 }
 
 impl SubscriberSpec {
@@ -1122,6 +1459,7 @@ impl SubscriberSpec {
             protocol: "5".to_owned(),
             client_id: String::new(),
             session_expiry: None,
+            envelope: false,
         }
     }
 }
@@ -1158,6 +1496,9 @@ impl Subscriber {
         if let Some(e) = spec.session_expiry {
             cmd.args(["--session-expiry", &e.to_string()]);
         }
+        if spec.envelope {
+            cmd.arg("--envelope");
+        }
         let mut proc = Proc::spawn(
             &format!("subscriber {name}"),
             cmd,
@@ -1192,14 +1533,12 @@ impl Subscriber {
                 serde_json::from_str(line).with_context(|| format!("bad line {line:?}"))?;
             let hex = j["payload_hex"].as_str().unwrap_or_default();
             let payload = decode_hex(hex).ok_or_else(|| anyhow!("bad hex in {line:?}"))?;
-            let props = j["props"]
-                .as_object()
-                .map(|m| {
-                    m.iter()
-                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let props = string_map(&j["props"]);
+            let envelope = if let Some(e) = j.get("envelope_error") {
+                Some(Err(e.as_str().unwrap_or_default().to_owned()))
+            } else {
+                j.get("envelope").map(|e| Ok(parse_envelope(e)))
+            };
             v.push(Received {
                 topic: j["topic"].as_str().unwrap_or_default().to_owned(),
                 payload,
@@ -1207,6 +1546,11 @@ impl Subscriber {
                 retain: j["retain"].as_bool().unwrap_or(false),
                 dup: j["dup"].as_bool().unwrap_or(false),
                 props,
+                props_len: j["props_len"]
+                    .as_u64()
+                    .and_then(|n| usize::try_from(n).ok()),
+                content_type: j["content_type"].as_str().map(str::to_owned),
+                envelope,
             });
         }
         Ok(v)
@@ -1231,6 +1575,36 @@ impl Subscriber {
     pub fn ready_path(&self) -> &Path {
         &self.ready
     }
+}
+
+/// An `"envelope"` object of subscriber.py's output.
+fn parse_envelope(e: &Value) -> Envelope {
+    Envelope {
+        keys: e["keys"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|k| k.as_str().unwrap_or_default().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default(),
+        types: string_map(&e["types"]),
+        v: e["v"].as_u64(),
+        seq: e["seq"].as_u64(),
+        ingested_at: e["ingested_at"].as_u64(),
+        content_type: e["content_type"].as_str().map(str::to_owned),
+    }
+}
+
+/// A JSON object's string values by key (non-strings as ""); empty if `v` is not an object.
+fn string_map(v: &Value) -> BTreeMap<String, String> {
+    v.as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn decode_hex(hex: &str) -> Option<Vec<u8>> {
@@ -1411,21 +1785,34 @@ pub struct Delivery {
     pub unacked_extras: usize,
 }
 
+/// Where [`check_upstream_delivery`] finds each record's `seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeqSource {
+    /// Nowhere (MQTT 3.1.1 without metadata): duplicates are recognised by payload only.
+    Nothing,
+    /// The MQTT 5 user property `seq` (decimal).
+    UserProperty,
+    /// The CBOR envelope's `seq` (the subscriber decoded it: [`SubscriberSpec::envelope`]);
+    /// every envelope is checked against the contract ([`Envelope::check`], no content type).
+    Envelope,
+}
+
 /// Checks the upstream contract over `msgs` (in arrival order) for readings published with
 /// [`payload`] of `size` bytes on `topics`; messages on other topics (the gateway's own birth,
 /// health, ...) are ignored. Fails, naming the first violation, unless:
 /// - each reading on local topic T arrived on `outpost/<node>/T` with its payload unchanged;
 /// - every `acked` reading arrived;
 /// - per topic, the first copies arrive with increasing counters (order kept);
-/// - with `seq` (MQTT 5): every message has a decimal `seq`, distinct readings have distinct
-///   seqs, and a duplicate carries the seq of its reading's first copy.
+/// - with a `seq` source: every message has a `seq`, distinct readings have distinct seqs,
+///   and a duplicate carries the seq of its reading's first copy; with the envelope, every
+///   message is a valid envelope.
 pub fn check_upstream_delivery(
     msgs: &[Received],
     node: &str,
     topics: &[String],
     size: usize,
     acked: &[(String, u64)],
-    seq: bool,
+    seq: SeqSource,
 ) -> Result<Delivery> {
     let prefix = format!("outpost/{node}/");
     let mut first: BTreeMap<(String, u64), Option<u64>> = BTreeMap::new();
@@ -1438,6 +1825,16 @@ pub fn check_upstream_delivery(
         };
         if !topics.iter().any(|t| t == local) {
             continue;
+        }
+        if seq == SeqSource::Envelope {
+            match &m.envelope {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => bail!("message #{i} on {}: not an envelope: {e}", m.topic),
+                None => bail!(
+                    "message #{i} on {}: the subscriber did not decode envelopes (SubscriberSpec::envelope)",
+                    m.topic
+                ),
+            }
         }
         let (t, c) = parse_payload(&m.payload).ok_or_else(|| {
             anyhow!(
@@ -1458,16 +1855,27 @@ pub fn check_upstream_delivery(
                 String::from_utf8_lossy(&m.payload)
             );
         }
-        let s = if seq {
-            let raw = m.props.get("seq").ok_or_else(|| {
-                anyhow!("message #{i} ({t}#{c}) has no seq property: {:?}", m.props)
-            })?;
-            Some(
-                raw.parse::<u64>()
-                    .with_context(|| format!("message #{i}: seq {raw:?} is not decimal"))?,
-            )
-        } else {
-            None
+        let s = match seq {
+            SeqSource::Nothing => None,
+            SeqSource::UserProperty => {
+                let raw = m.props.get("seq").ok_or_else(|| {
+                    anyhow!("message #{i} ({t}#{c}) has no seq property: {:?}", m.props)
+                })?;
+                Some(
+                    raw.parse::<u64>()
+                        .with_context(|| format!("message #{i}: seq {raw:?} is not decimal"))?,
+                )
+            }
+            SeqSource::Envelope => {
+                let env = match &m.envelope {
+                    Some(Ok(e)) => e,
+                    _ => bail!("message #{i}: no envelope"),
+                };
+                Some(
+                    env.check(None)
+                        .with_context(|| format!("message #{i} ({t}#{c})"))?,
+                )
+            }
         };
         match first.get(&(t.clone(), c)) {
             Some(prev) => {
@@ -1567,18 +1975,52 @@ mod tests {
             props: seq
                 .map(|s| [("seq".to_owned(), s.to_string())].into())
                 .unwrap_or_default(),
+            props_len: None,
+            content_type: None,
+            envelope: None,
         }
     }
 
-    fn check(msgs: &[Received], acked: &[(String, u64)]) -> Result<Delivery> {
+    /// `msg` as the envelope subscriber records it: seq in the envelope, not in properties.
+    fn env_msg(topic: &str, counter: u64, seq: u64) -> Received {
+        let mut m = msg(topic, counter, None);
+        m.envelope = Some(Ok(envelope(seq)));
+        m
+    }
+
+    fn envelope(seq: u64) -> Envelope {
+        Envelope {
+            keys: ["v", "seq", "ingested_at", "payload"]
+                .map(str::to_owned)
+                .to_vec(),
+            types: [
+                ("v", "uint"),
+                ("seq", "uint"),
+                ("ingested_at", "uint"),
+                ("payload", "bytes"),
+            ]
+            .map(|(k, t)| (k.to_owned(), t.to_owned()))
+            .into(),
+            v: Some(1),
+            seq: Some(seq),
+            ingested_at: Some(1_800_000_000_000),
+            content_type: None,
+        }
+    }
+
+    fn check_with(msgs: &[Received], acked: &[(String, u64)], seq: SeqSource) -> Result<Delivery> {
         check_upstream_delivery(
             msgs,
             "gw1",
             &["a".to_owned(), "b".to_owned()],
             20,
             acked,
-            true,
+            seq,
         )
+    }
+
+    fn check(msgs: &[Received], acked: &[(String, u64)]) -> Result<Delivery> {
+        check_with(msgs, acked, SeqSource::UserProperty)
     }
 
     fn acked(n: u64) -> Vec<(String, u64)> {
@@ -1626,6 +2068,65 @@ mod tests {
         let mut moved = msg("a", 0, Some(1));
         moved.topic = "outpost/gw1/b".to_owned();
         assert!(check(&[moved], &acked(1)).is_err());
+    }
+
+    #[test]
+    fn envelope_seq_dedupes_and_must_be_there() {
+        let env = SeqSource::Envelope;
+        let ok = [env_msg("a", 0, 1), env_msg("a", 1, 2), env_msg("a", 0, 1)];
+        let d = check_with(&ok, &acked(2), env).expect("valid envelope stream");
+        assert_eq!((d.distinct, d.duplicates), (2, 1));
+        // A duplicate with another seq, a user property instead of an envelope, a payload
+        // that did not decode.
+        let dup = [env_msg("a", 0, 1), env_msg("a", 0, 5)];
+        assert!(check_with(&dup, &acked(1), env).is_err());
+        assert!(check_with(&[msg("a", 0, Some(1))], &acked(1), env).is_err());
+        let mut bad = env_msg("a", 0, 1);
+        bad.envelope = Some(Err("not CBOR".to_owned()));
+        assert!(check_with(&[bad], &acked(1), env).is_err());
+    }
+
+    #[test]
+    fn envelope_contract_is_checked() {
+        assert_eq!(envelope(7).check(None).ok(), Some(7));
+        let mut v2 = envelope(7);
+        v2.v = Some(2);
+        assert!(v2.check(None).is_err());
+        let mut text_payload = envelope(7);
+        text_payload
+            .types
+            .insert("payload".to_owned(), "text".to_owned());
+        assert!(text_payload.check(None).is_err());
+        let mut extra = envelope(7);
+        extra.keys.push("source".to_owned());
+        assert!(extra.check(None).is_err());
+        let mut ct = envelope(7);
+        ct.keys.push("content_type".to_owned());
+        ct.types
+            .insert("content_type".to_owned(), "text".to_owned());
+        ct.content_type = Some("application/json".to_owned());
+        assert!(
+            ct.check(None).is_err(),
+            "content type without a route format"
+        );
+        assert_eq!(ct.check(Some("application/json")).ok(), Some(7));
+        assert!(envelope(7).check(Some("application/json")).is_err());
+        let mut seconds = envelope(7);
+        seconds.ingested_at = Some(1_800_000_000);
+        assert!(seconds.check(None).is_err(), "ingested_at in seconds");
+    }
+
+    #[test]
+    fn publish_packet_size_counts_every_byte() {
+        // 3.1.1, topic "a", 1 byte payload: 0x32 len=6 | 00 01 'a' | pkid(2) | 'x'.
+        assert_eq!(publish_packet_size(1, None, 1), 8);
+        // The remaining length grows a byte at 128 and 16,384.
+        assert_eq!(publish_packet_size(1, None, 122), 2 + 127);
+        assert_eq!(publish_packet_size(1, None, 123), 3 + 128);
+        assert_eq!(publish_packet_size(1, None, 16_378), 3 + 16_383);
+        assert_eq!(publish_packet_size(1, None, 16_379), 4 + 16_384);
+        // MQTT 5 with an empty property block (one byte: its length, 0).
+        assert_eq!(publish_packet_size(1, Some(1), 1), 9);
     }
 }
 
@@ -2423,14 +2924,7 @@ pub fn scrape_metrics(port: u16) -> Result<Scrape> {
             let raw = s["value"].as_str().unwrap_or_default();
             samples.push(MetricSample {
                 name: s["name"].as_str().unwrap_or_default().to_owned(),
-                labels: s["labels"]
-                    .as_object()
-                    .map(|m| {
-                        m.iter()
-                            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
+                labels: string_map(&s["labels"]),
                 value: raw
                     .parse()
                     .with_context(|| format!("sample value {raw:?} is not a float"))?,
@@ -2510,17 +3004,7 @@ impl StatusHttpServer {
             cmd,
             &dir.join(&format!("{name}.log")),
         )?;
-        let log = proc.log().to_path_buf();
-        wait_for(
-            &format!("http server {name} to listen on {port}"),
-            Duration::from_secs(30),
-            || {
-                if let Ok(Some(st)) = proc.try_status() {
-                    return Some(Err(anyhow!("exited ({st}):\n{}", tail(&log, 20))));
-                }
-                port_open(port).then_some(Ok(()))
-            },
-        )??;
+        proc.wait_listening(port, Duration::from_secs(30), 20)?;
         Ok(Self { proc, status_file })
     }
 
@@ -3276,4 +3760,230 @@ pub fn check_paho_rule(
     check_broker_counter_moves(cfg.health_port, &before, &outcome.counters)?;
     gw.check_alive()?;
     Ok((gw, outcome))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The uplink's variants, limits and refusals: arbitrary payloads, births, an MQTT 3.1.1-only peer
+// ---------------------------------------------------------------------------------------------
+
+/// How a delivery scenario's uplink is configured: the shipped defaults, or one of the other
+/// modes the same scenario is run in (each `#[test]` of a scenario calls its body with one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UplinkVariant {
+    /// Names the test directory.
+    pub name: &'static str,
+    /// [`GatewayConfig::protocol`].
+    pub protocol: Option<UpstreamProtocol>,
+    /// [`GatewayConfig::metadata`].
+    pub metadata: Option<Metadata>,
+    /// Whether the scenario runs at full size; the extra variants run scaled down
+    /// ([`UplinkVariant::count`]) to keep the suite's time on 2 cores sane.
+    pub full_size: bool,
+}
+
+impl UplinkVariant {
+    /// Protocol and metadata absent: "auto" (MQTT 5 against mosquitto), seq in user properties.
+    pub const SHIPPED_DEFAULTS: Self = Self {
+        name: "defaults",
+        protocol: None,
+        metadata: None,
+        full_size: true,
+    };
+    /// `protocol = "3.1.1"`, metadata absent (none): no seq anywhere.
+    pub const MQTT311: Self = Self {
+        name: "mqtt311",
+        protocol: Some(UpstreamProtocol::V311),
+        metadata: None,
+        full_size: false,
+    };
+    /// `protocol = "3.1.1"`, `metadata = "envelope"`: the consumer dedupes by the envelope's seq.
+    pub const MQTT311_ENVELOPE: Self = Self {
+        name: "mqtt311-envelope",
+        protocol: Some(UpstreamProtocol::V311),
+        metadata: Some(Metadata::Envelope),
+        full_size: false,
+    };
+
+    /// Sets protocol and metadata on `cfg`.
+    pub fn apply(&self, cfg: &mut GatewayConfig) {
+        cfg.protocol = self.protocol;
+        cfg.metadata = self.metadata;
+    }
+
+    /// [`GatewayConfig::new`] with this variant applied.
+    pub fn gateway_config(
+        &self,
+        dir: &TestDir,
+        node: &str,
+        upstream_port: Option<u16>,
+    ) -> Result<GatewayConfig> {
+        let mut cfg = GatewayConfig::new(dir, node, upstream_port)?;
+        self.apply(&mut cfg);
+        Ok(cfg)
+    }
+
+    /// Where a consumer finds the seq (against mosquitto, which speaks MQTT 5).
+    pub fn seq_source(&self) -> SeqSource {
+        match (self.metadata, self.protocol) {
+            (Some(Metadata::Envelope), _) => SeqSource::Envelope,
+            (Some(Metadata::None), _) | (None, Some(UpstreamProtocol::V311)) => SeqSource::Nothing,
+            _ => SeqSource::UserProperty,
+        }
+    }
+
+    /// A cloud consumer for this variant: `spec` decoding envelopes when there are some.
+    pub fn subscriber(&self, mut spec: SubscriberSpec) -> SubscriberSpec {
+        spec.envelope = self.seq_source() == SeqSource::Envelope;
+        spec
+    }
+
+    /// `full` at full size, else `reduced`.
+    pub fn count(&self, full: u64, reduced: u64) -> u64 {
+        if self.full_size { full } else { reduced }
+    }
+}
+
+/// `size` deterministic pseudo-random bytes for reading `tag` (xorshift64*): binary, mostly not
+/// UTF-8, different for every tag, so a payload changed, truncated or swapped on the way
+/// cannot compare equal.
+pub fn blob(tag: u64, size: usize) -> Vec<u8> {
+    let mut x = tag.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(size + 8);
+    while out.len() < size {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(size);
+    out
+}
+
+/// One reading as a sensor publishes it: local topic and payload bytes.
+pub type RawReading = (String, Vec<u8>);
+
+/// Runs `tests/py/blob_publisher.py` (paho, `protocol` "3.1.1" or "5") against
+/// 127.0.0.1:`port`: publishes `readings` (topic, payload) at QoS 1 one at a time, in order,
+/// each after the previous one's PUBACK, with the MQTT 5 `user_props` on each. Payload files go
+/// to `dir/<name>-payloads/`, the output to `dir/<name>.log`. Returns whether it exited 0 and its
+/// output lines (`acked <i> <reason>`, `refused <i> <reason>`, `lost <i>`, ...).
+pub fn run_blob_publisher(
+    dir: &TestDir,
+    name: &str,
+    port: u16,
+    protocol: &str,
+    user_props: &[(&str, &str)],
+    readings: &[RawReading],
+    timeout: Duration,
+) -> Result<(bool, Vec<String>)> {
+    let pdir = dir.join(&format!("{name}-payloads"));
+    fs::create_dir_all(&pdir)?;
+    let mut plan = String::new();
+    for (i, (topic, body)) in readings.iter().enumerate() {
+        let f = pdir.join(format!("{i}.bin"));
+        fs::write(&f, body)?;
+        let _ = writeln!(plan, "{topic}\t{}", f.display());
+    }
+    let plan_file = dir.join(&format!("{name}.plan"));
+    fs::write(&plan_file, plan)?;
+    let mut cmd = Command::new("python3");
+    cmd.arg(py_script("blob_publisher.py"))
+        .args(["--port", &port.to_string()])
+        .args(["--protocol", protocol])
+        .args(["--client-id", &format!("blob-{name}")])
+        .arg("--plan")
+        .arg(&plan_file);
+    for (k, v) in user_props {
+        cmd.arg("--user-property").arg(format!("{k}={v}"));
+    }
+    let mut proc = Proc::spawn(
+        &format!("blob publisher {name}"),
+        cmd,
+        &dir.join(&format!("{name}.log")),
+    )?;
+    let st = proc.wait(timeout)?;
+    Ok((st.success(), log_lines(proc.log())))
+}
+
+/// [`run_blob_publisher`] without properties, failing unless every reading was acknowledged
+/// with success within `timeout`.
+pub fn publish_all_acked(
+    dir: &TestDir,
+    name: &str,
+    port: u16,
+    protocol: &str,
+    readings: &[RawReading],
+    timeout: Duration,
+) -> Result<()> {
+    let (ok, lines) = run_blob_publisher(dir, name, port, protocol, &[], readings, timeout)?;
+    let acked = lines.iter().filter(|l| l.starts_with("acked ")).count();
+    if !ok || acked != readings.len() {
+        bail!(
+            "blob publisher {name}: {acked} of {} readings acked:\n{}",
+            readings.len(),
+            lines.join("\n")
+        );
+    }
+    Ok(())
+}
+
+/// The gateway's birth messages among `msgs`: payload JSON with `"state": "online"` on
+/// `outpost/<node>/$gateway/status` (retained or live).
+pub fn births<'a>(msgs: &'a [Received], node: &str) -> Vec<&'a Received> {
+    let topic = format!("outpost/{node}/$gateway/status");
+    msgs.iter()
+        .filter(|m| m.topic == topic)
+        .filter(|m| {
+            serde_json::from_slice::<Value>(&m.payload)
+                .ok()
+                .is_some_and(|v| v["state"] == "online")
+        })
+        .collect()
+}
+
+/// A NATS server (Debian's `nats-server`, apt) with its MQTT listener on 127.0.0.1: an
+/// upstream that speaks MQTT 3.1.1 only. nats-server 2.9.10 answers an MQTT 5 CONNECT with a
+/// 3.1.1-format CONNACK, return code 0x01 (unacceptable protocol version: bytes `20 02 00 01`),
+/// and closes the connection; it logs "unacceptable protocol version of 5". Its MQTT support
+/// needs JetStream (store in the test directory) and a `server_name`.
+#[derive(Debug)]
+pub struct NatsServer {
+    /// The MQTT port.
+    mqtt_port: u16,
+    /// The process.
+    proc: Proc,
+}
+
+impl NatsServer {
+    /// Starts one in `dir/nats` on free ports and waits for its MQTT listener.
+    pub fn start(dir: &TestDir) -> Result<Self> {
+        let ndir = dir.join("nats");
+        fs::create_dir_all(&ndir)?;
+        let mqtt_port = free_port()?;
+        let client_port = free_port()?;
+        let conf = format!(
+            "server_name: \"outpost-test\"\nlisten: \"127.0.0.1:{client_port}\"\n\
+             jetstream {{\n  store_dir: {:?}\n  max_memory_store: 64MB\n  max_file_store: 256MB\n}}\n\
+             mqtt {{\n  listen: \"127.0.0.1:{mqtt_port}\"\n}}\n",
+            ndir.join("js").display().to_string()
+        );
+        let conf_path = ndir.join("nats.conf");
+        fs::write(&conf_path, conf)?;
+        let mut cmd = Command::new("nats-server");
+        cmd.arg("-c").arg(&conf_path);
+        let mut proc = Proc::spawn("nats-server", cmd, &ndir.join("nats.log"))
+            .context("nats-server is an apt package (scripts/install-test-deps.sh installs it)")?;
+        proc.wait_listening(mqtt_port, Duration::from_secs(30), 30)?;
+        Ok(Self { mqtt_port, proc })
+    }
+
+    /// The MQTT port on 127.0.0.1.
+    pub fn mqtt_port(&self) -> u16 {
+        self.mqtt_port
+    }
+
+    /// Its log.
+    pub fn log(&self) -> &Path {
+        self.proc.log()
+    }
 }

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use outpost_tests::{
-    GatewayConfig, Mosquitto, Outpost, Publisher, PublisherSpec, Subscriber, SubscriberSpec,
-    TestDir, check_upstream_delivery, json_u64, wait_for_readings,
+    GatewayConfig, Mosquitto, Outpost, Publisher, PublisherSpec, SeqSource, Subscriber,
+    SubscriberSpec, TestDir, check_upstream_delivery, json_u64, wait_for_readings,
 };
 
 const NODE: &str = "gw1";
@@ -108,7 +108,14 @@ fn full_disk_refuses_new_readings_and_keeps_every_acked_one() -> Result<()> {
     )?;
     gw.restart()?;
     let msgs = wait_for_readings(&consumer, &mut gw, &acked, Duration::from_secs(300))?;
-    let d = check_upstream_delivery(&msgs, NODE, &[topic.to_owned()], 100, &acked, true)?;
+    let d = check_upstream_delivery(
+        &msgs,
+        NODE,
+        &[topic.to_owned()],
+        100,
+        &acked,
+        SeqSource::UserProperty,
+    )?;
     eprintln!("delivery after the disk grew: {d:?}");
     Ok(())
 }

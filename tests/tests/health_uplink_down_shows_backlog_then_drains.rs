@@ -8,9 +8,9 @@
 use std::time::Duration;
 
 use outpost_tests::{
-    GatewayConfig, Mosquitto, Outpost, Publisher, PublisherSpec, Subscriber, SubscriberSpec,
-    TestDir, check_upstream_delivery, json_str, json_u64, scrape_metrics, wait_for_readings,
-    wait_health_status,
+    GatewayConfig, Mosquitto, Outpost, Publisher, PublisherSpec, SeqSource, Subscriber,
+    SubscriberSpec, TestDir, check_upstream_delivery, json_str, json_u64, scrape_metrics,
+    wait_for_readings, wait_health_status,
 };
 use serde_json::Value;
 
@@ -121,6 +121,6 @@ fn uplink_down_shows_a_growing_backlog_and_its_age_then_drains() -> anyhow::Resu
     );
     assert!(m.get("outpost_synced_total", &[])? >= acked.len() as f64);
     let topics: Vec<String> = TOPICS.iter().map(|t| (*t).to_owned()).collect();
-    check_upstream_delivery(&msgs, NODE, &topics, 100, &acked, true)?;
+    check_upstream_delivery(&msgs, NODE, &topics, 100, &acked, SeqSource::UserProperty)?;
     Ok(())
 }

@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use outpost_tests::{
     GatewayConfig, Mosquitto, Outpost, Publisher, PublisherSpec, Subscriber, SubscriberSpec,
-    TestDir, json_str, mosquitto_pub_ok, payload, spawn_mosquitto_sub, tail, wait_for,
+    TestDir, UpstreamProtocol, json_str, mosquitto_pub_ok, payload, spawn_mosquitto_sub, tail,
+    wait_for,
 };
 
 const NODE: &str = "gw1";
@@ -27,8 +28,8 @@ fn unix_ms() -> u64 {
 }
 
 /// Runs the online scenario with upstream protocol `protocol` and returns what the cloud saw.
-fn run(protocol: &str) -> anyhow::Result<()> {
-    let dir = TestDir::new(&format!("online-{protocol}"))?;
+fn run(protocol: UpstreamProtocol) -> anyhow::Result<()> {
+    let dir = TestDir::new(&format!("online-{}", protocol.as_str()))?;
     let cloud = Mosquitto::start(&dir)?;
     let upstream_sub = Subscriber::spawn(
         &dir,
@@ -36,7 +37,7 @@ fn run(protocol: &str) -> anyhow::Result<()> {
         &SubscriberSpec::new(cloud.port(), &format!("outpost/{NODE}/#")),
     )?;
     let mut cfg = GatewayConfig::new(&dir, NODE, Some(cloud.port()))?;
-    cfg.protocol = protocol.to_owned();
+    cfg.protocol = Some(protocol);
     let gw = Outpost::start(&dir, &cfg)?;
     gw.wait_status("uplink connected", Duration::from_secs(30), |s| {
         json_str(s, &["runtime", "uplink_state"]) == Some("connected")
@@ -118,7 +119,7 @@ fn run(protocol: &str) -> anyhow::Result<()> {
             "payload changed on the way"
         );
         assert_eq!(m.qos, 1, "forwarded at QoS 1");
-        let seq = if protocol == "5" {
+        let seq = if protocol == UpstreamProtocol::V5 {
             let seq: u64 = m
                 .props
                 .get("seq")
@@ -148,7 +149,7 @@ fn run(protocol: &str) -> anyhow::Result<()> {
     let got: BTreeSet<(String, u64)> = seen.keys().cloned().collect();
     assert_eq!(got, want, "exactly the acked readings arrive upstream");
 
-    if protocol == "5" {
+    if protocol == UpstreamProtocol::V5 {
         // seq is unique per record, and increases in store order: one sensor on one connection
         // publishes each topic's readings in counter order, so per topic seq follows the counter.
         let seqs: BTreeSet<u64> = seen.values().flatten().copied().collect();
@@ -197,12 +198,12 @@ fn run(protocol: &str) -> anyhow::Result<()> {
 
 #[test]
 fn mqtt5_upstream_gets_payload_unchanged_with_seq_and_ingested_at() -> anyhow::Result<()> {
-    run("5")
+    run(UpstreamProtocol::V5)
 }
 
 #[test]
 fn mqtt311_upstream_gets_payload_unchanged() -> anyhow::Result<()> {
-    run("3.1.1")
+    run(UpstreamProtocol::V311)
 }
 
 #[test]
