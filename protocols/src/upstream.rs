@@ -68,7 +68,8 @@ pub struct UpstreamOptions {
     /// Retained QoS 1 will: topic and payload.
     pub will: Option<(String, Bytes)>,
     pub version: UpstreamVersion,
-    /// The largest packet we accept from the broker (commands). Announced in an MQTT 5 CONNECT.
+    /// The largest packet we accept from the broker (commands). Announced in an MQTT 5 CONNECT,
+    /// so the broker drops (per the specification) anything larger instead of sending it.
     pub max_incoming_packet_size: u32,
     /// Most QoS 1 publishes the client keeps in flight.
     pub inflight: u16,
@@ -449,7 +450,19 @@ fn classify_v4(e: rumqttc::ConnectionError, connected: bool) -> UpstreamError {
         E::RequestsDone => UpstreamErrorKind::ClientGone,
         _ => UpstreamErrorKind::Lost,
     };
-    UpstreamError::new(kind, detail)
+    UpstreamError::new(kind, explain(kind, detail))
+}
+
+/// Says what a protocol rejection means: rumqttc reports a 3.1.1 broker's refusal of a v5
+/// CONNECT as a closed connection or a CONNACK it cannot parse.
+fn explain(kind: UpstreamErrorKind, detail: String) -> String {
+    if kind == UpstreamErrorKind::ProtocolRejected {
+        format!(
+            "the broker rejected the MQTT protocol version (it refused or closed the connection before a CONNACK this version can read): {detail}"
+        )
+    } else {
+        detail
+    }
 }
 
 fn classify_v5(e: rumqttc::v5::ConnectionError, connected: bool) -> UpstreamError {
@@ -473,7 +486,7 @@ fn classify_v5(e: rumqttc::v5::ConnectionError, connected: bool) -> UpstreamErro
         E::RequestsDone => UpstreamErrorKind::ClientGone,
         _ => UpstreamErrorKind::Lost,
     };
-    UpstreamError::new(kind, detail)
+    UpstreamError::new(kind, explain(kind, detail))
 }
 
 impl Upstream for RumqttUpstream {

@@ -52,6 +52,9 @@ const ACK_BATCH: usize = 8192;
 const ACK_GATHER: Duration = Duration::from_millis(20);
 /// A connection that lasted this long counts as healthy even if nothing was acked on it.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// The largest command an MQTT 5 connection announces it takes (or the local broker's limit if
+/// larger): commands between the local limit and this are refused and counted by the gateway.
+const COMMAND_RECEIVE_LIMIT: u64 = 16 << 20;
 /// Version of the CBOR envelope (`metadata = "envelope"`).
 pub const ENVELOPE_VERSION: u8 = 1;
 
@@ -213,7 +216,12 @@ impl Sync {
                 Bytes::from(lifecycle::will(&self.node)),
             )),
             version,
-            max_incoming_packet_size: u32::try_from(self.local_max_packet_size).unwrap_or(u32::MAX),
+            // Commands up to this size are taken and checked here against the local broker's
+            // limit (refused and counted); only beyond it does an MQTT 5 broker drop them itself.
+            max_incoming_packet_size: u32::try_from(
+                self.local_max_packet_size.max(COMMAND_RECEIVE_LIMIT),
+            )
+            .unwrap_or(u32::MAX),
             inflight: self.settings.inflight_window,
             request_capacity: usize::from(self.settings.inflight_window) + 16,
         })

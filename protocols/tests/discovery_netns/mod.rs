@@ -82,6 +82,11 @@ impl Topology {
         let base = format!("odisc-{}-{n}", std::process::id());
         let gw = format!("{base}-gw");
         if let Err(e) = ip(&["netns", "add", &gw]) {
+            // Under CI a missing prerequisite fails the run instead of passing silently.
+            assert!(
+                !in_ci(),
+                "cannot create a network namespace (need root) and CI=true: {e}"
+            );
             eprintln!("SKIP: cannot create a network namespace (need root): {e}");
             return None;
         }
@@ -265,4 +270,10 @@ impl Peer {
                 .status();
         }
     }
+}
+
+/// Whether this run is CI (`CI` set to anything but empty, "0" or "false"): a test that would
+/// skip for a missing prerequisite fails there instead.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"))
 }
