@@ -392,7 +392,9 @@ fn lifecycle(
                 uptime_s: now.saturating_sub(started_at_ms) / 1000,
                 backlog_records: stats.records,
                 backlog_bytes: stats.bytes,
-                oldest_unsynced_age_ms: stats.oldest_ingested_at_ms.map(|t| now.saturating_sub(t)),
+                oldest_unsynced_age_ms: stats
+                    .oldest_ingested_at_ms
+                    .and_then(|t| crate::metrics::wall_age_ms(now, t)),
                 drain_eta_s: metrics.drain_eta(stats.records),
                 uplink_rtt_ms: metrics.uplink_rtt().map(|d| d.as_secs_f64() * 1000.0),
                 reconnects: crate::metrics::get(&metrics.reconnects),

@@ -97,7 +97,18 @@ async fn readyz(State(state): State<HttpState>) -> Response {
     let mut reasons = Vec::new();
     let store_writable = match state.store.stats().await {
         Ok(stats) if stats.poisoned || state.store.is_poisoned() => {
-            reasons.push("store is poisoned after a failed commit: refusing writes".to_owned());
+            reasons.push(match &stats.health {
+                outpost_storage::StoreHealth::Failing {
+                    since_ms,
+                    last_error,
+                    retries,
+                } => format!(
+                    "store write failed ({last_error}) since {since_ms} (unix ms), {retries} attempts: refusing new readings and retrying; it resumes by itself when a write commits"
+                ),
+                outpost_storage::StoreHealth::Healthy => {
+                    "store write failed: refusing new readings and retrying".to_owned()
+                }
+            });
             false
         }
         Ok(_) => true,
@@ -460,12 +471,19 @@ impl prometheus_client::collector::Collector for Snapshot {
                 "Accounted bytes of the records in the store.",
                 s.bytes as f64,
             )?;
-            f.gauge(
-                "outpost_sync_lag_seconds",
-                "Age of the oldest record not yet acknowledged upstream (0 when empty).",
-                s.oldest_ingested_at_ms
-                    .map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0),
-            )?;
+            // Absent when the oldest record was stamped before the clock was set (its wall
+            // clock age would read ~55 years).
+            let lag = match s.oldest_ingested_at_ms {
+                None => Some(0.0),
+                Some(t) => crate::metrics::wall_age_ms(now, t).map(|ms| ms as f64 / 1000.0),
+            };
+            if let Some(lag) = lag {
+                f.gauge(
+                    "outpost_sync_lag_seconds",
+                    "Age of the oldest record not yet acknowledged upstream (0 when empty; absent when it was stamped before the clock was set).",
+                    lag,
+                )?;
+            }
             if let Some(eta) = m.drain_eta(s.records) {
                 f.gauge(
                     "outpost_drain_eta_seconds",
@@ -527,6 +545,18 @@ impl prometheus_client::collector::Collector for Snapshot {
                 "outpost_store_last_seq",
                 "Highest sequence number assigned.",
                 s.last_seq as f64,
+            )?;
+        }
+        if let Some(s) = &self.stats {
+            f.counter(
+                "outpost_store_commit_failures",
+                "Store write transactions that failed and were rolled back (this process).",
+                s.commit_failures_total,
+            )?;
+            f.counter(
+                "outpost_store_recoveries",
+                "Times the store became writable again after failed commits, without a restart.",
+                s.recoveries_total,
             )?;
         }
         f.gauge(

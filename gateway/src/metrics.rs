@@ -222,10 +222,39 @@ pub fn get(counter: &AtomicU64) -> u64 {
     counter.load(Ordering::Relaxed)
 }
 
+/// 2020-01-01T00:00:00Z in Unix milliseconds: a reading stamped earlier was ingested before the
+/// board's clock was set (no RTC, no NTP yet), so its wall-clock age means nothing.
+pub const CLOCK_SET_FLOOR_MS: u64 = 1_577_836_800_000;
+
+/// How old a reading stamped `ingested_at_ms` is, by the wall clock; `None` when it was stamped
+/// before the clock was set ([`CLOCK_SET_FLOOR_MS`]). Display only: the store's TTL runs on its
+/// own clock that only moves forward.
+pub fn wall_age_ms(now_ms: u64, ingested_at_ms: u64) -> Option<u64> {
+    (ingested_at_ms >= CLOCK_SET_FLOOR_MS).then(|| now_ms.saturating_sub(ingested_at_ms))
+}
+
 /// Milliseconds since the Unix epoch; 0 if the clock is before 1970 (a board without RTC at boot).
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wall_age_is_unknown_for_readings_stamped_before_the_clock_was_set() {
+        let now = CLOCK_SET_FLOOR_MS + 10_000;
+        assert_eq!(wall_age_ms(now, 0), None, "1970: board without RTC");
+        assert_eq!(wall_age_ms(now, CLOCK_SET_FLOOR_MS - 1), None);
+        assert_eq!(wall_age_ms(now, CLOCK_SET_FLOOR_MS), Some(10_000));
+        assert_eq!(
+            wall_age_ms(now, now + 5),
+            Some(0),
+            "a reading from the future is age 0"
+        );
+    }
 }

@@ -296,6 +296,16 @@ pub struct StoreCounters {
     pub dead_lettered_total: u64,
     pub dead_letters_evicted_total: u64,
     pub poisoned: bool,
+    /// Since when writes fail (unix ms), the last error and how many attempts: `None` when the
+    /// store is healthy. The store retries by itself.
+    #[serde(default)]
+    pub failing_since_ms: Option<u64>,
+    #[serde(default)]
+    pub failing_error: Option<String>,
+    #[serde(default)]
+    pub commit_failures_total: u64,
+    #[serde(default)]
+    pub recoveries_total: u64,
 }
 
 pub fn read_report(db: &Path) -> anyhow::Result<StatusReport> {
@@ -330,7 +340,9 @@ pub fn build_report(
             normal: stats.records_by_priority[1],
             low: stats.records_by_priority[2],
         },
-        oldest_unsynced_age_ms: stats.oldest_ingested_at_ms.map(|t| now.saturating_sub(t)),
+        oldest_unsynced_age_ms: stats
+            .oldest_ingested_at_ms
+            .and_then(|t| crate::metrics::wall_age_ms(now, t)),
         dead_letters: stats.dead_letters,
         dead_letter_bytes: stats.dead_letter_bytes,
         refused_records: stats.refused_records,
@@ -356,6 +368,20 @@ pub fn build_report(
             dead_lettered_total: stats.dead_lettered_total,
             dead_letters_evicted_total: stats.dead_letters_evicted_total,
             poisoned: stats.poisoned,
+            failing_since_ms: match &stats.health {
+                outpost_storage::StoreHealth::Failing { since_ms, .. } => Some(*since_ms),
+                outpost_storage::StoreHealth::Healthy => None,
+            },
+            failing_error: match &stats.health {
+                outpost_storage::StoreHealth::Failing {
+                    last_error,
+                    retries,
+                    ..
+                } => Some(format!("{last_error} ({retries} attempts)")),
+                outpost_storage::StoreHealth::Healthy => None,
+            },
+            commit_failures_total: stats.commit_failures_total,
+            recoveries_total: stats.recoveries_total,
         },
         runtime,
         gateway_running,
@@ -451,6 +477,20 @@ pub fn render(report: &StatusReport) -> String {
             report.refused_total,
             report.refused_evicted_total
         ),
+    );
+    line(
+        &mut out,
+        "store writes",
+        match (&s.failing_since_ms, &s.failing_error) {
+            (Some(since), Some(e)) => format!(
+                "FAILING since {since} (unix ms): {e}; retrying, new readings refused ({} failures, {} recoveries in this process)",
+                s.commit_failures_total, s.recoveries_total
+            ),
+            _ => format!(
+                "ok ({} failures, {} recoveries in this process)",
+                s.commit_failures_total, s.recoveries_total
+            ),
+        },
     );
     line(&mut out, "store poisoned", s.poisoned.to_string());
     if let Some(r) = &report.runtime {

@@ -38,11 +38,12 @@
 //!   `*_total`, last seq) live in one `counters` row updated in the same transaction as the change
 //!   they describe, so [`Store::open`] never scans the records table: restart cost does not grow
 //!   with the backlog.
-//! - **A failed commit poisons the store.** The transaction is rolled back, every waiter of that
-//!   batch gets [`StoreError::CommitFailed`], and all later writes get [`StoreError::Poisoned`]
-//!   instead of pretending. Reads and stats keep working. (After a failed fsync the on-disk state is
-//!   unknown; retrying could report success for data that is not there.) This holds for dead
-//!   letters too.
+//! - **A failed commit changes nothing, and the store heals itself.** The transaction is rolled
+//!   back, every waiter of that batch gets [`StoreError::CommitFailed`], and the store is
+//!   failing ([`StoreHealth::Failing`]): new records are refused with [`StoreError::Poisoned`]
+//!   (publishers are not acknowledged) while acks and TTL passes are still attempted and the
+//!   writer retries with back-off. The first write that commits makes it healthy again, without
+//!   a restart. Reads and stats keep working throughout. See "Failures and healing".
 //! - **A dead letter is diagnostics, never data, and never fails ingest for being big.** It is not
 //!   a record: no seq, not in the records quota, never read by sync. [`Store::dead_letter`] stores
 //!   it (group-committed like every write, answered after the commit) within its own bounds: the
@@ -60,13 +61,95 @@
 //! bounded channel ([`COMMAND_QUEUE`] commands; senders wait when it is full, which is how a slow
 //! disk slows ingest down instead of dropping data). No SQLite call ever runs in async code.
 //!
-//! Writes (append, ack, put_state, dead_letter, refuse, requeue_refused) are gathered in memory until `batch_max_records` records are
-//! pending or `batch_max_delay` has passed since the first pending write, then applied in ONE
-//! transaction, after which every waiter is answered. Reads and stats arriving while a batch is
-//! gathering are served immediately from the committed state (no transaction is open while
-//! gathering), so read latency does not depend on the batch delay.
+//! Writes (append, ack, put_state, dead_letter, refuse, requeue_refused) are gathered in memory
+//! until `batch_max_records` records are pending or `batch_max_delay` has passed since the first
+//! pending write, then applied in ONE transaction, after which every waiter is answered. Reads
+//! and stats arriving while a batch is gathering are served immediately from the committed state
+//! (no transaction is open while gathering), so read latency does not depend on the batch delay.
 //!
-//! # On-disk format (schema version 3, `PRAGMA user_version`)
+//! # Failures and healing
+//!
+//! A commit can fail: the disk is full (`SQLITE_FULL`, [`StoreError::is_disk_full`]), an I/O
+//! error, a failed fsync. Then:
+//!
+//! 1. **Roll back, and believe the file.** The transaction is rolled back (explicitly if a failed
+//!    COMMIT left it open, as SQLite does on `SQLITE_FULL`), the in-memory counters and clock
+//!    marks go back to their state before the batch, and the counters row is read back from the
+//!    file: if it disagrees, the file wins. So the seqs, quota and totals never drift from what
+//!    is stored, and a record acknowledged before is never lost (it was committed; a rollback
+//!    cannot touch it). Every waiter of the batch gets [`StoreError::CommitFailed`].
+//! 2. **Failing.** [`Store::is_poisoned`] is true and [`StoreStats::health`] /
+//!    [`Store::health`] say since when (wall clock, for operators), the last error and how many
+//!    retries failed; `commit_failures_total` counts every failed transaction. While failing,
+//!    writes that add data (append, dead_letter, requeue_refused) are refused at once with
+//!    [`StoreError::Poisoned`], without touching the disk: publishers are not acknowledged and
+//!    retry. Writes that free space or record progress (ack, the TTL pass, refuse, state) are
+//!    still attempted: on a disk something else filled they usually commit (see below).
+//! 3. **Retry with back-off.** [`RETRY_MIN`] after the failure, then doubling up to
+//!    [`RETRY_MAX`], the writer reads the counters and marks back from the file and commits a
+//!    TTL pass (which writes the counters row, so it is a real write also without a TTL). A
+//!    store that fails again within [`RETRY_MAX`] of recovering continues the back-off instead
+//!    of starting over, so a disk that takes a tiny write but not the next batch is not hammered.
+//! 4. **Healthy again** as soon as any write commits (a retry, an ack...): ingest resumes by
+//!    itself, `recoveries_total` counts it. Health and its two counters describe this process
+//!    and are not persisted ([`read_stats`] reports healthy).
+//!
+//! Why retrying is sound (earlier versions refused all writes until a restart): in WAL mode a
+//! rolled-back transaction leaves the file as it was; its frames lie past the WAL's last commit
+//! and the next commit overwrites them. After a failed fsync, that one transaction's outcome is
+//! unknown: it may surface after a crash (its appends were not acknowledged, so at worst a
+//! publisher's retry is stored twice: at-least-once; its acks were PUBACKed upstream anyway),
+//! while everything committed before was synced. No `PRAGMA integrity_check` runs on recovery:
+//! it reads the whole file, which on a big store on an SD card takes minutes (the same rule as
+//! "no full scans on open"), and nothing in a rollback calls for it.
+//!
+//! What a full disk does to SQLite (measured on a tmpfs, see `full_disk_tests.rs`): a commit
+//! needs room in the WAL; the WAL reuses its file from the beginning only after a checkpoint
+//! copied it into the database file, and that checkpoint needs the database file to grow by
+//! the pages appended since. So when the store's own growth filled the disk, **nothing commits,
+//! deletes neither**, until space comes back from elsewhere; then the next retry commits
+//! (within a few hundred ms here) and ingest resumes. When something else filled the disk,
+//! deletes (acks) commit while the WAL file has room (thousands of records' worth with a WAL of
+//! 1000 pages), and appends reuse the pages acks freed as long as the database file need not
+//! grow. A store that closes on a full disk cannot checkpoint: it warns and leaves the WAL,
+//! which the next open reads.
+//!
+//! # Time
+//!
+//! The TTL never trusts the wall clock. Boards without an RTC start in 1970 until NTP sets the
+//! clock, which then jumps decades; a wrong RTC may jump a year either way. With expiry on the
+//! wall clock a +1 year jump would delete everything at once and a -1 year jump keep everything
+//! for a year. The rule:
+//!
+//! - **A record's age is the running time of the store since the record was stored**, on the
+//!   **store clock**: monotonic time while the store is open, accumulated across restarts (the
+//!   counters row holds it, updated at every commit, which with a TTL includes a TTL pass every
+//!   few seconds and one at close). It only moves forward.
+//! - A record expires once its age reaches the TTL: never earlier, whatever the wall clock does;
+//!   and at most `ttl / 64` later (the granularity of the clock marks, see `clock.rs`), so
+//!   nothing is kept forever either, also across restarts and crash loops.
+//! - Time while the gateway is stopped does not count: the wall clock cannot be trusted to
+//!   measure it (a reboot before NTP, a wrong RTC). A record stored 5 days before a week-long
+//!   power cut with a 7-day TTL is kept 2 more days of running time. Trade-off: a backlog may be
+//!   delivered older than the TTL says in calendar time (its `ingested_at_ms` tells consumers),
+//!   rather than deleted by a clock that lied.
+//! - `ingested_at_ms` is the caller's, stored and returned unchanged (for consumers, and for
+//!   [`StoreStats::oldest_ingested_at_ms`]), even 1970: it decides nothing here. A wall-clock
+//!   sanity floor is therefore not needed in the store; consumers that show ages should treat
+//!   timestamps before the build date as "clock not set".
+//! - Records stored before schema version 4 (wall-clock TTL) count as stored at the upgrade.
+//!   Records stored while no TTL was set count as stored at the last append before a TTL was
+//!   set (only the open mark moves without a TTL): later than they were, never earlier.
+//!
+//! How: seqs and the store clock grow together, so the store keeps **clock marks** `(t, s)`,
+//! "every seq up to `s` was stored at store time `t` or earlier": the open mark (when the last
+//! seq was assigned) in the counters row, and a closed mark per `ttl / 64` of running time in
+//! the `clock_marks` table (at most ~130 rows, older ones deleted). Expired is then "seq up to
+//! S", a range on the primary key: [`Store::read_after`] starts after S, and a TTL pass deletes
+//! from the lowest seq. A requeued record keeps its seq, so its age counts from when it was
+//! first stored.
+//!
+//! # On-disk format (schema version 4, `PRAGMA user_version`)
 //!
 //! ```sql
 //! PRAGMA application_id = 0x4F555450;  -- "OUTP": tells our file apart from other SQLite files
@@ -74,15 +157,17 @@
 //!     seq            INTEGER PRIMARY KEY,  -- assigned by the writer from counters.last_seq
 //!     stream         TEXT    NOT NULL,
 //!     priority       INTEGER NOT NULL,     -- 0 high, 1 normal, 2 low
-//!     ingested_at_ms INTEGER NOT NULL,     -- unix ms, drives the TTL
+//!     ingested_at_ms INTEGER NOT NULL,     -- unix ms from the caller (does not drive the TTL)
 //!     size           INTEGER NOT NULL,     -- accounted size, see RECORD_OVERHEAD_BYTES
 //!     payload        BLOB    NOT NULL
 //! );
 //! CREATE INDEX records_by_priority ON records (priority, seq);   -- sync reads, eviction
-//! CREATE INDEX records_by_ingested ON records (ingested_at_ms); -- TTL, oldest record
+//! CREATE INDEX records_by_ingested ON records (ingested_at_ms); -- oldest record
 //! CREATE TABLE counters (id INTEGER PRIMARY KEY CHECK (id = 1), records, bytes, ...,
 //!     dead_letters, dead_letter_bytes, dead_lettered_total, dead_letters_evicted_total,
-//!     refused_records, refused_bytes, refused_total, refused_evicted_total, requeued_total);
+//!     refused_records, refused_bytes, refused_total, refused_evicted_total, requeued_total,
+//!     clock_ms,            -- since version 4: the store clock at the last commit
+//!     last_seq_clock_ms);  -- since version 4: the store clock when last_seq was assigned
 //! CREATE TABLE state (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
 //! CREATE TABLE dead_letters (                -- since version 2
 //!     id             INTEGER PRIMARY KEY,  -- = counters.dead_lettered_total when inserted
@@ -107,10 +192,14 @@
 //!     refused_at_ms  INTEGER NOT NULL      -- unix ms, from the caller
 //! );
 //! CREATE UNIQUE INDEX refused_by_seq ON refused (seq);  -- requeue by seq, the both-tables guard
+//! CREATE TABLE clock_marks (                 -- since version 4: see "Time"
+//!     clock_ms       INTEGER PRIMARY KEY,  -- store clock
+//!     last_seq       INTEGER NOT NULL      -- every seq up to it was stored by then
+//! );
 //! ```
 //!
-//! Migrations run in one transaction when the writer opens the file. Versions 1 to 2 and 2 to 3
-//! are DDL only (`CREATE TABLE` and `ALTER TABLE counters ADD COLUMN ... DEFAULT 0`, which SQLite
+//! Migrations run in one transaction when the writer opens the file. Versions 1 to 2, 2 to 3
+//! and 3 to 4 are DDL only (`CREATE TABLE` and `ALTER TABLE counters ADD COLUMN ... DEFAULT 0`, which SQLite
 //! applies by editing the schema text): no record is read or rewritten, so upgrading a big store
 //! is instant. A version newer than this build's is refused ([`StoreError::UnsupportedSchema`]).
 //! The read-only entry points ([`read_stats`], [`read_state`], [`read_dead_letters`],
@@ -161,36 +250,47 @@
 //! long misconfiguration of the upstream the oldest refused readings are lost first, but the
 //! file stays bounded. TTL does not apply to refused records either: they are bounded by
 //! [`RefusedLimits`], and an operator looking at them days later still finds them. A requeued
-//! record is a record again, with its original ingest time: if that is older than the TTL, it
-//! expires like any other (`expired_total`). [`Store::requeue_refused`] is subject to the quota
+//! record is a record again, with its original seq and ingest time, and its age counts from when
+//! it was first stored: if that is more than the TTL, it expires like any other
+//! (`expired_total`). [`Store::requeue_refused`] is subject to the quota
 //! but never evicts (see there): if the records do not fit, the call is refused with
 //! [`StoreError::Full`] and they stay refused.
 //!
-//! TTL: records with `ingested_at_ms + ttl < now` are never returned by [`Store::read_after`]; the
-//! writer thread deletes them in bounded passes ([`EXPIRE_PASS_LIMIT`] records per transaction)
-//! every few seconds, counting `expired_total`.
+//! TTL: expired records (see "Time") are never returned by [`Store::read_after`]; the writer
+//! thread deletes them in bounded passes ([`EXPIRE_PASS_LIMIT`] records per transaction, oldest
+//! seq first) every few seconds, counting `expired_total`.
 //!
 //! # Layout
 //!
 //! - `lib.rs`: public types and the [`Store`] handle (async API, talks to the thread).
 //! - `schema.rs`: opening, identity checks, migrations, counters row, read queries.
 //! - `writer.rs`: the writer thread: command loop, group commit, quota, TTL, refusals,
-//!   poisoning.
+//!   rollback and retries.
+//! - `health.rs`: the health state machine and the retry back-off.
+//! - `clock.rs`: the clocks (injected in tests), the store clock and its marks.
 
 #![forbid(unsafe_code)]
 
+mod clock;
+mod health;
 mod schema;
 mod writer;
 
+#[cfg(test)]
+mod full_disk_tests;
+#[cfg(test)]
+mod health_tests;
 #[cfg(test)]
 mod model_tests;
 #[cfg(test)]
 mod refused_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod time_tests;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -198,7 +298,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::clock::{Clock, SystemClock};
+use crate::health::HealthCell;
 use crate::writer::{Command, Read, Write};
+
+pub use crate::health::{RETRY_MAX, RETRY_MIN};
 
 /// Fixed per-record overhead added to the accounted size: an estimate of SQLite's row header,
 /// the integer columns and the two index entries per record, so that a quota of N bytes bounds the
@@ -282,7 +386,9 @@ pub struct StoreSettings {
     pub path: PathBuf,
     /// Bound on the sum of accounted record sizes (see [`RECORD_OVERHEAD_BYTES`]).
     pub quota_bytes: u64,
-    /// Records older than this (by `ingested_at_ms`) expire; `None` keeps them until acked.
+    /// Records stored longer than this expire, measured on the store clock (running time, see
+    /// the crate docs: never by `ingested_at_ms`, never by the wall clock); `None` keeps them
+    /// until acked.
     pub ttl: Option<Duration>,
     /// Policy when a new record does not fit in the quota.
     pub when_full: WhenFull,
@@ -321,7 +427,8 @@ pub struct NewRecord {
     pub stream: String,
     pub priority: Priority,
     pub payload: Bytes,
-    /// Unix time in milliseconds when the gateway received the data; drives the TTL.
+    /// Unix time in milliseconds when the gateway received the data, for consumers. Stored and
+    /// returned as given (1970 if the clock was not set yet); it does not drive the TTL.
     pub ingested_at_ms: u64,
 }
 
@@ -464,8 +571,37 @@ pub fn dead_letter_accounted_size(letter: &DeadLetter) -> u64 {
     })
 }
 
-/// Counters and gauges of the store. All but `oldest_ingested_at_ms` and `poisoned` are read from
-/// the counters row, which is updated in the same transaction as the records.
+/// Whether the store can write. See the crate docs ("Failures and healing").
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum StoreHealth {
+    /// The last write transaction committed.
+    #[default]
+    Healthy,
+    /// The last write transaction failed and was rolled back; new records are refused with
+    /// [`StoreError::Poisoned`] while the writer retries with back-off ([`RETRY_MIN`] doubling to
+    /// [`RETRY_MAX`]). Acks, TTL passes, state writes and refusals are still attempted; the first
+    /// write that commits makes the store healthy again.
+    Failing {
+        /// Wall-clock unix ms of the first failure of this episode (for operators; the wall clock
+        /// may be wrong).
+        since_ms: u64,
+        /// The last failure, as SQLite reported it (e.g. "database or disk is full").
+        last_error: String,
+        /// Failed attempts since the first failure (retries and attempted writes).
+        retries: u64,
+    },
+}
+
+impl StoreHealth {
+    pub fn is_healthy(&self) -> bool {
+        matches!(self, StoreHealth::Healthy)
+    }
+}
+
+/// Counters and gauges of the store. All but `oldest_ingested_at_ms`, `poisoned`, `health`,
+/// `commit_failures_total` and `recoveries_total` are read from the counters row, which is
+/// updated in the same transaction as the records; those five describe this process's writer and
+/// are not persisted.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoreStats {
     /// Records currently stored.
@@ -492,9 +628,17 @@ pub struct StoreStats {
     pub rejected_full_total: u64,
     /// Write transactions committed.
     pub commits_total: u64,
-    /// The store refuses writes after a failed commit. Not persisted: [`read_stats`] reports
-    /// `false`.
+    /// The store refuses new records after a failed commit, until a write succeeds again: the
+    /// same as `!health.is_healthy()`. Not persisted: [`read_stats`] reports `false`.
     pub poisoned: bool,
+    /// Whether the store can write, since when not, and why. Not persisted: [`read_stats`]
+    /// reports [`StoreHealth::Healthy`].
+    pub health: StoreHealth,
+    /// Write transactions that failed and were rolled back since the store was opened (retries
+    /// included). Not persisted.
+    pub commit_failures_total: u64,
+    /// Times the store became healthy again by itself since it was opened. Not persisted.
+    pub recoveries_total: u64,
     /// Dead letters currently stored.
     pub dead_letters: u64,
     /// Sum of accounted sizes of the stored dead letters ([`dead_letter_accounted_size`]).
@@ -554,12 +698,17 @@ pub enum StoreError {
     Corrupt { seq: u64, what: &'static str },
     #[error("store database error")]
     Sqlite(#[from] rusqlite::Error),
-    /// The batch this write belonged to failed to commit; nothing of it was stored and the store
-    /// is now poisoned. Shared by every waiter of the batch, hence the `Arc`.
-    #[error("store commit failed; the store is poisoned and refuses further writes")]
+    /// The batch this write belonged to failed to commit; nothing of it was stored (it was rolled
+    /// back) and the store is failing ([`StoreHealth::Failing`]) until a write succeeds again.
+    /// Shared by every waiter of the batch, hence the `Arc`.
+    #[error("store commit failed; new records are refused until a write succeeds again")]
     CommitFailed(#[source] Arc<rusqlite::Error>),
-    /// An earlier commit failed; the store refuses writes until it is reopened.
-    #[error("store is poisoned by an earlier failed commit and refuses writes")]
+    /// The store is failing ([`StoreHealth::Failing`]): an earlier commit failed and no write has
+    /// succeeded since, so this write (new records, a dead letter, a requeue) was refused without
+    /// touching the disk. The writer retries by itself; try again later.
+    #[error(
+        "store is failing after a failed commit and refuses new records until a write succeeds"
+    )]
     Poisoned,
     /// The records do not fit in the quota under the `when_full` policy. `needed` is the
     /// accounted size of the refused append call.
@@ -571,6 +720,19 @@ pub enum StoreError {
     /// The store was closed.
     #[error("store is closed")]
     Closed,
+}
+
+impl StoreError {
+    /// Whether this is SQLite's "database or disk is full" (`SQLITE_FULL`): the filesystem is
+    /// full, or the file reached its size limit.
+    pub fn is_disk_full(&self) -> bool {
+        let sqlite = match self {
+            StoreError::CommitFailed(e) => &**e,
+            StoreError::Sqlite(e) | StoreError::Open { source: e, .. } => e,
+            _ => return false,
+        };
+        sqlite.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
+    }
 }
 
 /// Accounted size of a record; see [`RECORD_OVERHEAD_BYTES`].
@@ -596,10 +758,10 @@ struct Shared {
     path: PathBuf,
     /// Last committed seq, published by the writer after each commit.
     committed: watch::Receiver<u64>,
-    /// Set by the writer thread when a commit failed.
-    poisoned: Arc<AtomicBool>,
-    /// Fault injection: the next commit fails (through the real error path).
-    fail_next_commit: Arc<AtomicBool>,
+    /// Set by the writer thread when a commit failed, cleared when one succeeded again.
+    health: Arc<HealthCell>,
+    /// Fault injection: this many next commits fail (through the real error path).
+    fail_commits: Arc<AtomicU64>,
     /// The writer thread, joined by `close()` or when the last handle drops.
     thread: Mutex<Option<JoinHandle<()>>>,
     /// Exclusive lock on `<db>.lock`, held for the store's lifetime: a second gateway on the same
@@ -639,12 +801,21 @@ impl Store {
         settings: StoreSettings,
         dead_letter_limits: DeadLetterLimits,
     ) -> Result<Store, StoreError> {
+        Store::open_tuned(settings, dead_letter_limits, Tuning::default())
+    }
+
+    /// [`Store::open_with`] with the clock and retry back-off tests need.
+    pub(crate) fn open_tuned(
+        settings: StoreSettings,
+        dead_letter_limits: DeadLetterLimits,
+        tuning: Tuning,
+    ) -> Result<Store, StoreError> {
         let lock = lock_exclusive(&settings.path)?;
         let opened = schema::open_read_write(&settings)?;
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let (committed_tx, committed) = watch::channel(opened.counters.last_seq);
-        let poisoned = Arc::new(AtomicBool::new(false));
-        let fail_next_commit = Arc::new(AtomicBool::new(false));
+        let health = Arc::new(HealthCell::default());
+        let fail_commits = Arc::new(AtomicU64::new(0));
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
@@ -653,12 +824,12 @@ impl Store {
                 source,
             })?;
         let writer = writer::Writer::new(
-            opened.conn,
+            opened,
             settings.clone(),
             dead_letter_limits,
-            opened.counters,
-            Arc::clone(&poisoned),
-            Arc::clone(&fail_next_commit),
+            tuning,
+            Arc::clone(&health),
+            Arc::clone(&fail_commits),
             committed_tx,
         );
         let thread = std::thread::Builder::new()
@@ -673,8 +844,8 @@ impl Store {
             shared: Arc::new(Shared {
                 path: settings.path,
                 committed,
-                poisoned,
-                fail_next_commit,
+                health,
+                fail_commits,
                 thread: Mutex::new(Some(thread)),
                 lock: Mutex::new(Some(lock)),
             }),
@@ -785,9 +956,16 @@ impl Store {
         self.shared.committed.clone()
     }
 
-    /// Whether a commit failed and the store now refuses writes.
+    /// Whether the store is failing: a commit failed and no write has succeeded since, so new
+    /// records are refused. Clears by itself once a write commits again.
     pub fn is_poisoned(&self) -> bool {
-        self.shared.poisoned.load(Ordering::Acquire)
+        self.shared.health.is_failing()
+    }
+
+    /// Whether the store can write, since when not, and why (as in [`StoreStats::health`], but
+    /// without waiting for the writer thread).
+    pub fn health(&self) -> StoreHealth {
+        self.shared.health.get()
     }
 
     /// Stores a small value under `key` (gateway runtime status); committed with the next batch.
@@ -903,8 +1081,9 @@ impl Store {
     /// [`StoreError::Full`] (not counted in `rejected_full_total`: nothing was lost, the records
     /// stay refused). An operator action should not destroy other data; requeue fewer, or later.
     ///
-    /// The ingest time is not refreshed: a requeued record older than the TTL is expired like
-    /// any other (hidden from [`Store::read_after`], deleted and counted in `expired_total`).
+    /// The age is not reset: a requeued record keeps its seq, so its age counts from when it was
+    /// first stored (see the crate docs, "Time"); one older than the TTL is expired like any
+    /// other (hidden from [`Store::read_after`], deleted and counted in `expired_total`).
     ///
     /// When it takes effect: a requeued seq is usually lower than what sync already read, so a
     /// sync engine that reads forward from a cursor sends it from its next (re)connection, or
@@ -939,10 +1118,18 @@ impl Store {
     }
 
     /// Fault injection for tests: the next commit fails inside its transaction (a real SQLite
-    /// error), which rolls it back and poisons the store.
+    /// error), which rolls it back and makes the store failing until a write succeeds (the
+    /// writer's own retry, a few hundred ms later at most, if nothing else writes).
     #[doc(hidden)]
     pub fn fail_next_commit(&self) {
-        self.shared.fail_next_commit.store(true, Ordering::Release);
+        self.fail_next_commits(1);
+    }
+
+    /// Fault injection for tests: the next `n` commits fail (retries included), as
+    /// [`Store::fail_next_commit`]. Replaces what was left of an earlier call.
+    #[doc(hidden)]
+    pub fn fail_next_commits(&self, n: u64) {
+        self.shared.fail_commits.store(n, Ordering::Release);
     }
 
     /// Commits what is pending, checkpoints the WAL (TRUNCATE), closes the database and joins the
@@ -965,6 +1152,24 @@ impl Store {
             Err(poisoned) => drop(poisoned.into_inner().take()),
         }
         result
+    }
+}
+
+/// What tests change about a store beyond its settings: the clocks and the retry back-off.
+#[derive(Debug, Clone)]
+pub(crate) struct Tuning {
+    pub clock: Arc<dyn Clock>,
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            clock: Arc::new(SystemClock::new()),
+            retry_min: RETRY_MIN,
+            retry_max: RETRY_MAX,
+        }
     }
 }
 
@@ -1007,7 +1212,7 @@ pub fn read_stats(path: &Path) -> Result<StoreStats, StoreError> {
     let counters = schema::load_counters_at(&tx, version)?;
     let oldest = schema::oldest_ingested_at(&tx)?;
     tx.finish()?;
-    Ok(counters.to_stats(oldest, false))
+    Ok(counters.to_stats(oldest))
 }
 
 /// Reads the state entries under `prefix` of a store another process has open (read-only).

@@ -3,7 +3,10 @@
 //! calls, acks, the refused table with its bound and requeue, counters), compared after every
 //! step. The quota and the refused bound are small so eviction, refusals and requeues that do
 //! not fit happen often; reopening checks that everything, counters included, survives a
-//! restart.
+//! restart. Injected commit failures check that a failed batch changes nothing, that a failing
+//! store refuses new data but attempts acks and refusals, and that the first of those that
+//! commits heals it (the writer's own timed retry is switched off here to keep it
+//! deterministic).
 
 #![allow(clippy::unwrap_used)]
 
@@ -13,6 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use proptest::prelude::*;
 
+use crate::tests::{NO_RETRY, open_retrying};
 use crate::{
     Durability, NewRecord, Priority, Record, Refusal, RefusedLimits, RefusedRecord, Store,
     StoreError, StoreSettings, WhenFull, accounted_size, refused_accounted_size,
@@ -38,6 +42,8 @@ enum Op {
     /// Raw numbers as for `Ack`.
     Requeue(Vec<u64>),
     Reopen,
+    /// The next commit fails.
+    FailNextCommit,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -56,6 +62,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => prop::collection::vec((any::<u64>(), 0usize..40), 1..4).prop_map(Op::Refuse),
         2 => prop::collection::vec(any::<u64>(), 1..5).prop_map(Op::Requeue),
         1 => Just(Op::Reopen),
+        1 => Just(Op::FailNextCommit),
     ]
 }
 
@@ -76,12 +83,64 @@ struct Model {
     requeued_total: u64,
     /// Distinct ingest times make `oldest_ingested_at_ms` unambiguous.
     clock_ms: u64,
+    /// A commit failure is injected and not yet used by a commit.
+    fail_pending: bool,
+    /// The store is failing: new data is refused.
+    failing: bool,
+    /// Since the last (re)open, like the store's.
+    commit_failures_total: u64,
+    recoveries_total: u64,
+}
+
+/// What happens to a write, by the health rules alone.
+#[derive(Debug, PartialEq)]
+enum Gate {
+    /// Refused untried: `Poisoned`.
+    Refused,
+    /// Tried, and the commit failed: `CommitFailed`, nothing changed.
+    Failed,
+    /// Tried and committed: the usual outcome.
+    Committed,
 }
 
 #[derive(Debug, PartialEq)]
 enum Rejection {
     Full,
     TooLarge,
+}
+
+impl Model {
+    /// A write is about to reach the store; `adds_data` for appends and requeues.
+    fn gate(&mut self, adds_data: bool) -> Gate {
+        if self.failing && adds_data {
+            return Gate::Refused;
+        }
+        if self.fail_pending {
+            self.fail_pending = false;
+            self.failing = true;
+            self.commit_failures_total += 1;
+            return Gate::Failed;
+        }
+        if self.failing {
+            self.failing = false;
+            self.recoveries_total += 1;
+        }
+        Gate::Committed
+    }
+}
+
+/// The store's answer fits a gate that did not commit.
+fn gated<T: std::fmt::Debug>(
+    gate: &Gate,
+    got: &Result<T, StoreError>,
+) -> Result<(), TestCaseError> {
+    match (gate, got) {
+        (Gate::Refused, Err(StoreError::Poisoned))
+        | (Gate::Failed, Err(StoreError::CommitFailed(_))) => Ok(()),
+        _ => Err(TestCaseError::fail(format!(
+            "gate {gate:?} vs store {got:?}"
+        ))),
+    }
 }
 
 fn size_of(r: &Record) -> u64 {
@@ -259,7 +318,10 @@ async fn check(store: &Store, model: &Model) -> Result<(), TestCaseError> {
     prop_assert_eq!(stats.evicted_by_priority, model.evicted_by_priority);
     prop_assert_eq!(stats.rejected_full_total, model.rejected_full_total);
     prop_assert_eq!(stats.expired_total, 0);
-    prop_assert!(!stats.poisoned);
+    prop_assert_eq!(stats.poisoned, model.failing);
+    prop_assert_eq!(stats.health.is_healthy(), !model.failing);
+    prop_assert_eq!(stats.commit_failures_total, model.commit_failures_total);
+    prop_assert_eq!(stats.recoveries_total, model.recoveries_total);
     let refused: Vec<RefusedRecord> = model.refused.iter().rev().cloned().collect();
     prop_assert_eq!(&store.refused(usize::MAX).await.unwrap(), &refused);
     prop_assert_eq!(stats.refused_records, refused.len() as u64);
@@ -276,7 +338,8 @@ async fn check(store: &Store, model: &Model) -> Result<(), TestCaseError> {
 async fn run(ops: Vec<Op>, when_full: WhenFull) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
     let s = settings(dir.path().join("model.db"), when_full);
-    let mut store = Store::open(s.clone()).unwrap();
+    let open = || open_retrying(s.clone(), NO_RETRY, NO_RETRY);
+    let mut store = open();
     let mut model = Model::default();
     for op in ops {
         match op {
@@ -293,6 +356,12 @@ async fn run(ops: Vec<Op>, when_full: WhenFull) -> Result<(), TestCaseError> {
                         }
                     })
                     .collect();
+                let gate = model.gate(true);
+                if gate != Gate::Committed {
+                    gated(&gate, &store.append(records).await)?;
+                    check(&store, &model).await?;
+                    continue;
+                }
                 let expected = model.append(when_full, &records);
                 let got = store.append(records).await;
                 match (&expected, &got) {
@@ -313,6 +382,12 @@ async fn run(ops: Vec<Op>, when_full: WhenFull) -> Result<(), TestCaseError> {
             }
             Op::Ack(raw) => {
                 let seqs: Vec<u64> = raw.iter().map(|r| r % (model.last_seq + 3)).collect();
+                let gate = model.gate(false);
+                if gate != Gate::Committed {
+                    gated(&gate, &store.ack(seqs).await)?;
+                    check(&store, &model).await?;
+                    continue;
+                }
                 let expected = model.ack(&seqs);
                 prop_assert_eq!(store.ack(seqs).await.unwrap(), expected);
             }
@@ -328,11 +403,23 @@ async fn run(ops: Vec<Op>, when_full: WhenFull) -> Result<(), TestCaseError> {
                         }
                     })
                     .collect();
+                let gate = model.gate(false);
+                if gate != Gate::Committed {
+                    gated(&gate, &store.refuse(refusals).await)?;
+                    check(&store, &model).await?;
+                    continue;
+                }
                 let expected = model.refuse(&refusals);
                 prop_assert_eq!(store.refuse(refusals).await.unwrap(), expected);
             }
             Op::Requeue(raw) => {
                 let seqs: Vec<u64> = raw.iter().map(|r| r % (model.last_seq + 3)).collect();
+                let gate = model.gate(true);
+                if gate != Gate::Committed {
+                    gated(&gate, &store.requeue_refused(seqs).await)?;
+                    check(&store, &model).await?;
+                    continue;
+                }
                 let expected = model.requeue(&seqs);
                 let got = store.requeue_refused(seqs).await;
                 match (expected, &got) {
@@ -347,7 +434,15 @@ async fn run(ops: Vec<Op>, when_full: WhenFull) -> Result<(), TestCaseError> {
                 } else {
                     drop(store);
                 }
-                store = Store::open(s.clone()).unwrap();
+                store = open();
+                model.fail_pending = false;
+                model.failing = false;
+                model.commit_failures_total = 0;
+                model.recoveries_total = 0;
+            }
+            Op::FailNextCommit => {
+                store.fail_next_commit();
+                model.fail_pending = true;
             }
         }
         check(&store, &model).await?;

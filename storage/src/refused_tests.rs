@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::tests::{V1_SCHEMA, letter, now_ms, rec, seqs_of, settings};
+use crate::clock::TestClock;
+use crate::tests::{
+    NO_RETRY, V1_SCHEMA, letter, now_ms, open_at, open_retrying, rec, seqs_of, settings,
+};
 use crate::{
     NewRecord, Priority, REFUSED_MIN_BYTES, Record, Refusal, RefusedLimits, RefusedRecord, Store,
     StoreError, StoreSettings, accounted_size, read_dead_letters, read_refused, read_stats,
@@ -494,18 +497,21 @@ async fn requeue_that_does_not_fit_moves_nothing_and_evicts_nothing() {
 async fn refused_records_are_not_subject_to_the_ttl() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = settings(dir.path(), 1 << 20);
-    s.ttl = Some(Duration::from_millis(1000));
-    let store = Store::open(s).unwrap();
-    let mut old = rec(Priority::Normal, 100);
-    old.ingested_at_ms = now_ms() - 500; // expires in ~500 ms
-    store.append(vec![old]).await.unwrap();
+    s.ttl = Some(Duration::from_secs(60));
+    let clock = TestClock::new(now_ms());
+    let store = open_at(s, &clock);
+    store
+        .append(vec![rec(Priority::Normal, 100)])
+        .await
+        .unwrap();
     assert_eq!(store.refuse(vec![refusal(1, "denied")]).await.unwrap(), 1);
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    clock.advance(Duration::from_secs(90));
     assert_eq!(store.expire_now().await.unwrap(), 0);
     assert_eq!(seqs(&store.refused(10).await.unwrap()), vec![1]);
 
-    // Back among the records, its ingest time is the reading's: older than the TTL, it expires
-    // like any record, counted (by the periodic pass or this one, whichever runs first).
+    // Back among the records, its age is the record's (from when it was first stored): older
+    // than the TTL, it expires like any record, counted (by the periodic pass or this one,
+    // whichever runs first).
     assert_eq!(store.requeue_refused(vec![1]).await.unwrap(), 1);
     assert!(seqs_of(&store, Priority::Normal).await.is_empty());
     store.expire_now().await.unwrap();
@@ -525,7 +531,7 @@ async fn refused_records_are_not_subject_to_the_ttl() {
 async fn a_failed_commit_leaves_records_where_they_were() {
     let dir = tempfile::tempdir().unwrap();
     let s = settings(dir.path(), 1 << 20);
-    let store = Store::open(s.clone()).unwrap();
+    let store = open_retrying(s.clone(), NO_RETRY, NO_RETRY);
     store
         .append(vec![rec(Priority::High, 100), rec(Priority::Low, 100)])
         .await
@@ -539,10 +545,7 @@ async fn a_failed_commit_leaves_records_where_they_were() {
     let got = store.refuse(vec![refusal(1, "lost?")]).await;
     assert!(matches!(got, Err(StoreError::CommitFailed(_))), "{got:?}");
     assert!(store.is_poisoned());
-    assert!(matches!(
-        store.refuse(vec![refusal(1, "after")]).await,
-        Err(StoreError::Poisoned)
-    ));
+    // While failing, a requeue (records back into the quota) is refused without a try.
     assert!(matches!(
         store.requeue_refused(vec![2]).await,
         Err(StoreError::Poisoned)
@@ -554,6 +557,8 @@ async fn a_failed_commit_leaves_records_where_they_were() {
         store.stats().await.unwrap(),
         crate::StoreStats {
             poisoned: true,
+            health: store.health(),
+            commit_failures_total: 1,
             ..stats.clone()
         }
     );
@@ -672,7 +677,7 @@ async fn a_version_2_store_is_read_as_is_and_migrated_by_the_writer() {
 
     // The writer migrates; everything of v2 is kept, and refusing works.
     let store = Store::open(s.clone()).unwrap();
-    assert_eq!(version(&s.path), 3);
+    assert_eq!(version(&s.path), 4);
     assert_eq!(store.stats().await.unwrap(), v2_stats);
     assert_eq!(read_dead_letters(&s.path, 10).unwrap().len(), 1);
     assert_eq!(store.refuse(vec![refusal(3, "denied")]).await.unwrap(), 1);

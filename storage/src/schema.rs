@@ -15,7 +15,7 @@ use crate::{
 /// `PRAGMA application_id` of our files: "OUTP".
 pub(crate) const APPLICATION_ID: i64 = 0x4F55_5450;
 /// `PRAGMA user_version` this build writes and understands.
-pub(crate) const SCHEMA_VERSION: i64 = 3;
+pub(crate) const SCHEMA_VERSION: i64 = 4;
 /// How long a statement waits for a lock held by another connection (e.g. a checkpoint while
 /// `outpost status` reads) before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -105,6 +105,20 @@ ALTER TABLE counters ADD COLUMN refused_evicted_total INTEGER NOT NULL DEFAULT 0
 ALTER TABLE counters ADD COLUMN requeued_total        INTEGER NOT NULL DEFAULT 0;
 ";
 
+/// Version 4: the store clock (running time across restarts, `counters.clock_ms`), the open
+/// mark (`counters.last_seq_clock_ms`: when `last_seq` was assigned) and the closed marks
+/// (`clock_marks`), which drive the TTL instead of the wall clock (see [`crate::clock`]). DDL
+/// only, like [`SCHEMA_V2`]. The defaults make every record already stored count as stored at
+/// store time 0: it ages from the upgrade on.
+const SCHEMA_V4: &str = "
+CREATE TABLE clock_marks (
+    clock_ms INTEGER PRIMARY KEY,
+    last_seq INTEGER NOT NULL
+);
+ALTER TABLE counters ADD COLUMN clock_ms          INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE counters ADD COLUMN last_seq_clock_ms INTEGER NOT NULL DEFAULT 0;
+";
+
 /// In-memory copy of the counters row; the writer changes it alongside the SQL and writes it back
 /// in the same transaction.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -131,6 +145,10 @@ pub(crate) struct Counters {
     pub refused_total: u64,
     pub refused_evicted_total: u64,
     pub requeued_total: u64,
+    /// The store clock at the last commit (see [`crate::clock`]).
+    pub clock_ms: u64,
+    /// The store clock when `last_seq` was assigned: the open mark.
+    pub last_seq_clock_ms: u64,
 }
 
 impl Counters {
@@ -143,7 +161,8 @@ impl Counters {
         }
     }
 
-    pub fn to_stats(&self, oldest_ingested_at_ms: Option<u64>, poisoned: bool) -> StoreStats {
+    /// The persisted part of the stats; the writer fills in its health.
+    pub fn to_stats(&self, oldest_ingested_at_ms: Option<u64>) -> StoreStats {
         StoreStats {
             records: self.records,
             bytes: self.bytes,
@@ -157,7 +176,6 @@ impl Counters {
             expired_total: self.expired_total,
             rejected_full_total: self.rejected_full_total,
             commits_total: self.commits_total,
-            poisoned,
             dead_letters: self.dead_letters,
             dead_letter_bytes: self.dead_letter_bytes,
             dead_lettered_total: self.dead_lettered_total,
@@ -167,6 +185,7 @@ impl Counters {
             refused_total: self.refused_total,
             refused_evicted_total: self.refused_evicted_total,
             requeued_total: self.requeued_total,
+            ..StoreStats::default()
         }
     }
 }
@@ -184,6 +203,8 @@ pub(crate) fn to_u64(v: i64) -> u64 {
 pub(crate) struct Opened {
     pub conn: Connection,
     pub counters: Counters,
+    /// The clock marks, ascending.
+    pub marks: Vec<(u64, u64)>,
 }
 
 /// Opens (creating if needed) the database for the writer: checks it is ours, sets WAL and the
@@ -223,7 +244,12 @@ pub(crate) fn open_read_write(settings: &StoreSettings) -> Result<Opened, StoreE
         migrate(&mut conn, version).map_err(open_err)?;
     }
     let counters = load_counters(&conn).map_err(open_err)?;
-    Ok(Opened { conn, counters })
+    let marks = load_marks(&conn).map_err(open_err)?;
+    Ok(Opened {
+        conn,
+        counters,
+        marks,
+    })
 }
 
 /// A read-only connection and the schema version of its file.
@@ -300,6 +326,9 @@ fn migrate(conn: &mut Connection, from: i64) -> rusqlite::Result<()> {
     if from < 3 {
         tx.execute_batch(SCHEMA_V3)?;
     }
+    if from < 4 {
+        tx.execute_batch(SCHEMA_V4)?;
+    }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()
 }
@@ -321,12 +350,17 @@ pub(crate) fn load_counters_at(conn: &Connection, version: i64) -> rusqlite::Res
     } else {
         "0, 0, 0, 0, 0"
     };
+    let clock_columns = if version >= 4 {
+        "clock_ms, last_seq_clock_ms"
+    } else {
+        "0, 0"
+    };
     conn.query_row(
         &format!(
             "SELECT records, bytes, records_high, records_normal, records_low, last_seq,
                 appended_total, acked_total, evicted_total, evicted_high, evicted_normal,
                 evicted_low, expired_total, rejected_full_total, commits_total,
-                {dead_letter_columns}, {refused_columns}
+                {dead_letter_columns}, {refused_columns}, {clock_columns}
          FROM counters WHERE id = 1"
         ),
         [],
@@ -353,6 +387,8 @@ pub(crate) fn load_counters_at(conn: &Connection, version: i64) -> rusqlite::Res
                 refused_total: get(21)?,
                 refused_evicted_total: get(22)?,
                 requeued_total: get(23)?,
+                clock_ms: get(24)?,
+                last_seq_clock_ms: get(25)?,
             })
         },
     )
@@ -366,7 +402,8 @@ pub(crate) fn write_counters(conn: &Connection, c: &Counters) -> rusqlite::Resul
             expired_total = ?13, rejected_full_total = ?14, commits_total = ?15,
             dead_letters = ?16, dead_letter_bytes = ?17, dead_lettered_total = ?18,
             dead_letters_evicted_total = ?19, refused_records = ?20, refused_bytes = ?21,
-            refused_total = ?22, refused_evicted_total = ?23, requeued_total = ?24
+            refused_total = ?22, refused_evicted_total = ?23, requeued_total = ?24,
+            clock_ms = ?25, last_seq_clock_ms = ?26
          WHERE id = 1",
     )?;
     let changed = stmt.execute(params![
@@ -394,12 +431,23 @@ pub(crate) fn write_counters(conn: &Connection, c: &Counters) -> rusqlite::Resul
         to_i64(c.refused_total),
         to_i64(c.refused_evicted_total),
         to_i64(c.requeued_total),
+        to_i64(c.clock_ms),
+        to_i64(c.last_seq_clock_ms),
     ])?;
     if changed != 1 {
         // The row is created with the schema; without it the counters would silently not persist.
         return Err(rusqlite::Error::QueryReturnedNoRows);
     }
     Ok(())
+}
+
+/// The closed clock marks `(clock_ms, last_seq)`, ascending. A small table: the writer keeps
+/// about [`crate::clock::MARKS_PER_TTL`] of them and deletes the older ones.
+pub(crate) fn load_marks(conn: &Connection) -> rusqlite::Result<Vec<(u64, u64)>> {
+    let mut stmt =
+        conn.prepare_cached("SELECT clock_ms, last_seq FROM clock_marks ORDER BY clock_ms")?;
+    let rows = stmt.query_map([], |row| Ok((to_u64(row.get(0)?), to_u64(row.get(1)?))))?;
+    rows.collect()
 }
 
 /// Index lookup on `records_by_ingested`, not a scan.
@@ -410,23 +458,23 @@ pub(crate) fn oldest_ingested_at(conn: &Connection) -> rusqlite::Result<Option<u
     Ok(oldest.map(to_u64))
 }
 
+/// Records of `priority` with `seq > after_seq`, ascending, at most `limit`. The writer hides
+/// expired records by raising `after_seq` to the last expired seq.
 pub(crate) fn read_after(
     conn: &Connection,
     priority: Priority,
     after_seq: u64,
     limit: usize,
-    not_before_ms: u64,
 ) -> Result<Vec<Record>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT seq, stream, priority, payload, ingested_at_ms FROM records
-         WHERE priority = ?1 AND seq > ?2 AND ingested_at_ms >= ?3
-         ORDER BY seq LIMIT ?4",
+         WHERE priority = ?1 AND seq > ?2
+         ORDER BY seq LIMIT ?3",
     )?;
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let mut rows = stmt.query(params![
         to_i64(priority.as_index() as u64),
         to_i64(after_seq),
-        to_i64(not_before_ms),
         limit
     ])?;
     let mut out = Vec::new();

@@ -1,14 +1,16 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::clock::TestClock;
 use crate::{
     DEAD_LETTER_MIN_BYTES, DEAD_LETTER_OVERHEAD_BYTES, DeadLetter, DeadLetterLimits, Durability,
     NewRecord, Priority, RECORD_OVERHEAD_BYTES, RefusedLimits, StateOp, Store, StoreError,
-    StoreSettings, StoreStats, StoredDeadLetter, WhenFull, dead_letter_accounted_size,
+    StoreSettings, StoreStats, StoredDeadLetter, Tuning, WhenFull, dead_letter_accounted_size,
     read_dead_letters, read_state, read_states_with_prefix, read_stats,
 };
 
@@ -42,6 +44,29 @@ pub(crate) fn now_ms() -> u64 {
         .unwrap()
         .as_millis() as u64
 }
+
+/// Opens a store whose clocks the test moves by hand.
+pub(crate) fn open_at(s: StoreSettings, clock: &Arc<TestClock>) -> Store {
+    let tuning = Tuning {
+        clock: Arc::clone(clock) as Arc<dyn crate::clock::Clock>,
+        ..Tuning::default()
+    };
+    Store::open_tuned(s, DeadLetterLimits::default(), tuning).unwrap()
+}
+
+/// Opens a store that waits `retry_min` (doubling up to `retry_max`) before retrying after a
+/// failed commit; a long one keeps it failing for as long as the test looks.
+pub(crate) fn open_retrying(s: StoreSettings, retry_min: Duration, retry_max: Duration) -> Store {
+    let tuning = Tuning {
+        retry_min,
+        retry_max,
+        ..Tuning::default()
+    };
+    Store::open_tuned(s, DeadLetterLimits::default(), tuning).unwrap()
+}
+
+/// Long enough that no retry happens while a test looks at a failing store.
+pub(crate) const NO_RETRY: Duration = Duration::from_secs(3600);
 
 pub(crate) async fn seqs_of(store: &Store, priority: Priority) -> Vec<u64> {
     store
@@ -389,118 +414,6 @@ async fn record_larger_than_quota_is_too_large() {
 }
 
 #[tokio::test]
-async fn ttl_hides_expired_records_and_deletes_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut s = settings(dir.path(), 1 << 20);
-    s.ttl = Some(Duration::from_secs(60));
-    let store = Store::open(s.clone()).unwrap();
-    let mut old = rec(Priority::Normal, 100);
-    old.ingested_at_ms = now_ms() - 120_000;
-    let mut fresh = rec(Priority::Normal, 100);
-    fresh.ingested_at_ms = now_ms() - 1_000;
-    let seqs = store
-        .append(vec![old.clone(), fresh, old.clone()])
-        .await
-        .unwrap();
-    assert_eq!(seqs_of(&store, Priority::Normal).await, vec![seqs[1]]);
-    assert_eq!(store.expire_now().await.unwrap(), 2);
-    let stats = store.stats().await.unwrap();
-    assert_eq!(stats.records, 1);
-    assert_eq!(stats.bytes, 100);
-    assert_eq!(stats.expired_total, 2);
-    assert_eq!(
-        store.ack(vec![seqs[0]]).await.unwrap(),
-        0,
-        "already expired"
-    );
-    store.close().await.unwrap();
-
-    // The periodic pass: a 100 ms TTL is swept every 50 ms without being asked.
-    s.ttl = Some(Duration::from_millis(100));
-    let store = Store::open(s).unwrap();
-    store.append(vec![rec(Priority::Low, 100)]).await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while store.stats().await.unwrap().records > 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "periodic TTL pass never ran"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(store.stats().await.unwrap().expired_total, 4);
-}
-
-#[tokio::test]
-async fn expired_records_make_room_before_eviction() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut s = settings(dir.path(), 300);
-    s.ttl = Some(Duration::from_secs(60));
-    s.when_full = WhenFull::RejectNew;
-    let store = Store::open(s).unwrap();
-    let mut old = rec(Priority::High, 200);
-    old.ingested_at_ms = now_ms() - 120_000;
-    store.append(vec![old]).await.unwrap();
-    store.append(vec![rec(Priority::Low, 200)]).await.unwrap();
-    let stats = store.stats().await.unwrap();
-    assert_eq!(
-        (
-            stats.records,
-            stats.expired_total,
-            stats.rejected_full_total
-        ),
-        (1, 1, 0)
-    );
-}
-
-#[tokio::test]
-async fn failed_commit_poisons_the_store() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut s = settings(dir.path(), 1 << 20);
-    // Long enough that both writes below surely land in the same (failing) batch.
-    s.batch_max_delay = Duration::from_millis(200);
-    let store = Store::open(s.clone()).unwrap();
-    store.append(vec![rec(Priority::High, 100)]).await.unwrap();
-    store.put_state("k", b"before".to_vec()).await.unwrap();
-    store.fail_next_commit();
-    let (a, b) = tokio::join!(
-        store.append(vec![rec(Priority::High, 100)]),
-        store.put_state("k", b"after".to_vec())
-    );
-    assert!(matches!(a, Err(StoreError::CommitFailed(_))), "{a:?}");
-    assert!(matches!(b, Err(StoreError::CommitFailed(_))), "{b:?}");
-    assert!(store.is_poisoned());
-    assert!(matches!(
-        store.append(vec![rec(Priority::High, 100)]).await,
-        Err(StoreError::Poisoned)
-    ));
-    assert!(matches!(
-        store.ack(vec![1]).await,
-        Err(StoreError::Poisoned)
-    ));
-    // Reads still work and show the last committed state.
-    let stats = store.stats().await.unwrap();
-    assert!(stats.poisoned);
-    assert_eq!(
-        (stats.records, stats.appended_total, stats.commits_total),
-        (1, 1, 2)
-    );
-    assert_eq!(seqs_of(&store, Priority::High).await, vec![1]);
-    assert_eq!(
-        store.get_state("k").await.unwrap(),
-        Some(b"before".to_vec())
-    );
-    store.close().await.unwrap();
-
-    // Reopening starts clean from what was committed.
-    let store = Store::open(s).unwrap();
-    assert!(!store.is_poisoned());
-    assert_eq!(
-        store.append(vec![rec(Priority::High, 100)]).await.unwrap(),
-        vec![2]
-    );
-}
-
-#[tokio::test]
 async fn reopen_keeps_records_state_and_counters() {
     let dir = tempfile::tempdir().unwrap();
     let s = settings(dir.path(), 500);
@@ -660,7 +573,7 @@ fn files_that_are_not_our_store_are_refused_with_their_path() {
         Store::open(s.clone()),
         Err(StoreError::UnsupportedSchema {
             found: 7,
-            supported: 3,
+            supported: 4,
             ..
         })
     ));
@@ -1088,7 +1001,7 @@ async fn a_version_1_store_is_read_as_is_and_migrated_by_the_writer() {
 
     // The writer migrates it; everything of v1 is kept.
     let store = Store::open(s.clone()).unwrap();
-    assert_eq!(version(&s.path), 3);
+    assert_eq!(version(&s.path), 4);
     let stats = store.stats().await.unwrap();
     assert_eq!(stats, v1_stats);
     let high = store.read_after(Priority::High, 0, 10).await.unwrap();
@@ -1117,11 +1030,11 @@ async fn a_version_1_store_is_read_as_is_and_migrated_by_the_writer() {
 }
 
 #[tokio::test]
-async fn a_poisoned_store_refuses_dead_letters() {
+async fn a_failing_store_refuses_dead_letters() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = settings(dir.path(), 1 << 20);
     s.batch_max_delay = Duration::from_millis(200);
-    let store = Store::open(s).unwrap();
+    let store = open_retrying(s, NO_RETRY, NO_RETRY);
     store.dead_letter(letter(100, 1)).await.unwrap();
     store.fail_next_commit();
     let (a, b) = tokio::join!(

@@ -1,22 +1,25 @@
 //! The writer thread: owns the read-write connection, gathers writes into group commits, applies
-//! quota and TTL, moves records into and out of the refused table, and poisons the store when a
-//! commit fails.
+//! quota and TTL, moves records into and out of the refused table, and when a commit fails rolls
+//! back, refuses new records and retries until a write succeeds again.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::clock::{Clock, StoreClock};
+use crate::health::{Health, HealthCell};
 use crate::schema::{self, Counters, to_i64, to_u64};
 use crate::{
     DEAD_LETTER_OVERHEAD_BYTES, DeadLetter, DeadLetterLimits, EXPIRE_PASS_LIMIT, NewRecord,
-    Priority, Record, Refusal, RefusedLimits, RefusedRecord, StateOp, StoreError, StoreSettings,
-    StoreStats, StoredDeadLetter, WhenFull, accounted_size, dead_letter_accounted_size,
+    Priority, Record, Refusal, RefusedLimits, RefusedRecord, StateOp, StoreError, StoreHealth,
+    StoreSettings, StoreStats, StoredDeadLetter, Tuning, WhenFull, accounted_size,
+    dead_letter_accounted_size,
 };
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
@@ -123,6 +126,16 @@ impl Write {
         }
     }
 
+    /// Whether this write adds data (records, a dead letter, requeued records): refused while
+    /// the store is failing. The others (acks, TTL passes, state, refusals) free space or record
+    /// progress, and are attempted.
+    fn adds_data(&self) -> bool {
+        matches!(
+            self,
+            Write::Append { .. } | Write::DeadLetter { .. } | Write::Requeue { .. }
+        )
+    }
+
     /// Refuses the write without touching the database.
     fn refuse(self, error: impl Fn() -> StoreError) {
         match self {
@@ -189,10 +202,13 @@ pub(crate) struct Writer {
     dead_letter_limits: DeadLetterLimits,
     /// Mirrors the committed counters row between batches.
     counters: Counters,
-    poisoned: Arc<AtomicBool>,
-    fail_next_commit: Arc<AtomicBool>,
+    /// The store clock; its marks mirror the committed `clock_marks` table between batches.
+    store_clock: StoreClock,
+    time: Arc<dyn Clock>,
+    health: Health,
+    fail_commits: Arc<AtomicU64>,
     committed: watch::Sender<u64>,
-    /// When the next periodic TTL pass is due (only with a TTL).
+    /// When the next periodic TTL pass is due (only with a TTL, while healthy).
     next_expiry: Instant,
 }
 
@@ -204,50 +220,62 @@ enum Exit {
     Close(Reply<()>),
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
-/// Records ingested before this instant (unix ms) are expired; 0 without a TTL.
-fn expiry_cutoff(settings: &StoreSettings, now_ms: u64) -> u64 {
-    match settings.ttl {
-        Some(ttl) => now_ms.saturating_sub(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
-        None => 0,
-    }
-}
-
 impl Writer {
     pub(crate) fn new(
-        conn: Connection,
+        opened: schema::Opened,
         settings: StoreSettings,
         dead_letter_limits: DeadLetterLimits,
-        counters: Counters,
-        poisoned: Arc<AtomicBool>,
-        fail_next_commit: Arc<AtomicBool>,
+        tuning: Tuning,
+        health: Arc<HealthCell>,
+        fail_commits: Arc<AtomicU64>,
         committed: watch::Sender<u64>,
     ) -> Writer {
         let settings = StoreSettings {
             refused: settings.refused.clamped(),
             ..settings
         };
+        let store_clock = StoreClock::new(
+            opened.counters.clock_ms,
+            tuning.clock.monotonic(),
+            opened.marks,
+            (opened.counters.last_seq_clock_ms, opened.counters.last_seq),
+        );
         Writer {
-            conn,
+            conn: opened.conn,
             settings,
             dead_letter_limits: dead_letter_limits.clamped(),
-            counters,
-            poisoned,
-            fail_next_commit,
+            counters: opened.counters,
+            store_clock,
+            time: tuning.clock,
+            health: Health::new(tuning.retry_min, tuning.retry_max, health),
+            fail_commits,
             committed,
             next_expiry: Instant::now(),
         }
     }
 
+    /// Every seq up to this one is expired now (0: none is, or no TTL).
+    fn expired_through(&self) -> u64 {
+        let now = self.store_clock.now_ms(&*self.time);
+        self.store_clock.expired_through(self.settings.ttl, now)
+    }
+
     /// Body of the writer thread.
     pub(crate) fn run_thread(mut self, mut rx: mpsc::Receiver<Command>, runtime: Runtime) {
         let exit = self.run(&mut rx, &runtime);
+        if self.settings.ttl.is_some() && !self.health.is_failing() {
+            // A last TTL pass, which also persists the store clock: the running time since the
+            // last commit counts after a restart too.
+            let mut batch = vec![Write::Expire {
+                reply: None,
+                expired: 0,
+                exhaustive: false,
+            }];
+            let failure = self.commit(&mut batch);
+            for w in batch {
+                w.finish(failure.as_ref());
+            }
+        }
         let result = self.shutdown();
         // Commands queued behind close() are answered `Closed` by dropping them with the channel,
         // before close() is answered, so nothing is accepted after close() returned.
@@ -265,9 +293,19 @@ impl Writer {
     }
 
     fn shutdown(self) -> Result<(), StoreError> {
-        // Readers in other processes may hold the WAL: a partial checkpoint is not an error.
-        self.conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        // Readers in other processes may hold the WAL: a partial checkpoint is not an error. A
+        // failed one (a full disk: the database file cannot grow) is not either: everything
+        // committed is in the WAL, which the next open reads.
+        if let Err(error) = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        {
+            tracing::warn!(
+                path = %self.settings.path.display(),
+                %error,
+                "store checkpoint at close failed; the WAL keeps what it holds"
+            );
+        }
         self.conn.close().map_err(|(_, e)| StoreError::Sqlite(e))
     }
 
@@ -277,18 +315,22 @@ impl Writer {
             .map(|ttl| (ttl / 2).clamp(EXPIRE_INTERVAL_MIN, EXPIRE_INTERVAL_MAX))
     }
 
-    fn is_poisoned(&self) -> bool {
-        self.poisoned.load(Ordering::Acquire)
-    }
-
     fn run(&mut self, rx: &mut mpsc::Receiver<Command>, runtime: &Runtime) -> Exit {
         let max_records = self.settings.batch_max_records.max(1);
         loop {
-            // Periodic TTL pass, as its own small transaction between batches.
-            if let Some(interval) = self.expire_interval()
-                && !self.is_poisoned()
+            if self.health.is_failing() {
+                // The retry, when due: it is also the TTL pass while failing.
+                if self
+                    .health
+                    .next_retry()
+                    .is_some_and(|at| Instant::now() >= at)
+                {
+                    self.retry();
+                }
+            } else if let Some(interval) = self.expire_interval()
                 && Instant::now() >= self.next_expiry
             {
+                // Periodic TTL pass, as its own small transaction between batches.
                 let mut batch = vec![Write::Expire {
                     reply: None,
                     expired: 0,
@@ -307,17 +349,22 @@ impl Writer {
                     Instant::now() + if full_pass { Duration::ZERO } else { interval };
             }
 
-            // Idle: wait for the first command (waking up for the next TTL pass).
-            let first = match self.expire_interval() {
-                Some(_) if !self.is_poisoned() => {
-                    let wait = self.next_expiry.saturating_duration_since(Instant::now());
+            // Idle: wait for the first command (waking up for the next retry or TTL pass).
+            let wake = if self.health.is_failing() {
+                self.health.next_retry()
+            } else {
+                self.expire_interval().map(|_| self.next_expiry)
+            };
+            let first = match wake {
+                Some(at) => {
+                    let wait = at.saturating_duration_since(Instant::now());
                     match runtime.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
                         Err(_elapsed) => continue,
                         Ok(None) => return Exit::Disconnected,
                         Ok(Some(cmd)) => cmd,
                     }
                 }
-                _ => match rx.blocking_recv() {
+                None => match rx.blocking_recv() {
                     None => return Exit::Disconnected,
                     Some(cmd) => cmd,
                 },
@@ -384,7 +431,7 @@ impl Writer {
     }
 
     fn accept(&self, write: Write, batch: &mut Vec<Write>, weight: &mut usize) {
-        if self.is_poisoned() {
+        if self.health.is_failing() && write.adds_data() {
             write.refuse(|| StoreError::Poisoned);
             return;
         }
@@ -400,14 +447,18 @@ impl Writer {
                 limit,
                 reply,
             } => {
-                let cutoff = expiry_cutoff(&self.settings, now_ms());
-                let _ = reply.send(schema::read_after(
-                    &self.conn, priority, after_seq, limit, cutoff,
-                ));
+                let after_seq = after_seq.max(self.expired_through());
+                let _ = reply.send(schema::read_after(&self.conn, priority, after_seq, limit));
             }
             Read::Stats { reply } => {
                 let result = schema::oldest_ingested_at(&self.conn)
-                    .map(|oldest| self.counters.to_stats(oldest, self.is_poisoned()))
+                    .map(|oldest| StoreStats {
+                        poisoned: self.health.is_failing(),
+                        health: self.health.state().clone(),
+                        commit_failures_total: self.health.commit_failures_total,
+                        recoveries_total: self.health.recoveries_total,
+                        ..self.counters.to_stats(oldest)
+                    })
                     .map_err(StoreError::from);
                 let _ = reply.send(result);
             }
@@ -438,24 +489,44 @@ impl Writer {
 }
 
 impl Writer {
-    /// Applies the batch in one transaction. On success the counters move forward and waiters
-    /// get their outcomes; on any SQL failure the transaction is rolled back, the in-memory
-    /// counters are restored, the store is poisoned, and the failure is returned for every waiter.
+    /// Applies the batch in one transaction. On success the counters move forward, waiters get
+    /// their outcomes, and a failing store is healthy again. On any SQL failure the transaction
+    /// is rolled back, the in-memory counters and marks are restored and checked against the
+    /// file, the store is failing (new records refused, a retry scheduled), and the failure is
+    /// returned for every waiter.
     fn commit(&mut self, batch: &mut [Write]) -> Option<Arc<rusqlite::Error>> {
         if batch.is_empty() {
             return None;
         }
         let before = self.counters.clone();
-        let inject_fault = self.fail_next_commit.swap(false, Ordering::AcqRel);
+        let clock_before = self.store_clock.clone();
+        let inject_fault = self
+            .fail_commits
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok();
+        let now = self.store_clock.now_ms(&*self.time);
         match apply_batch(
             &mut self.conn,
             &self.settings,
             &self.dead_letter_limits,
             &mut self.counters,
+            &mut self.store_clock,
+            now,
             batch,
             inject_fault,
         ) {
             Ok(()) => {
+                if let Some(StoreHealth::Failing {
+                    since_ms, retries, ..
+                }) = self.health.succeeded(Instant::now())
+                {
+                    tracing::info!(
+                        path = %self.settings.path.display(),
+                        since_ms,
+                        retries,
+                        "store write committed again; the store is healthy and accepts records"
+                    );
+                }
                 let last_seq = self.counters.last_seq;
                 // Requeued records are new data for sync too, though no seq was assigned.
                 let requeued = batch
@@ -470,36 +541,114 @@ impl Writer {
             }
             Err(error) => {
                 self.counters = before;
-                self.poisoned.store(true, Ordering::Release);
-                tracing::error!(
-                    path = %self.settings.path.display(),
-                    %error,
-                    "store commit failed; refusing further writes"
-                );
+                self.store_clock = clock_before;
+                self.after_rollback();
+                self.failed(&error);
                 Some(Arc::new(error))
             }
         }
     }
+
+    /// Makes sure nothing of a failed transaction is left open (rusqlite rolls back when the
+    /// transaction is dropped; a failed COMMIT can leave it open, e.g. on SQLITE_FULL), then
+    /// checks the restored counters against the file: the file is the truth.
+    fn after_rollback(&mut self) {
+        if !self.conn.is_autocommit()
+            && let Err(error) = self.conn.execute_batch("ROLLBACK")
+        {
+            tracing::warn!(%error, "store rollback after a failed commit");
+        }
+        match schema::load_counters(&self.conn) {
+            Ok(on_disk) if on_disk != self.counters => {
+                tracing::warn!(
+                    path = %self.settings.path.display(),
+                    "store counters differ from the file after a rollback; using the file's"
+                );
+                self.counters = on_disk;
+            }
+            Ok(_) => {}
+            // The retry reads them again before writing.
+            Err(error) => tracing::warn!(%error, "store counters unreadable after a rollback"),
+        }
+    }
+
+    /// Takes a failure into the health state and says so.
+    fn failed(&mut self, error: &rusqlite::Error) {
+        let first = !self.health.is_failing();
+        let retry_in = self
+            .health
+            .failed(Instant::now(), self.time.wall_ms(), error.to_string());
+        let path = self.settings.path.display();
+        if first {
+            tracing::error!(
+                %path,
+                %error,
+                ?retry_in,
+                "store commit failed and was rolled back; refusing new records until a write \
+                 succeeds"
+            );
+        } else if let StoreHealth::Failing { retries, .. } = self.health.state() {
+            tracing::warn!(%path, %error, retries, ?retry_in, "store write still failing");
+        }
+    }
+
+    /// While failing: reads the counters and marks back from the file, then commits a TTL pass
+    /// (which writes the counters row, so it is a write even without a TTL). If that commits,
+    /// the store is healthy again.
+    fn retry(&mut self) {
+        let reread = schema::load_counters(&self.conn)
+            .and_then(|c| schema::load_marks(&self.conn).map(|m| (c, m)));
+        match reread {
+            Ok((counters, marks)) => {
+                if counters != self.counters {
+                    tracing::warn!(
+                        path = %self.settings.path.display(),
+                        "store counters differ from the file; using the file's"
+                    );
+                }
+                let open = (counters.last_seq_clock_ms, counters.last_seq);
+                self.counters = counters;
+                self.store_clock.reload(marks, open);
+            }
+            Err(error) => {
+                self.failed(&error);
+                return;
+            }
+        }
+        let mut batch = vec![Write::Expire {
+            reply: None,
+            expired: 0,
+            exhaustive: false,
+        }];
+        let failure = self.commit(&mut batch);
+        for w in batch {
+            w.finish(failure.as_ref());
+        }
+        // Back to the regular TTL schedule once healthy.
+        self.next_expiry = Instant::now();
+    }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn apply_batch(
     conn: &mut Connection,
     settings: &StoreSettings,
     dead_letter_limits: &DeadLetterLimits,
     counters: &mut Counters,
+    store_clock: &mut StoreClock,
+    now: u64,
     batch: &mut [Write],
     inject_fault: bool,
 ) -> rusqlite::Result<()> {
     // IMMEDIATE: take the write lock up front rather than fail upgrading it mid-batch.
     let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let now = now_ms();
-    let cutoff = expiry_cutoff(settings, now);
+    let expired_through = store_clock.expired_through(settings.ttl, now);
     for write in batch.iter_mut() {
         match write {
             Write::Append {
                 records, result, ..
             } => {
-                *result = append_call(&mut tx, settings, counters, records, cutoff)?;
+                *result = append_call(&mut tx, settings, counters, records, expired_through)?;
             }
             Write::Ack { seqs, existed, .. } => *existed = ack(&tx, counters, seqs)?,
             Write::States { ops, .. } => {
@@ -528,7 +677,7 @@ fn apply_batch(
                 *moved = refuse(&tx, &settings.refused, counters, refusals)?;
             }
             Write::Requeue { seqs, result, .. } => {
-                *result = requeue(&tx, settings, counters, seqs, cutoff)?;
+                *result = requeue(&tx, settings, counters, seqs, expired_through)?;
             }
             Write::Expire {
                 expired,
@@ -537,7 +686,7 @@ fn apply_batch(
             } => {
                 if settings.ttl.is_some() {
                     loop {
-                        let n = expire(&tx, counters, cutoff, EXPIRE_PASS_LIMIT)?;
+                        let n = expire(&tx, counters, expired_through, EXPIRE_PASS_LIMIT)?;
                         *expired += n;
                         if !*exhaustive || n < EXPIRE_PASS_LIMIT as u64 {
                             break;
@@ -548,6 +697,21 @@ fn apply_batch(
         }
     }
     counters.commits_total += 1;
+    // The store clock never goes back.
+    counters.clock_ms = counters.clock_ms.max(now);
+    if let Some((clock_ms, last_seq)) =
+        store_clock.assigned(settings.ttl, counters.clock_ms, counters.last_seq)
+    {
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO clock_marks (clock_ms, last_seq) VALUES (?1, ?2)",
+        )?
+        .execute(params![to_i64(clock_ms), to_i64(last_seq)])?;
+    }
+    counters.last_seq_clock_ms = store_clock.open_ms();
+    if let Some(below) = store_clock.prune(settings.ttl, counters.clock_ms) {
+        tx.prepare_cached("DELETE FROM clock_marks WHERE clock_ms < ?1")?
+            .execute([to_i64(below)])?;
+    }
     schema::write_counters(&tx, counters)?;
     if inject_fault {
         // A real statement failure inside the transaction, so the genuine error path runs.
@@ -563,7 +727,7 @@ fn append_call(
     settings: &StoreSettings,
     counters: &mut Counters,
     records: &[NewRecord],
-    cutoff: u64,
+    expired_through: u64,
 ) -> rusqlite::Result<Result<Vec<u64>, StoreError>> {
     let quota = settings.quota_bytes;
     let sizes: Vec<u64> = records
@@ -584,7 +748,7 @@ fn append_call(
             if settings.ttl.is_some() && !expired_once {
                 // Expired records are dead weight: drop them before refusing or evicting.
                 expired_once = true;
-                expire(&sp, counters, cutoff, EXPIRE_PASS_LIMIT)?;
+                expire(&sp, counters, expired_through, EXPIRE_PASS_LIMIT)?;
             }
             let fits = match settings.when_full {
                 WhenFull::RejectNew => counters.bytes.saturating_add(size) <= quota,
@@ -705,20 +869,24 @@ fn ack(conn: &Connection, counters: &mut Counters, seqs: &[u64]) -> rusqlite::Re
     Ok(existed)
 }
 
-/// One bounded TTL pass: deletes up to `limit` records ingested before `cutoff`, oldest first.
+/// One bounded TTL pass: deletes up to `limit` expired records (seq up to `expired_through`),
+/// oldest first. A range on the primary key: no scan of what is not expired.
 fn expire(
     conn: &Connection,
     counters: &mut Counters,
-    cutoff: u64,
+    expired_through: u64,
     limit: usize,
 ) -> rusqlite::Result<u64> {
+    if expired_through == 0 {
+        return Ok(0);
+    }
     let mut stmt = conn.prepare_cached(
         "DELETE FROM records WHERE seq IN (
-             SELECT seq FROM records WHERE ingested_at_ms < ?1 ORDER BY ingested_at_ms LIMIT ?2)
+             SELECT seq FROM records WHERE seq <= ?1 ORDER BY seq LIMIT ?2)
          RETURNING priority, size",
     )?;
     let mut rows = stmt.query(params![
-        to_i64(cutoff),
+        to_i64(expired_through),
         i64::try_from(limit).unwrap_or(i64::MAX)
     ])?;
     let mut expired = 0;
@@ -835,7 +1003,7 @@ fn requeue(
     settings: &StoreSettings,
     counters: &mut Counters,
     seqs: &[u64],
-    cutoff: u64,
+    expired_through: u64,
 ) -> rusqlite::Result<Result<u64, StoreError>> {
     // Distinct, and moved in seq order. A seq also in `records` (a broken invariant) is left.
     let wanted: BTreeSet<u64> = seqs.iter().copied().collect();
@@ -860,7 +1028,7 @@ fn requeue(
     let quota = settings.quota_bytes;
     if counters.bytes.saturating_add(needed) > quota && settings.ttl.is_some() {
         // Expired records are dead weight: drop them before refusing.
-        expire(conn, counters, cutoff, EXPIRE_PASS_LIMIT)?;
+        expire(conn, counters, expired_through, EXPIRE_PASS_LIMIT)?;
     }
     if counters.bytes.saturating_add(needed) > quota {
         return Ok(Err(StoreError::Full { needed, quota }));
