@@ -154,6 +154,9 @@ pub(crate) struct Endpoint {
     next_generation: u64,
     status_rx: watch::Receiver<Status>,
     links: Vec<Link>,
+    /// When the event being handled happened: the loop sets it before each handler, and the
+    /// handlers read it instead of the clock (so tests can drive them at any time).
+    now: Instant,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -199,11 +202,9 @@ impl Endpoint {
         ];
         let (done_tx, done_rx) = mpsc::channel(s.max_exchanges.max(1));
         let status_rx = shared.status.subscribe();
+        let now = Instant::now();
         let mut timers = BinaryHeap::new();
-        timers.push(Reverse((
-            Instant::now() + HOUSEKEEPING,
-            Timer::Housekeeping,
-        )));
+        timers.push(Reverse((now + HOUSEKEEPING, Timer::Housekeeping)));
         Endpoint {
             socket,
             shared,
@@ -225,6 +226,7 @@ impl Endpoint {
             next_generation: 0,
             status_rx,
             links,
+            now,
         }
     }
 
@@ -251,6 +253,7 @@ impl Endpoint {
                 },
                 _ = tokio::time::sleep_until(next) => Event::Timer,
             };
+            self.now = Instant::now();
             match event {
                 Event::Shutdown => break,
                 Event::Done(d) => self.on_done(d).await,
@@ -266,7 +269,10 @@ impl Endpoint {
         let deadline = Instant::now() + grace;
         while self.in_flight > 0 {
             match tokio::time::timeout_at(deadline, self.done_rx.recv()).await {
-                Ok(Some(d)) => self.on_done(d).await,
+                Ok(Some(d)) => {
+                    self.now = Instant::now();
+                    self.on_done(d).await
+                }
                 _ => break,
             }
         }
@@ -404,10 +410,7 @@ impl Endpoint {
             Outcome::HandedOver => {
                 self.remember(key, ExState::Pending { con, ack: None });
                 if con {
-                    self.timer(
-                        Instant::now() + PIGGYBACK_WINDOW,
-                        Timer::EmptyAck(peer, mid),
-                    );
+                    self.timer(self.now + PIGGYBACK_WINDOW, Timer::EmptyAck(peer, mid));
                 }
             }
         }
@@ -451,7 +454,7 @@ impl Endpoint {
                 observer,
             },
         );
-        self.timer(Instant::now() + timeout, Timer::Retransmit(mid, generation));
+        self.timer(self.now + timeout, Timer::Retransmit(mid, generation));
         Some(mid)
     }
 
@@ -463,7 +466,7 @@ impl Endpoint {
             key,
             Exchange {
                 state,
-                at: Instant::now(),
+                at: self.now,
             },
         );
         self.order.push_back(key);
@@ -509,7 +512,7 @@ impl Endpoint {
     }
 
     async fn on_timers(&mut self) {
-        let now = Instant::now();
+        let now = self.now;
         while let Some(Reverse((at, _))) = self.timers.peek() {
             if *at > now {
                 break;
@@ -695,7 +698,7 @@ impl Endpoint {
                     continue;
                 };
                 self.send(&bytes, key.0).await;
-                let deadline = Instant::now() + old.timeout;
+                let deadline = self.now + old.timeout;
                 self.timer(deadline, Timer::Retransmit(mid, old.generation));
                 self.outgoing.insert(mid, Outgoing { bytes, ..old });
                 if let Some(obs) = self.observers.get_mut(&key) {
@@ -797,7 +800,7 @@ impl Endpoint {
                         Upload {
                             data: Vec::new(),
                             content_format,
-                            started: Instant::now(),
+                            started: self.now,
                         },
                     );
                 }
@@ -1034,3 +1037,6 @@ fn body(req: &Packet, c: u8, content: &[u8], cf: u16, observe: Option<u32>) -> P
     r.payload = content[start..end].to_vec();
     r
 }
+
+#[cfg(test)]
+mod fuzz;
