@@ -85,6 +85,8 @@ fn settings() -> CoapSettings {
     s.max_payload = 2048;
     s.max_exchanges = 16;
     s.max_observers = MAX_OBSERVERS;
+    // Two bodies of the largest size: the byte bounds are reached too.
+    s.max_buffered_bytes = 4096;
     // Short, so exchanges and uploads expire during the run.
     s.exchange_lifetime = Duration::from_secs(2);
     s

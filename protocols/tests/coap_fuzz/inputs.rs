@@ -722,8 +722,15 @@ pub enum Action {
     Repeat { back: usize },
     /// A Block1 upload (several datagrams).
     Upload { peer: u8, upload: Upload },
-    /// First blocks (more to come) of `n` uploads to different topics, none finished.
-    OpenUploads { peer: u8, n: u8, first_mid: u16 },
+    /// The first `blocks` blocks (more to come) of `n` uploads to different topics, block 0 of
+    /// each, then block 1 of each...: concurrent uploads, none finished.
+    OpenUploads {
+        peer: u8,
+        n: u8,
+        blocks: u8,
+        szx: u8,
+        first_mid: u16,
+    },
     /// GET /status with Observe 0 (register) or 1 (deregister), maybe with Block2.
     Observe {
         peer: u8,
@@ -783,16 +790,28 @@ impl Action {
                 .iter()
                 .map(|m| (*peer, m.encode()))
                 .collect(),
-            Action::OpenUploads { peer, n, first_mid } => (0..u16::from(*n))
-                .map(|i| {
-                    let topic = format!("open{i}");
-                    let m = Msg::new(ty::NON, code::POST, first_mid.wrapping_add(i), &[])
-                        .path(&[INGEST.as_bytes(), topic.as_bytes()])
-                        .option(opt::BLOCK1, block(0, true, 0))
-                        .payload(&[b'o'; 16]);
-                    (*peer, m.encode())
-                })
-                .collect(),
+            Action::OpenUploads {
+                peer,
+                n,
+                blocks,
+                szx,
+                first_mid,
+            } => {
+                let mut out = Vec::new();
+                let mut mid = *first_mid;
+                for num in 0..u32::from(*blocks) {
+                    for i in 0..*n {
+                        let topic = format!("open{i}");
+                        let m = Msg::new(ty::NON, code::POST, mid, &[])
+                            .path(&[INGEST.as_bytes(), topic.as_bytes()])
+                            .option(opt::BLOCK1, block(num, true, *szx))
+                            .payload(&vec![b'o'; block_size(*szx)]);
+                        mid = mid.wrapping_add(1);
+                        out.push((*peer, m.encode()));
+                    }
+                }
+                out
+            }
             Action::Observe {
                 peer,
                 con,
@@ -853,7 +872,15 @@ pub fn action() -> BoxedStrategy<Action> {
         4 => (0usize..6).prop_map(|back| Action::Repeat { back }),
         4 => (peer(), upload()).prop_map(|(peer, upload)| Action::Upload { peer, upload }),
         1 => (peer(), 1u8..24, any::<u16>())
-            .prop_map(|(peer, n, first_mid)| Action::OpenUploads { peer, n, first_mid }),
+            .prop_flat_map(|(peer, n, first_mid)| {
+                (1u8..4, 0u8..=6).prop_map(move |(blocks, szx)| Action::OpenUploads {
+                    peer,
+                    n,
+                    blocks,
+                    szx,
+                    first_mid,
+                })
+            }),
         4 => (
             peer(),
             any::<bool>(),

@@ -12,11 +12,14 @@
 //! ingest channel fills, hand-overs wait).
 //!
 //! After every step:
+//! - everything the endpoint sent is a well-formed CoAP message;
 //! - exchanges awaiting the gateway are exactly the hand-overs in flight, at most
 //!   `max_exchanges`; the duplicate cache holds at most one more than `max_exchanges` (an answer
 //!   is remembered even when every remembered exchange is still waiting for the gateway), and
 //!   its expiry order lists each entry once;
-//! - Block1 reassemblies: at most `max_exchanges`, none larger than `max_payload`;
+//! - Block1 reassemblies: at most `max_exchanges`, none larger than `max_payload`, together
+//!   at most `max_buffered_bytes` (and the count kept of them exact); hand-overs in flight: at
+//!   most `max_buffered_bytes` of payload;
 //! - observers: at most `max_observers`, the shared counter equal to the registry; each
 //!   unacknowledged confirmable notification is tracked for retransmission and vice versa;
 //! - recent non-confirmable notifications: at most 256.
@@ -54,6 +57,8 @@ const SEED: u64 = 0x636f_6170_6675_7a7a; // "coapfuzz"
 const MAX_EXCHANGES: usize = 12;
 const MAX_OBSERVERS: usize = 3;
 const MAX_PAYLOAD: usize = 2048;
+/// Two bodies of the largest size: uploads and hand-overs reach it.
+const MAX_BUFFERED: usize = 4096;
 const LIFETIME: Duration = Duration::from_secs(20);
 /// How long the gateway takes for a `slow` reading (more than the piggy-back window).
 const SLOW_DELAY: Duration = Duration::from_millis(1800);
@@ -73,12 +78,13 @@ enum Step {
     Stall(bool),
     /// `n` readings from one peer in a row, each with a new message id: past `max_exchanges`
     /// (the duplicate cache evicts) and, when they are `slow` or the gateway stalls, past the
-    /// hand-overs allowed in flight (5.03).
+    /// hand-overs allowed in flight (5.03): by count, or with `len`-byte readings by bytes.
     Flood {
         peer: u8,
         n: u8,
         con: bool,
         slow: bool,
+        len: u16,
         first_mid: u16,
     },
 }
@@ -88,15 +94,22 @@ fn step() -> impl Strategy<Value = Step> {
         24 => inputs::action().prop_map(Step::Net),
         2 => (1u8..4, 0u8..4).prop_map(|(n, how)| Step::Release { n, how }),
         1 => any::<bool>().prop_map(Step::Stall),
-        1 => (0..inputs::PEERS, 4u8..24, any::<bool>(), any::<bool>(), any::<u16>()).prop_map(
-            |(peer, n, con, slow, first_mid)| Step::Flood {
+        1 => (
+            0..inputs::PEERS,
+            4u8..24,
+            any::<bool>(),
+            any::<bool>(),
+            prop_oneof![Just(1u16), 1000u16..=2048],
+            any::<u16>()
+        )
+            .prop_map(|(peer, n, con, slow, len, first_mid)| Step::Flood {
                 peer,
                 n,
                 con,
                 slow,
+                len,
                 first_mid
-            }
-        ),
+            }),
     ]
 }
 
@@ -113,6 +126,7 @@ fn settings() -> CoapSettings {
         exchange_lifetime: LIFETIME,
         max_exchanges: MAX_EXCHANGES,
         max_observers: MAX_OBSERVERS,
+        max_buffered_bytes: MAX_BUFFERED,
     }
 }
 
@@ -147,6 +161,8 @@ struct Harness {
     codes: BTreeSet<u8>,
     /// The most observers registered at once.
     most_observers: usize,
+    /// The first datagram the endpoint sent that is not a well-formed CoAP message.
+    malformed: Option<Vec<u8>>,
 }
 
 impl Harness {
@@ -187,6 +203,7 @@ impl Harness {
             heard: vec![Vec::new(); usize::from(inputs::PEERS) + 1],
             codes: BTreeSet::new(),
             most_observers: 0,
+            malformed: None,
         }
     }
 
@@ -205,6 +222,9 @@ impl Harness {
             .take(usize::from(inputs::PEERS))
         {
             while let Ok(n) = s.recv(&mut buf) {
+                if Packet::from_bytes(&buf[..n]).is_err() && self.malformed.is_none() {
+                    self.malformed = Some(buf[..n].to_vec());
+                }
                 if let Some(h) = heard(&buf[..n]) {
                     self.codes.insert(h.code);
                     let list = &mut self.heard[i];
@@ -317,6 +337,7 @@ impl Harness {
                 n,
                 con,
                 slow,
+                len,
                 first_mid,
             } => {
                 let typ = if *con { ty::CON } else { ty::NON };
@@ -325,7 +346,7 @@ impl Harness {
                     let m =
                         inputs::Msg::new(typ, inputs::code::POST, first_mid.wrapping_add(i), &[])
                             .path(&[b"t", level])
-                            .payload(b"1");
+                            .payload(&vec![b'1'; usize::from(*len)]);
                     let bytes = m.encode();
                     self.datagram(usize::from(*peer), &bytes).await;
                     self.history.push((*peer, bytes));
@@ -371,6 +392,9 @@ impl Harness {
 
     /// The state bounds (see the module comment).
     fn check(&self) -> Result<(), String> {
+        if let Some(b) = &self.malformed {
+            return Err(format!("the endpoint sent a malformed message: {b:02x?}"));
+        }
         let ep = &self.ep;
         let pending = ep
             .exchanges
@@ -390,11 +414,23 @@ impl Harness {
                 ep.order.len()
             ));
         }
-        let biggest = ep.uploads.values().map(|u| u.data.len()).max().unwrap_or(0);
-        if ep.uploads.len() > MAX_EXCHANGES || biggest > MAX_PAYLOAD {
+        let biggest = ep.uploads.map.values().map(|u| u.data.len()).max();
+        let held: usize = ep.uploads.map.values().map(|u| u.data.len()).sum();
+        if ep.uploads.len() > MAX_EXCHANGES
+            || biggest.unwrap_or(0) > MAX_PAYLOAD
+            || held != ep.uploads.bytes
+            || held > MAX_BUFFERED
+        {
             return Err(format!(
-                "{} uploads in progress, the largest {biggest} bytes",
-                ep.uploads.len()
+                "{} uploads in progress holding {held} bytes ({} counted), the largest {biggest:?}",
+                ep.uploads.len(),
+                ep.uploads.bytes
+            ));
+        }
+        if ep.in_flight_bytes > MAX_BUFFERED {
+            return Err(format!(
+                "{} bytes in hand-overs in flight (max {MAX_BUFFERED})",
+                ep.in_flight_bytes
             ));
         }
         let counted = ep.shared.counters.observers.load(Ordering::Relaxed);
@@ -467,10 +503,10 @@ impl Harness {
                 self.release(0);
             }
         }
-        if self.ep.in_flight != 0 {
+        if self.ep.in_flight != 0 || self.ep.in_flight_bytes != 0 {
             return Err(format!(
-                "{} hand-overs still unanswered by a healthy gateway",
-                self.ep.in_flight
+                "{} hand-overs ({} bytes) still unanswered by a healthy gateway",
+                self.ep.in_flight, self.ep.in_flight_bytes
             ));
         }
         let mid = 0xf000 | (n as u16 & 0x0fff);
@@ -494,7 +530,7 @@ impl Harness {
         let ep = &self.ep;
         if !ep.exchanges.is_empty()
             || !ep.order.is_empty()
-            || !ep.uploads.is_empty()
+            || ep.uploads.len() != 0
             || !ep.outgoing.is_empty()
             || ep.timers.len() != 1
         {
