@@ -359,6 +359,89 @@ async fn block1_upload_of_several_kilobytes_is_reassembled() {
     assert_eq!(code(&c.call(&b1).await), INCOMPLETE);
 }
 
+/// Found by `src/coap/endpoint/fuzz.rs`: reassemblies were bounded in count only, so one peer
+/// could hold `max_exchanges` x `max_payload` (256 MiB with the defaults) in uploads it never
+/// finished. The bytes are bounded too; the oldest upload makes room.
+#[tokio::test]
+async fn block1_reassemblies_are_bounded_in_bytes_oldest_evicted() {
+    let mut s = settings();
+    s.max_buffered_bytes = 8 * 1024;
+    let (server, _seen) = start_manual(s).await;
+    let c = Client::new(server.addr).await;
+    let block = |topic: &str, num: u32| {
+        let mut b = c.request(MessageType::Confirmable, POST, topic, &[b'b'; 1024]);
+        set_uint(&mut b, BLOCK1, (num << 4) | 0x8 | 6);
+        b
+    };
+    // Four uploads of 2 KiB each fill the 8 KiB.
+    for num in 0..2 {
+        for topic in ["t/u0", "t/u1", "t/u2", "t/u3"] {
+            assert_eq!(code(&c.call(&block(topic, num)).await), CONTINUE);
+        }
+    }
+    assert_eq!(server.handle.stats().evicted, 0);
+    // A fifth: the oldest (u0) goes.
+    assert_eq!(code(&c.call(&block("t/u4", 0)).await), CONTINUE);
+    assert_eq!(server.handle.stats().evicted, 1);
+    assert_eq!(code(&c.call(&block("t/u0", 2)).await), INCOMPLETE);
+    assert_eq!(code(&c.call(&block("t/u1", 2)).await), CONTINUE);
+}
+
+/// Found by `src/coap/endpoint/fuzz.rs`: readings waiting for the gateway were bounded in count
+/// only (`max_exchanges` x `max_payload` while the store is slow). Their bytes are bounded too,
+/// with 5.03 Max-Age 1 beyond; and a last block refused so keeps its upload, so the client's
+/// retry completes it (it used to be dropped: the retry got 4.08).
+#[tokio::test]
+async fn readings_waiting_for_the_gateway_are_bounded_in_bytes_and_a_refused_last_block_can_be_retried()
+ {
+    let mut s = settings();
+    s.max_payload = 4 * 1024;
+    s.max_buffered_bytes = 4 * 1024;
+    let (server, mut rx) = start_manual(s).await;
+    let c = Client::new(server.addr).await;
+    // 3 KiB waiting for the gateway.
+    let held = c.request(MessageType::NonConfirmable, POST, "t/held", &[b'h'; 3072]);
+    c.send(&held).await;
+    let mut inbound = timeout(Duration::from_secs(2), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    // 2 KiB more would pass the 4 KiB: 5.03, for a plain request and for the last block.
+    let plain = c.request(MessageType::Confirmable, POST, "t/plain", &[b'p'; 2048]);
+    let resp = c.call(&plain).await;
+    assert_eq!(code(&resp), UNAVAILABLE);
+    assert_eq!(uint_opt(&resp, MAX_AGE), Some(1));
+    let mut b0 = c.request(MessageType::Confirmable, POST, "t/up", &[b'0'; 1024]);
+    set_uint(&mut b0, BLOCK1, 0x8 | 6);
+    assert_eq!(code(&c.call(&b0).await), CONTINUE);
+    let last = |c: &Client| {
+        let mut b1 = c.request(MessageType::Confirmable, POST, "t/up", &[b'1'; 1024]);
+        set_uint(&mut b1, BLOCK1, (1 << 4) | 6);
+        b1
+    };
+    assert_eq!(code(&c.call(&last(&c)).await), UNAVAILABLE);
+    assert_eq!(server.handle.stats().overloaded, 2);
+    // The gateway answers; the client retries the last block (a new message): complete.
+    inbound.reply.take().unwrap().send(Ok(())).unwrap();
+    assert_eq!(
+        code(&c.recv(Duration::from_secs(2)).await.unwrap()),
+        CREATED
+    );
+    c.send(&last(&c)).await;
+    let mut up = timeout(Duration::from_secs(2), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(up.topic, "sensors/up");
+    assert_eq!(&up.payload[..1024], &[b'0'; 1024][..]);
+    assert_eq!(&up.payload[1024..], &[b'1'; 1024][..]);
+    up.reply.take().unwrap().send(Ok(())).unwrap();
+    assert_eq!(
+        code(&c.recv(Duration::from_secs(2)).await.unwrap()),
+        CREATED
+    );
+}
+
 #[tokio::test]
 async fn too_large_is_413_with_size1() {
     let (server, mut seen) = start(|_| Ok(())).await;

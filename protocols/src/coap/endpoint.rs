@@ -70,6 +70,66 @@ struct Upload {
     started: Instant,
 }
 
+type UploadKey = (Peer, String);
+
+/// The Block1 uploads being reassembled, and the bytes they hold together.
+#[derive(Debug, Default)]
+struct Uploads {
+    map: HashMap<UploadKey, Upload>,
+    bytes: usize,
+}
+
+impl Uploads {
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    fn contains(&self, key: &UploadKey) -> bool {
+        self.map.contains_key(key)
+    }
+
+    /// Bytes received so far for `key`.
+    fn received(&self, key: &UploadKey) -> Option<usize> {
+        self.map.get(key).map(|u| u.data.len())
+    }
+
+    /// Starts (or starts over) the upload for `key`.
+    fn start(&mut self, key: UploadKey, upload: Upload) {
+        self.bytes += upload.data.len();
+        if let Some(old) = self.map.insert(key, upload) {
+            self.bytes = self.bytes.saturating_sub(old.data.len());
+        }
+    }
+
+    fn append(&mut self, key: &UploadKey, data: &[u8]) {
+        if let Some(u) = self.map.get_mut(key) {
+            u.data.extend_from_slice(data);
+            self.bytes += data.len();
+        }
+    }
+
+    fn remove(&mut self, key: &UploadKey) -> Option<Upload> {
+        let u = self.map.remove(key)?;
+        self.bytes = self.bytes.saturating_sub(u.data.len());
+        Some(u)
+    }
+
+    /// The upload that started first, other than `except`.
+    fn oldest(&self, except: Option<&UploadKey>) -> Option<UploadKey> {
+        self.map
+            .iter()
+            .filter(|(k, _)| Some(*k) != except)
+            .min_by_key(|(_, u)| u.started)
+            .map(|(k, _)| k.clone())
+    }
+
+    /// Drops the uploads started `lifetime` or longer before `now`.
+    fn expire(&mut self, now: Instant, lifetime: Duration) {
+        self.map.retain(|_, u| u.started + lifetime > now);
+        self.bytes = self.map.values().map(|u| u.data.len()).sum();
+    }
+}
+
 /// A confirmable message we sent and retransmit until ACKed.
 #[derive(Debug)]
 struct Outgoing {
@@ -110,6 +170,8 @@ struct Done {
     token: Vec<u8>,
     /// 2.01 for POST, 2.04 for PUT.
     success: u8,
+    /// Payload bytes handed over (counted in `Endpoint::in_flight_bytes` until answered).
+    bytes: usize,
     /// The final Block1 option to echo, for a block-wise upload.
     block1: Option<Block>,
     reply: IngestReply,
@@ -141,10 +203,12 @@ pub(crate) struct Endpoint {
     done_rx: mpsc::Receiver<Done>,
     /// Hand-overs not yet reported back; bounded by `max_exchanges`.
     in_flight: usize,
+    /// Their payload bytes; bounded by the buffer budget (`max_buffered_bytes`).
+    in_flight_bytes: usize,
     exchanges: HashMap<(Peer, u16), Exchange>,
     /// Insertion order of `exchanges`, for expiry and eviction.
     order: VecDeque<(Peer, u16)>,
-    uploads: HashMap<(Peer, String), Upload>,
+    uploads: Uploads,
     outgoing: HashMap<u16, Outgoing>,
     observers: HashMap<ObsKey, Observer>,
     recent_non: HashMap<u16, ObsKey>,
@@ -154,6 +218,9 @@ pub(crate) struct Endpoint {
     next_generation: u64,
     status_rx: watch::Receiver<Status>,
     links: Vec<Link>,
+    /// When the event being handled happened: the loop sets it before each handler, and the
+    /// handlers read it instead of the clock (so tests can drive them at any time).
+    now: Instant,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -199,11 +266,9 @@ impl Endpoint {
         ];
         let (done_tx, done_rx) = mpsc::channel(s.max_exchanges.max(1));
         let status_rx = shared.status.subscribe();
+        let now = Instant::now();
         let mut timers = BinaryHeap::new();
-        timers.push(Reverse((
-            Instant::now() + HOUSEKEEPING,
-            Timer::Housekeeping,
-        )));
+        timers.push(Reverse((now + HOUSEKEEPING, Timer::Housekeeping)));
         Endpoint {
             socket,
             shared,
@@ -213,9 +278,10 @@ impl Endpoint {
             done_tx,
             done_rx,
             in_flight: 0,
+            in_flight_bytes: 0,
             exchanges: HashMap::new(),
             order: VecDeque::new(),
-            uploads: HashMap::new(),
+            uploads: Uploads::default(),
             outgoing: HashMap::new(),
             observers: HashMap::new(),
             recent_non: HashMap::new(),
@@ -225,6 +291,7 @@ impl Endpoint {
             next_generation: 0,
             status_rx,
             links,
+            now,
         }
     }
 
@@ -251,6 +318,7 @@ impl Endpoint {
                 },
                 _ = tokio::time::sleep_until(next) => Event::Timer,
             };
+            self.now = Instant::now();
             match event {
                 Event::Shutdown => break,
                 Event::Done(d) => self.on_done(d).await,
@@ -266,7 +334,10 @@ impl Endpoint {
         let deadline = Instant::now() + grace;
         while self.in_flight > 0 {
             match tokio::time::timeout_at(deadline, self.done_rx.recv()).await {
-                Ok(Some(d)) => self.on_done(d).await,
+                Ok(Some(d)) => {
+                    self.now = Instant::now();
+                    self.on_done(d).await
+                }
                 _ => break,
             }
         }
@@ -404,10 +475,7 @@ impl Endpoint {
             Outcome::HandedOver => {
                 self.remember(key, ExState::Pending { con, ack: None });
                 if con {
-                    self.timer(
-                        Instant::now() + PIGGYBACK_WINDOW,
-                        Timer::EmptyAck(peer, mid),
-                    );
+                    self.timer(self.now + PIGGYBACK_WINDOW, Timer::EmptyAck(peer, mid));
                 }
             }
         }
@@ -451,7 +519,7 @@ impl Endpoint {
                 observer,
             },
         );
-        self.timer(Instant::now() + timeout, Timer::Retransmit(mid, generation));
+        self.timer(self.now + timeout, Timer::Retransmit(mid, generation));
         Some(mid)
     }
 
@@ -463,7 +531,7 @@ impl Endpoint {
             key,
             Exchange {
                 state,
-                at: Instant::now(),
+                at: self.now,
             },
         );
         self.order.push_back(key);
@@ -505,11 +573,11 @@ impl Endpoint {
                 Some(_) => break,
             }
         }
-        self.uploads.retain(|_, u| u.started + lifetime > now);
+        self.uploads.expire(now, lifetime);
     }
 
     async fn on_timers(&mut self) {
-        let now = Instant::now();
+        let now = self.now;
         while let Some(Reverse((at, _))) = self.timers.peek() {
             if *at > now {
                 break;
@@ -695,7 +763,7 @@ impl Endpoint {
                     continue;
                 };
                 self.send(&bytes, key.0).await;
-                let deadline = Instant::now() + old.timeout;
+                let deadline = self.now + old.timeout;
                 self.timer(deadline, Timer::Retransmit(mid, old.generation));
                 self.outgoing.insert(mid, Outgoing { bytes, ..old });
                 if let Some(obs) = self.observers.get_mut(&key) {
@@ -770,9 +838,15 @@ impl Endpoint {
                 return respond(diagnostic(pkt, code::BAD_REQUEST, "invalid Block1 option"));
             }
         };
+        let budget = self.buffer_budget();
         let (payload, content_format) = match block1 {
             None if pkt.payload.len() > max => return respond(too_large(pkt, max)),
-            None => (pkt.payload.clone(), content_format),
+            None => {
+                if let Some(busy) = self.admit(pkt, pkt.payload.len()) {
+                    return respond(busy);
+                }
+                (pkt.payload.clone(), content_format)
+            }
             Some(b) => {
                 let ukey = (peer, topic.clone());
                 if b.num == 0 {
@@ -781,35 +855,30 @@ impl Endpoint {
                     {
                         return respond(too_large(pkt, max));
                     }
-                    if !self.uploads.contains_key(&ukey)
+                    if !self.uploads.contains(&ukey)
                         && self.uploads.len() >= self.shared.settings.max_exchanges
-                        && let Some(oldest) = self
-                            .uploads
-                            .iter()
-                            .min_by_key(|(_, u)| u.started)
-                            .map(|(k, _)| k.clone())
+                        && let Some(oldest) = self.uploads.oldest(None)
                     {
                         self.uploads.remove(&oldest);
                         bump(&self.shared.counters.evicted);
                     }
-                    self.uploads.insert(
+                    self.uploads.start(
                         ukey.clone(),
                         Upload {
                             data: Vec::new(),
                             content_format,
-                            started: Instant::now(),
+                            started: self.now,
                         },
                     );
                 }
-                let Some(up) = self.uploads.get_mut(&ukey) else {
+                let Some(have) = self.uploads.received(&ukey) else {
                     return respond(diagnostic(
                         pkt,
                         code::REQUEST_ENTITY_INCOMPLETE,
                         &format!("block {} without the blocks before it", b.num),
                     ));
                 };
-                if b.offset() != up.data.len() {
-                    let have = up.data.len();
+                if b.offset() != have {
                     self.uploads.remove(&ukey);
                     return respond(diagnostic(
                         pkt,
@@ -829,11 +898,27 @@ impl Endpoint {
                         "block payload does not match its block size",
                     ));
                 }
-                if up.data.len() + pkt.payload.len() > max {
+                if have + pkt.payload.len() > max {
                     self.uploads.remove(&ukey);
                     return respond(too_large(pkt, max));
                 }
-                up.data.extend_from_slice(&pkt.payload);
+                // The last block is taken only if the body can be handed over now: refused,
+                // the upload stays, and the block can be sent again.
+                if !b.more
+                    && let Some(busy) = self.admit(pkt, have + pkt.payload.len())
+                {
+                    return respond(busy);
+                }
+                // Bytes held by all uploads stay within the budget: the oldest others make
+                // room (this one alone always fits: it is at most `max_payload`).
+                while self.uploads.bytes + pkt.payload.len() > budget {
+                    let Some(oldest) = self.uploads.oldest(Some(&ukey)) else {
+                        break;
+                    };
+                    self.uploads.remove(&oldest);
+                    bump(&self.shared.counters.evicted);
+                }
+                self.uploads.append(&ukey, &pkt.payload);
                 if b.more {
                     let mut r = msg::response(pkt, code::CONTINUE);
                     msg::set_uint(&mut r, opt::BLOCK1, b.value());
@@ -849,11 +934,9 @@ impl Endpoint {
         let Some(ingest) = self.ingest.clone() else {
             return respond(service_unavailable(pkt, 1));
         };
-        if self.in_flight >= self.shared.settings.max_exchanges {
-            bump(&self.shared.counters.overloaded);
-            return respond(service_unavailable(pkt, 1));
-        }
         self.in_flight += 1;
+        self.in_flight_bytes += payload.len();
+        let bytes = payload.len();
         let (tx, rx) = oneshot::channel();
         let inbound = Inbound {
             client_id: Arc::from(format!("coap:{peer}")),
@@ -875,6 +958,7 @@ impl Endpoint {
             con,
             token: pkt.get_token().to_vec(),
             success,
+            bytes,
             block1: block1.map(|b| Block { more: false, ..b }),
             reply: Err(IngestRefusal::StoreUnavailable),
         };
@@ -895,8 +979,30 @@ impl Endpoint {
         Outcome::HandedOver
     }
 
+    /// Bytes of request bodies held, in uploads and in hand-overs (each): `max_buffered_bytes`,
+    /// but never less than one body of the largest size.
+    fn buffer_budget(&self) -> usize {
+        let s = &self.shared.settings;
+        s.max_buffered_bytes.max(s.max_payload)
+    }
+
+    /// None if a body of `len` bytes can be handed to the gateway now; else the 5.03 to send.
+    fn admit(&self, req: &Packet, len: usize) -> Option<Packet> {
+        if self.ingest.is_none() {
+            return Some(service_unavailable(req, 1));
+        }
+        if self.in_flight >= self.shared.settings.max_exchanges
+            || self.in_flight_bytes + len > self.buffer_budget()
+        {
+            bump(&self.shared.counters.overloaded);
+            return Some(service_unavailable(req, 1));
+        }
+        None
+    }
+
     async fn on_done(&mut self, done: Done) {
         self.in_flight = self.in_flight.saturating_sub(1);
+        self.in_flight_bytes = self.in_flight_bytes.saturating_sub(done.bytes);
         let mut req = Packet::new();
         req.set_token(done.token.clone());
         let resp = match &done.reply {
@@ -1034,3 +1140,6 @@ fn body(req: &Packet, c: u8, content: &[u8], cf: u16, observe: Option<u32>) -> P
     r.payload = content[start..end].to_vec();
     r
 }
+
+#[cfg(test)]
+mod fuzz;

@@ -18,10 +18,15 @@
 //!   while the gateway has not answered yet: the client retransmits).
 //! - **Bounded.** The duplicate cache and Block1 reassemblies are bounded by `max_exchanges`
 //!   (oldest evicted, counted), observers by `max_observers`, ingest hand-overs in flight per
-//!   listener by `max_exchanges` (beyond: 5.03 Max-Age 1). The ingest channel is the gateway's
-//!   bound; while it is full, hand-overs wait in their own tasks and the socket keeps serving.
+//!   listener by `max_exchanges` (beyond: 5.03 Max-Age 1). The bytes held in reassemblies, and
+//!   in hand-overs, are bounded by `max_buffered_bytes` each (same policies). Nothing is
+//!   allocated for a size a request only declares (Size1, block numbers). The ingest channel is
+//!   the gateway's bound; while it is full, hand-overs wait in their own tasks and the socket
+//!   keeps serving.
 //! - **No panics on input.** Malformed datagrams are counted and dropped (a confirmable one with a
-//!   readable header gets RST).
+//!   readable header gets RST). Fuzzed with the bounds above checked after every datagram
+//!   (`endpoint/fuzz.rs`, in simulated time) and over UDP against a running server
+//!   (`tests/coap_fuzz.rs`).
 //!
 //! # Resources
 //!
@@ -91,11 +96,22 @@ pub struct CoapSettings {
     /// Bound on registered observers of `/status` (all listeners together); a registration
     /// beyond it is served as a plain GET (RFC 7641 section 4.1).
     pub max_observers: usize,
+    /// Bound on the request-body bytes a listener holds, twice over: in Block1 uploads being
+    /// reassembled (beyond: the oldest are evicted, counted), and in readings handed to the
+    /// gateway and not answered yet (beyond: 5.03 with Max-Age 1, counted as overloaded).
+    /// Never less than `max_payload` in effect: one body of the largest size always fits.
+    pub max_buffered_bytes: usize,
 }
 
 impl CoapSettings {
     /// EXCHANGE_LIFETIME with RFC 7252's default transmission parameters.
     pub const DEFAULT_EXCHANGE_LIFETIME: Duration = Duration::from_secs(247);
+
+    /// Request-body bytes a listener holds in uploads, and in hand-overs: 4 MiB each. Without
+    /// a byte bound, one peer could hold `max_exchanges` x `max_payload` (256 MiB with the
+    /// defaults) in uploads it never finishes, and as much again in readings while the store is
+    /// slow.
+    pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 4 * 1024 * 1024;
 
     /// Defaults for the given listeners: ingest at `/t`, prefix `sensors`, 64 KiB bodies.
     pub fn new(listeners: Vec<SocketAddr>) -> Self {
@@ -107,6 +123,7 @@ impl CoapSettings {
             exchange_lifetime: Self::DEFAULT_EXCHANGE_LIFETIME,
             max_exchanges: 4096,
             max_observers: 64,
+            max_buffered_bytes: Self::DEFAULT_MAX_BUFFERED_BYTES,
         }
     }
 }

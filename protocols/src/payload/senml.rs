@@ -7,7 +7,8 @@
 //!   `A-Z a-z 0-9 - : . / _`;
 //! - time = `bt` + `t`; a resolved time below 2^28 is relative to `now` (so a record without any
 //!   time means "now");
-//! - unit = `u`, else `bu`; value `v` = `bv` + `v`; sum `s` = `bs` + `s`;
+//! - unit = `u`, else `bu`; value `v` = `bv` + `v`; sum `s` = `bs` + `s`; each must be finite
+//!   (two finite floats can add up to infinity, which neither normal form can carry);
 //! - exactly one of `v`, `vs`, `vb`, `vd` unless the record has a sum `s`, in which case the
 //!   value may be absent;
 //! - `bver` above 10 (the version this implements) is refused;
@@ -149,7 +150,8 @@ pub enum SenmlProblem {
     /// More than one of `v`, `vs`, `vb`, `vd`.
     #[error("more than one value field")]
     MultipleValues,
-    /// A float that is NaN or infinite (CBOR can carry them; SenML numbers cannot be them).
+    /// A float that is NaN or infinite (CBOR can carry them; SenML numbers cannot be them), or
+    /// a base field plus its record field (`bt + t`, `bv + v`, `bs + s`) beyond f64.
     #[error("{0:?} must be a finite number")]
     NotFinite(&'static str),
 }
@@ -627,19 +629,28 @@ fn resolve(raws: Vec<RawRecord>, now: SystemTime) -> Result<Vec<SenmlRecord>, Pa
         if !valid_name(&name) {
             return Err(at(SenmlProblem::InvalidName(name)));
         }
-        let mut time = bt
-            .unwrap_or(Number::Int(0))
-            .plus(r.t.unwrap_or(Number::Int(0)))
-            .as_f64();
+        // Each field is finite, but base + field can overflow to an infinity, which neither
+        // normal form can carry (JSON would store `null`).
+        let finite = |n: Number, label| match n {
+            Number::Float(f) if !f.is_finite() => Err(at(SenmlProblem::NotFinite(label))),
+            n => Ok(n),
+        };
+        let mut time = finite(
+            bt.unwrap_or(Number::Int(0))
+                .plus(r.t.unwrap_or(Number::Int(0))),
+            "bt + t",
+        )?
+        .as_f64();
         if time < RELATIVE_TIME_LIMIT {
             time += now;
         }
         let mut values = Vec::new();
         if let Some(v) = r.v {
-            values.push(SenmlValue::Number(match bv {
+            let v = match bv {
                 Some(b) => b.plus(v),
                 None => v,
-            }));
+            };
+            values.push(SenmlValue::Number(finite(v, "bv + v")?));
         }
         if let Some(vs) = r.vs {
             values.push(SenmlValue::String(vs));
@@ -650,10 +661,12 @@ fn resolve(raws: Vec<RawRecord>, now: SystemTime) -> Result<Vec<SenmlRecord>, Pa
         if let Some(vd) = r.vd {
             values.push(SenmlValue::Data(vd));
         }
-        let sum = r.s.map(|s| match bs {
-            Some(b) => b.plus(s),
-            None => s,
-        });
+        let sum =
+            r.s.map(|s| match bs {
+                Some(b) => finite(b.plus(s), "bs + s"),
+                None => Ok(s),
+            })
+            .transpose()?;
         if values.len() > 1 {
             return Err(at(SenmlProblem::MultipleValues));
         }

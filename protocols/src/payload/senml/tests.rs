@@ -318,6 +318,45 @@ fn record_problems_say_which_record() {
     assert_eq!(json("[]").unwrap(), vec![]);
 }
 
+/// Found by `tests/payload_fuzz.rs`: each field was finite, their sum was not, and the pack was
+/// accepted with an infinite value that the normalised JSON stored as `null`.
+#[test]
+fn base_plus_field_beyond_f64_is_refused_not_stored_as_null() {
+    for (pack, label) in [
+        (r#"[{"n":"a","bv":1e308,"v":1e308}]"#, "bv + v"),
+        (r#"[{"n":"a","bt":1e308,"t":1e308,"v":1}]"#, "bt + t"),
+        (r#"[{"n":"a","bt":-1.7e308,"t":-1.7e308,"v":1}]"#, "bt + t"),
+        (r#"[{"n":"a","bs":-1e308,"s":-1e308}]"#, "bs + s"),
+        // The base carries over to a later record.
+        (
+            r#"[{"n":"a","bv":1e308,"v":1},{"n":"b","v":1e308}]"#,
+            "bv + v",
+        ),
+    ] {
+        let record = usize::from(pack.contains(r#""n":"b""#));
+        assert_eq!(
+            json(pack),
+            Err(PayloadError::SenmlRecord {
+                record,
+                problem: SenmlProblem::NotFinite(label),
+            }),
+            "{pack}"
+        );
+    }
+    // The same in CBOR: [{-5: 1e308, 0: "a", 2: 1e308}] with double floats.
+    let cbor = hex("81 a3 24 fb 7f e1 cc f3 85 eb c8 a0 00 61 61 02 fb 7f e1 cc f3 85 eb c8 a0");
+    assert_eq!(
+        decode_cbor(&cbor, now()),
+        Err(PayloadError::SenmlRecord {
+            record: 0,
+            problem: SenmlProblem::NotFinite("bv + v"),
+        })
+    );
+    // Large but finite sums are fine.
+    let r = json(r#"[{"n":"a","bv":1e308,"v":-1e308}]"#).unwrap();
+    assert_eq!(num(&r[0]), Number::Float(0.0));
+}
+
 #[test]
 fn cbor_problems() {
     // Non-finite float.
