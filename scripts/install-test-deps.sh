@@ -14,6 +14,8 @@ command -v coap-client-notls >/dev/null 2>&1 || need_apt+=(libcoap3-bin)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 # The protocol fallback scenario's upstream: NATS's MQTT listener speaks 3.1.1 only.
 command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || need_apt+=(nats-server)
+# The clock-jump scenario moves the gateway's wall clock with libfaketime (LD_PRELOAD).
+[ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || need_apt+=(faketime)
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""
   [ "$(id -u)" -ne 0 ] && SUDO="sudo"

@@ -508,6 +508,8 @@ pub struct GatewayConfig {
     /// (durability "full", group commit closing when the queue is empty). Otherwise the
     /// harness's faster `durability`/5 ms settings.
     pub shipped_storage: bool,
+    /// `[storage] ttl` (e.g. "1h"); `None`: not written (no TTL).
+    pub ttl: Option<String>,
     /// Routes, in order.
     pub routes: Vec<Route>,
     /// `[health] listen = 127.0.0.1:<port>`: the HTTP status endpoint, on its own free port
@@ -597,6 +599,7 @@ impl GatewayConfig {
             when_full: "evict-lowest-oldest".to_owned(),
             durability: "normal".to_owned(),
             shipped_storage: false,
+            ttl: None,
             routes: Vec::new(),
             health_port: free_port()?,
             resource_interval: None,
@@ -635,6 +638,9 @@ impl GatewayConfig {
             self.quota,
             self.when_full,
         );
+        if let Some(ttl) = &self.ttl {
+            let _ = writeln!(s, "ttl = \"{ttl}\"");
+        }
         if !self.shipped_storage {
             let _ = writeln!(
                 s,
@@ -715,6 +721,8 @@ pub struct Outpost {
     runs: u32,
     /// `RUST_LOG` for the gateway; `None`: the test's own, else `info`.
     log_filter: Option<String>,
+    /// Extra environment of the gateway process (e.g. libfaketime's `LD_PRELOAD`).
+    envs: Vec<(String, String)>,
 }
 
 impl Outpost {
@@ -743,6 +751,32 @@ impl Outpost {
             proc: None,
             runs: 0,
             log_filter,
+            envs: Vec::new(),
+        };
+        o.launch()?;
+        Ok(o)
+    }
+
+    /// Like [`Outpost::start`], with extra environment variables for the gateway process (kept
+    /// for every restart).
+    pub fn start_with_env(
+        dir: &TestDir,
+        cfg: &GatewayConfig,
+        envs: &[(&str, String)],
+    ) -> Result<Self> {
+        let config_path = dir.join("outpost.toml");
+        fs::write(&config_path, cfg.to_toml())?;
+        let mut o = Self {
+            config_path,
+            port: cfg.port,
+            log: dir.join("outpost.log"),
+            proc: None,
+            runs: 0,
+            log_filter: None,
+            envs: envs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
         };
         o.launch()?;
         Ok(o)
@@ -763,6 +797,9 @@ impl Outpost {
             cmd.env("RUST_LOG", filter);
         } else if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
+        }
+        for (k, v) in &self.envs {
+            cmd.env(k, v);
         }
         fs::write(
             &self.log,
