@@ -190,6 +190,26 @@ pub struct BrokerConfig {
     /// Bytes (topic + payload) queued for one slow or offline subscriber before new messages
     /// are dropped (counted). Default 1 MiB.
     pub max_queued_bytes: u64,
+    /// Retained messages kept at most. A retained message on a new topic beyond it is not
+    /// kept (MQTT 5 QoS 1/2: refused with PUBACK/PUBREC 0x97; otherwise delivered to current
+    /// subscribers and not retained, counted); replacing or clearing a topic held always
+    /// works. Kept in the store's database, outside `storage.quota`. Default 10000.
+    pub max_retained: usize,
+    /// Bytes (topic + payload + MQTT 5 properties) of retained messages kept at most, with the
+    /// same policy; replacements may take the total up to an eighth over it. Default 16 MiB.
+    pub max_retained_bytes: u64,
+    /// Sessions that outlive their connections (3.1.1 clean session 0, MQTT 5 session expiry
+    /// above 0) kept at most, connected or not; a CONNECT starting one more is refused
+    /// (3.1.1 0x03, MQTT 5 0x97). 0: no client gets one. Clean sessions are never refused for
+    /// it. Default 1000.
+    pub max_sessions: usize,
+    /// How long an MQTT 3.1.1 clean-session-0 session is kept after its client disconnects.
+    /// 1s to 4294967295s. Default 7 days.
+    pub session_expiry_311: Duration,
+    /// The longest session expiry interval an MQTT 5 client gets (one asking for more, or for
+    /// 0xFFFFFFFF "never", is given this and told so in CONNACK). 1s to 4294967294s, whole
+    /// seconds. Default 7 days.
+    pub max_session_expiry: Duration,
     /// The longest keep-alive an MQTT 5 client may use (CONNACK server keep-alive tells it);
     /// `None` ("off", the default): the client's own. 1s to 65535s.
     pub max_keep_alive: Option<Duration>,
@@ -236,6 +256,11 @@ impl Default for BrokerConfig {
             max_inbound_pending: 64,
             max_queued_messages: 1000,
             max_queued_bytes: 1024 * 1024,
+            max_retained: 10_000,
+            max_retained_bytes: 16 * 1024 * 1024,
+            max_sessions: 1000,
+            session_expiry_311: Duration::from_secs(7 * 24 * 3600),
+            max_session_expiry: Duration::from_secs(7 * 24 * 3600),
             max_keep_alive: None,
             connect_timeout: Duration::from_secs(10),
             allow_anonymous: AllowAnonymous::LoopbackOnly,

@@ -57,6 +57,11 @@ pub(crate) struct RawBroker {
     pub max_inbound_pending: Option<i64>,
     pub max_queued_messages: Option<i64>,
     pub max_queued_bytes: Option<RawSize>,
+    pub max_retained: Option<i64>,
+    pub max_retained_bytes: Option<RawSize>,
+    pub max_sessions: Option<i64>,
+    pub session_expiry_311: Option<RawDuration>,
+    pub max_session_expiry: Option<RawDuration>,
     pub max_keep_alive: Option<RawDuration>,
     pub connect_timeout: Option<RawDuration>,
 }

@@ -91,6 +91,13 @@ pub fn broker_settings(config: &Config) -> BrokerSettings {
         max_inbound_pending: b.max_inbound_pending,
         max_queued_messages: b.max_queued_messages,
         max_queued_bytes: usize::try_from(b.max_queued_bytes).unwrap_or(usize::MAX),
+        // Retained messages and persistent sessions live in the store's state table, outside
+        // storage.quota: these bound them (Config::warnings says when they are large).
+        max_retained: b.max_retained,
+        max_retained_bytes: usize::try_from(b.max_retained_bytes).unwrap_or(usize::MAX),
+        max_sessions: b.max_sessions,
+        session_expiry_311: b.session_expiry_311,
+        max_session_expiry: b.max_session_expiry,
         connect_timeout: b.connect_timeout,
         // Who may connect, publish and subscribe: the password and ACL files parsed at load.
         auth: Some(Arc::new(outpost_protocols::Auth::from_config(b))),
