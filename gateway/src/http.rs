@@ -566,6 +566,21 @@ impl prometheus_client::collector::Collector for Snapshot {
         )?;
         // Broker.
         f.gauge(
+            "outpost_broker_retained_messages",
+            "Retained messages held (bounded by broker.max_retained).",
+            b.retained_messages as f64,
+        )?;
+        f.gauge(
+            "outpost_broker_retained_bytes",
+            "Bytes of the retained messages held (bounded by broker.max_retained_bytes).",
+            b.retained_bytes as f64,
+        )?;
+        f.gauge(
+            "outpost_broker_persistent_sessions",
+            "Persistent sessions kept (bounded by broker.max_sessions).",
+            b.persistent_sessions as f64,
+        )?;
+        f.gauge(
             "outpost_broker_connections",
             "MQTT clients connected now.",
             b.connections_current as f64,
@@ -628,8 +643,18 @@ impl prometheus_client::collector::Collector for Snapshot {
             ),
             (
                 "outpost_broker_sessions_expired",
-                "Offline MQTT 5 sessions discarded when their session expiry passed.",
+                "Offline persistent sessions discarded when their expiry passed (MQTT 5 session expiry, capped at broker.max_session_expiry; 3.1.1: broker.session_expiry_311).",
                 b.sessions_expired,
+            ),
+            (
+                "outpost_broker_retained_refused",
+                "New retained topics refused beyond broker.max_retained / max_retained_bytes (MQTT 5 QoS 1/2: 0x97; else delivered, not retained).",
+                b.retained_refused,
+            ),
+            (
+                "outpost_broker_sessions_refused",
+                "Persistent sessions refused at CONNECT beyond broker.max_sessions.",
+                b.sessions_refused,
             ),
             (
                 "outpost_broker_state_invalid",

@@ -99,6 +99,19 @@ pub struct RuntimeStatus {
     pub broker_invalid_topics: u64,
     pub broker_dropped_queue_full: u64,
     pub broker_keepalive_timeouts: u64,
+    /// Retained messages and persistent sessions held, and what their bounds refused.
+    #[serde(default)]
+    pub broker_retained_messages: u64,
+    #[serde(default)]
+    pub broker_retained_bytes: u64,
+    #[serde(default)]
+    pub broker_retained_refused: u64,
+    #[serde(default)]
+    pub broker_persistent_sessions: u64,
+    #[serde(default)]
+    pub broker_sessions_refused: u64,
+    #[serde(default)]
+    pub broker_sessions_expired: u64,
     /// CoAP endpoint counters; None when CoAP is off.
     #[serde(default)]
     pub coap: Option<CoapCounters>,
@@ -188,6 +201,12 @@ pub fn snapshot(
         broker_invalid_topics: b.invalid_topics,
         broker_dropped_queue_full: b.dropped_queue_full,
         broker_keepalive_timeouts: b.keepalive_timeouts,
+        broker_retained_messages: b.retained_messages,
+        broker_retained_bytes: b.retained_bytes,
+        broker_retained_refused: b.retained_refused,
+        broker_persistent_sessions: b.persistent_sessions,
+        broker_sessions_refused: b.sessions_refused,
+        broker_sessions_expired: b.sessions_expired,
         coap: coap.map(|c| {
             let c = c.stats();
             CoapCounters {
