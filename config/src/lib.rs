@@ -374,6 +374,15 @@ pub struct StorageConfig {
     /// Bound on the refused records' accounted bytes, separate from `quota`; the oldest make
     /// room. At least 1KiB. Default 64MiB.
     pub refused_max_bytes: u64,
+    /// Bytes of QoS 0 readings (payload and topic, accounted like the quota) held in memory
+    /// between the broker's hand-over and their commit. Nobody waits for a QoS 0 ack, so
+    /// nothing else slows those publishers: beyond this a QoS 0 reading is dropped (counted),
+    /// while QoS 1/2 publishers are slowed instead. At least 1KiB. Default 4MiB.
+    pub qos0_inflight_bytes: u64,
+    /// Bytes of dead letters (accounted like the dead-letter table) waiting in memory for
+    /// their write; beyond this a dead letter is dropped (counted), its sender is still told
+    /// the payload is invalid. At least 1KiB. Default 1MiB.
+    pub dead_letter_queue_bytes: u64,
 }
 
 impl StorageConfig {
@@ -397,6 +406,8 @@ impl Default for StorageConfig {
             dead_letter_max_bytes: 4 << 20,
             refused_max_records: 1000,
             refused_max_bytes: 64 << 20,
+            qos0_inflight_bytes: 4 << 20,
+            dead_letter_queue_bytes: 1 << 20,
         }
     }
 }
@@ -516,9 +527,16 @@ pub struct DiscoveryConfig {
     /// descriptor; `{"status":"offline"}` or an empty payload, e.g. as their MQTT will, marks
     /// them offline). A valid topic prefix without wildcards. Default `devices/announce`.
     pub announce_prefix: String,
-    /// Register devices that publish data without announcing (by MQTT client id or CoAP host).
-    /// Default true.
+    /// Register devices that send data without announcing: MQTT clients by client id, and
+    /// devices whose CoAP resources the gateway observes. Default true.
     pub implicit: bool,
+    /// Also register CoAP clients that POST/PUT readings, by source host (only with
+    /// `implicit`). Default false: a UDP source address can be forged, and each forged one
+    /// would become a device, a state row and a retained record upstream.
+    pub implicit_coap: bool,
+    /// At most this many devices are registered; a new one beyond is refused (counted),
+    /// devices already registered are unaffected. At least 1. Default 1000.
+    pub max_devices: usize,
     /// A device without a message for this long is `stale`. Default 5m.
     pub stale_after: Duration,
     /// ...and `offline` after this long (more than `stale_after`). Default 30m.
@@ -540,6 +558,8 @@ impl Default for DiscoveryConfig {
         Self {
             announce_prefix: "devices/announce".to_owned(),
             implicit: true,
+            implicit_coap: false,
+            max_devices: 1000,
             stale_after: Duration::from_secs(300),
             offline_after: Duration::from_secs(1800),
             interfaces: Vec::new(),

@@ -44,6 +44,8 @@ const MAX_EXCHANGE_LIFETIME: Duration = Duration::from_secs(3600);
 const MIN_COAP_EXCHANGES: i64 = 16;
 const MIN_DEAD_LETTER_BYTES: u64 = 1024;
 const MIN_REFUSED_BYTES: u64 = 1024;
+const MIN_QOS0_INFLIGHT_BYTES: u64 = 1024;
+const MIN_DEAD_LETTER_QUEUE_BYTES: u64 = 1024;
 /// Room for the fixed header, a short topic and a small payload: below this nothing useful fits.
 const MIN_UPSTREAM_PACKET_SIZE: u64 = 128;
 /// Headers an HTTP check sets itself (framing and connection handling of a bodiless GET on a
@@ -259,6 +261,15 @@ fn discovery(c: &mut Collector, raw: RawDiscovery) -> DiscoveryConfig {
     DiscoveryConfig {
         announce_prefix,
         implicit: raw.implicit.unwrap_or(d.implicit),
+        implicit_coap: raw.implicit_coap.unwrap_or(d.implicit_coap),
+        max_devices: int(
+            c,
+            "discovery.max_devices",
+            raw.max_devices,
+            d.max_devices,
+            1,
+            None,
+        ),
         stale_after,
         offline_after,
         interfaces,
@@ -873,6 +884,22 @@ fn storage(c: &mut Collector, raw: RawStorage) -> StorageConfig {
             raw.refused_max_bytes,
             d.refused_max_bytes,
             MIN_REFUSED_BYTES,
+            u64::MAX,
+        ),
+        qos0_inflight_bytes: size(
+            c,
+            "storage.qos0_inflight_bytes",
+            raw.qos0_inflight_bytes,
+            d.qos0_inflight_bytes,
+            MIN_QOS0_INFLIGHT_BYTES,
+            u64::MAX,
+        ),
+        dead_letter_queue_bytes: size(
+            c,
+            "storage.dead_letter_queue_bytes",
+            raw.dead_letter_queue_bytes,
+            d.dead_letter_queue_bytes,
+            MIN_DEAD_LETTER_QUEUE_BYTES,
             u64::MAX,
         ),
     }

@@ -278,6 +278,11 @@ fn default_toml_mentions_every_key() {
         "dead_letter_max_bytes",
         "refused_max_records",
         "refused_max_bytes",
+        "qos0_inflight_bytes",
+        "dead_letter_queue_bytes",
+        "implicit",
+        "implicit_coap",
+        "max_devices",
         "filter",
         "target",
         "priority",
@@ -2510,6 +2515,120 @@ fn discovery_section_is_validated_with_every_error_reported() {
             "discovery.interfaces[1]",
             "discovery.interfaces[2]",
             "discovery.mdns_browse[0]"
+        ],
+        "{errs:#?}"
+    );
+}
+
+#[test]
+fn bounds_on_network_input_have_documented_defaults() {
+    let c = Config::default();
+    assert_eq!(c.storage.qos0_inflight_bytes, 4 << 20);
+    assert_eq!(c.storage.dead_letter_queue_bytes, 1 << 20);
+    assert!(c.discovery.implicit, "MQTT implicit registration stays on");
+    assert!(
+        !c.discovery.implicit_coap,
+        "CoAP sources are spoofable: off by default"
+    );
+    assert_eq!(c.discovery.max_devices, 1000);
+    let from_text = load_ok(default_config_toml());
+    assert_eq!(
+        (
+            from_text.storage.qos0_inflight_bytes,
+            from_text.storage.dead_letter_queue_bytes,
+            from_text.discovery.implicit_coap,
+            from_text.discovery.max_devices
+        ),
+        (4 << 20, 1 << 20, false, 1000)
+    );
+}
+
+#[test]
+fn bounds_on_network_input_are_typed() {
+    let c = load_ok(
+        "[storage]\nqos0_inflight_bytes = \"1KiB\"\ndead_letter_queue_bytes = 65536\n\
+         [discovery]\nimplicit_coap = true\nmax_devices = 1\n",
+    );
+    assert_eq!(c.storage.qos0_inflight_bytes, 1024);
+    assert_eq!(c.storage.dead_letter_queue_bytes, 65536);
+    assert!(c.discovery.implicit_coap);
+    assert_eq!(c.discovery.max_devices, 1);
+    let c =
+        load_ok("[storage]\nqos0_inflight_bytes = \"1GiB\"\n[discovery]\nmax_devices = 100000\n");
+    assert_eq!(c.storage.qos0_inflight_bytes, 1 << 30);
+    assert_eq!(c.discovery.max_devices, 100_000);
+}
+
+#[test]
+fn bounds_on_network_input_rules() {
+    for (section, key, bad, needle) in [
+        (
+            "storage",
+            "qos0_inflight_bytes",
+            "\"1023\"",
+            "must be at least 1024 bytes, got 1023",
+        ),
+        (
+            "storage",
+            "qos0_inflight_bytes",
+            "0",
+            "must be at least 1024 bytes, got 0",
+        ),
+        (
+            "storage",
+            "qos0_inflight_bytes",
+            "-1",
+            "must not be negative, got -1",
+        ),
+        (
+            "storage",
+            "qos0_inflight_bytes",
+            "\"4 megs\"",
+            "invalid size \"4 megs\"",
+        ),
+        (
+            "storage",
+            "dead_letter_queue_bytes",
+            "1023",
+            "must be at least 1024 bytes, got 1023",
+        ),
+        (
+            "storage",
+            "dead_letter_queue_bytes",
+            "\"lots\"",
+            "invalid size \"lots\"",
+        ),
+        ("discovery", "max_devices", "0", "must be at least 1, got 0"),
+        (
+            "discovery",
+            "max_devices",
+            "-5",
+            "must be at least 1, got -5",
+        ),
+        (
+            "discovery",
+            "implicit_coap",
+            "\"yes\"",
+            "expected a boolean (line 2",
+        ),
+    ] {
+        assert_one_error(
+            &format!("[{section}]\n{key} = {bad}"),
+            &format!("{section}.{key}"),
+            needle,
+        );
+    }
+    // Every problem at once, each at its path.
+    let errs = errors(
+        "[storage]\nqos0_inflight_bytes = 1\ndead_letter_queue_bytes = 2\n[discovery]\nmax_devices = 0\n",
+    );
+    let paths: Vec<&str> = errs.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "storage.qos0_inflight_bytes",
+            "storage.dead_letter_queue_bytes",
+            "discovery.max_devices"
         ],
         "{errs:#?}"
     );
