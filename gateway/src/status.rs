@@ -668,6 +668,19 @@ pub fn render(report: &StatusReport) -> String {
                 r.broker_malformed_packets, r.broker_oversized_packets, r.broker_invalid_topics
             ),
         );
+        line(
+            &mut out,
+            "broker state",
+            format!(
+                "{} retained ({} bytes), {} persistent sessions; refused {} retained, {} sessions; {} sessions expired",
+                r.broker_retained_messages,
+                r.broker_retained_bytes,
+                r.broker_persistent_sessions,
+                r.broker_retained_refused,
+                r.broker_sessions_refused,
+                r.broker_sessions_expired
+            ),
+        );
     }
     out
 }
