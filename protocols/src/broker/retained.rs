@@ -37,12 +37,6 @@ pub(crate) struct Retained {
     pub expires_at: Option<Instant>,
 }
 
-impl Retained {
-    fn expired(&self, now: Instant) -> bool {
-        self.expires_at.is_some_and(|e| e <= now)
-    }
-}
-
 /// What a retained message on `topic` costs against the byte bound: topic, payload and MQTT 5
 /// properties.
 pub(crate) fn size(topic: &str, payload: &[u8], props: &PublishProps) -> usize {
@@ -72,6 +66,10 @@ pub(crate) enum Put {
 #[derive(Debug)]
 pub(crate) struct RetainedStore {
     map: BTreeMap<String, Retained>,
+    /// The messages of `map` that expire, by expiry: a sweep visits only what is due, so a
+    /// refusal at the bound costs O(log n), not a scan of every held message under the
+    /// router's lock (measured by the retained flood: 14.7 s for 3,000 refusals at 40,000 held).
+    expiring: std::collections::BTreeSet<(Instant, String)>,
     /// Sum of `size` over `map`.
     bytes: usize,
     max_count: usize,
@@ -83,6 +81,7 @@ impl RetainedStore {
     pub(crate) fn new() -> Self {
         Self {
             map: BTreeMap::new(),
+            expiring: std::collections::BTreeSet::new(),
             bytes: 0,
             max_count: usize::MAX,
             max_bytes: usize::MAX,
@@ -159,8 +158,14 @@ impl RetainedStore {
     /// Inserts or replaces without checking the bounds (restoring what was kept before).
     pub(crate) fn insert(&mut self, topic: &str, r: Retained) {
         self.bytes += size_of(topic, &r);
+        if let Some(at) = r.expires_at {
+            self.expiring.insert((at, topic.to_owned()));
+        }
         if let Some(old) = self.map.insert(topic.to_owned(), r) {
             self.bytes -= size_of(topic, &old);
+            if let Some(at) = old.expires_at {
+                self.expiring.remove(&(at, topic.to_owned()));
+            }
         }
     }
 
@@ -169,6 +174,9 @@ impl RetainedStore {
         match self.map.remove(topic) {
             Some(old) => {
                 self.bytes -= size_of(topic, &old);
+                if let Some(at) = old.expires_at {
+                    self.expiring.remove(&(at, topic.to_owned()));
+                }
                 true
             }
             None => false,
@@ -178,16 +186,17 @@ impl RetainedStore {
     /// Removes every message expired by `now`, calling `removed` with each topic; how many.
     pub(crate) fn remove_expired(&mut self, now: Instant, removed: &mut impl FnMut(&str)) -> u64 {
         let mut n = 0;
-        let bytes = &mut self.bytes;
-        self.map.retain(|topic, r| {
-            if !r.expired(now) {
-                return true;
+        while let Some((at, topic)) = self.expiring.first().cloned() {
+            if at > now {
+                break;
             }
-            *bytes -= size_of(topic, r);
-            removed(topic);
-            n += 1;
-            false
-        });
+            self.expiring.remove(&(at, topic.clone()));
+            if let Some(old) = self.map.remove(&topic) {
+                self.bytes -= size_of(&topic, &old);
+                removed(&topic);
+                n += 1;
+            }
+        }
         n
     }
 }
@@ -213,6 +222,35 @@ mod tests {
 
     fn put(s: &mut RetainedStore, topic: &str, r: Retained) -> Put {
         s.put(topic, r, Instant::now(), &mut |_| {})
+    }
+
+    #[test]
+    fn the_expiry_index_follows_replacements_and_removals() {
+        let now = Instant::now();
+        let mut s = RetainedStore::new();
+        let mut expiring = msg(b"1");
+        expiring.expires_at = Some(now + Duration::from_millis(5));
+        s.insert("a", expiring.clone());
+        s.insert("b", expiring.clone());
+        // "a" is replaced by a message that never expires, "b" is cleared.
+        s.insert("a", msg(b"2"));
+        assert!(s.remove("b"));
+        let mut swept = Vec::new();
+        let later = now + Duration::from_secs(1);
+        assert_eq!(
+            s.remove_expired(later, &mut |t| swept.push(t.to_owned())),
+            0
+        );
+        assert_eq!(s.len(), 1, "the replacement stays");
+        // An expiring message is swept exactly once, its bytes given back.
+        s.insert("c", expiring);
+        assert_eq!(
+            s.remove_expired(later, &mut |t| swept.push(t.to_owned())),
+            1
+        );
+        assert_eq!(swept, ["c"]);
+        assert_eq!(s.bytes(), size_of("a", &msg(b"2")));
+        assert_eq!(s.remove_expired(later, &mut |_| {}), 0);
     }
 
     #[test]
