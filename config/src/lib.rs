@@ -190,6 +190,26 @@ pub struct BrokerConfig {
     /// Bytes (topic + payload) queued for one slow or offline subscriber before new messages
     /// are dropped (counted). Default 1 MiB.
     pub max_queued_bytes: u64,
+    /// Retained messages kept at most. A retained message on a new topic beyond it is not
+    /// kept (MQTT 5 QoS 1/2: refused with PUBACK/PUBREC 0x97; otherwise delivered to current
+    /// subscribers and not retained, counted); replacing or clearing a topic held always
+    /// works. Kept in the store's database, outside `storage.quota`. Default 10000.
+    pub max_retained: usize,
+    /// Bytes (topic + payload + MQTT 5 properties) of retained messages kept at most, with the
+    /// same policy; replacements may take the total up to an eighth over it. Default 16 MiB.
+    pub max_retained_bytes: u64,
+    /// Sessions that outlive their connections (3.1.1 clean session 0, MQTT 5 session expiry
+    /// above 0) kept at most, connected or not; a CONNECT starting one more is refused
+    /// (3.1.1 0x03, MQTT 5 0x97). 0: no client gets one. Clean sessions are never refused for
+    /// it. Default 1000.
+    pub max_sessions: usize,
+    /// How long an MQTT 3.1.1 clean-session-0 session is kept after its client disconnects.
+    /// 1s to 4294967295s. Default 7 days.
+    pub session_expiry_311: Duration,
+    /// The longest session expiry interval an MQTT 5 client gets (one asking for more, or for
+    /// 0xFFFFFFFF "never", is given this and told so in CONNACK). 1s to 4294967294s, whole
+    /// seconds. Default 7 days.
+    pub max_session_expiry: Duration,
     /// The longest keep-alive an MQTT 5 client may use (CONNACK server keep-alive tells it);
     /// `None` ("off", the default): the client's own. 1s to 65535s.
     pub max_keep_alive: Option<Duration>,
@@ -236,6 +256,11 @@ impl Default for BrokerConfig {
             max_inbound_pending: 64,
             max_queued_messages: 1000,
             max_queued_bytes: 1024 * 1024,
+            max_retained: 10_000,
+            max_retained_bytes: 16 * 1024 * 1024,
+            max_sessions: 1000,
+            session_expiry_311: Duration::from_secs(7 * 24 * 3600),
+            max_session_expiry: Duration::from_secs(7 * 24 * 3600),
             max_keep_alive: None,
             connect_timeout: Duration::from_secs(10),
             allow_anonymous: AllowAnonymous::LoopbackOnly,
@@ -349,6 +374,15 @@ pub struct StorageConfig {
     /// Bound on the refused records' accounted bytes, separate from `quota`; the oldest make
     /// room. At least 1KiB. Default 64MiB.
     pub refused_max_bytes: u64,
+    /// Bytes of QoS 0 readings (payload and topic, accounted like the quota) held in memory
+    /// between the broker's hand-over and their commit. Nobody waits for a QoS 0 ack, so
+    /// nothing else slows those publishers: beyond this a QoS 0 reading is dropped (counted),
+    /// while QoS 1/2 publishers are slowed instead. At least 1KiB. Default 4MiB.
+    pub qos0_inflight_bytes: u64,
+    /// Bytes of dead letters (accounted like the dead-letter table) waiting in memory for
+    /// their write; beyond this a dead letter is dropped (counted), its sender is still told
+    /// the payload is invalid. At least 1KiB. Default 1MiB.
+    pub dead_letter_queue_bytes: u64,
 }
 
 impl StorageConfig {
@@ -372,6 +406,8 @@ impl Default for StorageConfig {
             dead_letter_max_bytes: 4 << 20,
             refused_max_records: 1000,
             refused_max_bytes: 64 << 20,
+            qos0_inflight_bytes: 4 << 20,
+            dead_letter_queue_bytes: 1 << 20,
         }
     }
 }
@@ -491,9 +527,16 @@ pub struct DiscoveryConfig {
     /// descriptor; `{"status":"offline"}` or an empty payload, e.g. as their MQTT will, marks
     /// them offline). A valid topic prefix without wildcards. Default `devices/announce`.
     pub announce_prefix: String,
-    /// Register devices that publish data without announcing (by MQTT client id or CoAP host).
-    /// Default true.
+    /// Register devices that send data without announcing: MQTT clients by client id, and
+    /// devices whose CoAP resources the gateway observes. Default true.
     pub implicit: bool,
+    /// Also register CoAP clients that POST/PUT readings, by source host (only with
+    /// `implicit`). Default false: a UDP source address can be forged, and each forged one
+    /// would become a device, a state row and a retained record upstream.
+    pub implicit_coap: bool,
+    /// At most this many devices are registered; a new one beyond is refused (counted),
+    /// devices already registered are unaffected. At least 1. Default 1000.
+    pub max_devices: usize,
     /// A device without a message for this long is `stale`. Default 5m.
     pub stale_after: Duration,
     /// ...and `offline` after this long (more than `stale_after`). Default 30m.
@@ -515,6 +558,8 @@ impl Default for DiscoveryConfig {
         Self {
             announce_prefix: "devices/announce".to_owned(),
             implicit: true,
+            implicit_coap: false,
+            max_devices: 1000,
             stale_after: Duration::from_secs(300),
             offline_after: Duration::from_secs(1800),
             interfaces: Vec::new(),

@@ -57,6 +57,11 @@ pub(crate) struct RawBroker {
     pub max_inbound_pending: Option<i64>,
     pub max_queued_messages: Option<i64>,
     pub max_queued_bytes: Option<RawSize>,
+    pub max_retained: Option<i64>,
+    pub max_retained_bytes: Option<RawSize>,
+    pub max_sessions: Option<i64>,
+    pub session_expiry_311: Option<RawDuration>,
+    pub max_session_expiry: Option<RawDuration>,
     pub max_keep_alive: Option<RawDuration>,
     pub connect_timeout: Option<RawDuration>,
 }
@@ -138,6 +143,8 @@ pub(crate) struct RawStorage {
     pub dead_letter_max_bytes: Option<RawSize>,
     pub refused_max_records: Option<i64>,
     pub refused_max_bytes: Option<RawSize>,
+    pub qos0_inflight_bytes: Option<RawSize>,
+    pub dead_letter_queue_bytes: Option<RawSize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -174,6 +181,8 @@ pub(crate) struct RawUpstream {
 pub(crate) struct RawDiscovery {
     pub announce_prefix: Option<String>,
     pub implicit: Option<bool>,
+    pub implicit_coap: Option<bool>,
+    pub max_devices: Option<i64>,
     pub stale_after: Option<RawDuration>,
     pub offline_after: Option<RawDuration>,
     pub interfaces: Option<Vec<String>>,

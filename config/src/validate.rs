@@ -44,6 +44,8 @@ const MAX_EXCHANGE_LIFETIME: Duration = Duration::from_secs(3600);
 const MIN_COAP_EXCHANGES: i64 = 16;
 const MIN_DEAD_LETTER_BYTES: u64 = 1024;
 const MIN_REFUSED_BYTES: u64 = 1024;
+const MIN_QOS0_INFLIGHT_BYTES: u64 = 1024;
+const MIN_DEAD_LETTER_QUEUE_BYTES: u64 = 1024;
 /// Room for the fixed header, a short topic and a small payload: below this nothing useful fits.
 const MIN_UPSTREAM_PACKET_SIZE: u64 = 128;
 /// Headers an HTTP check sets itself (framing and connection handling of a bodiless GET on a
@@ -123,7 +125,58 @@ pub(crate) fn warnings(config: &Config) -> Vec<ConfigWarning> {
             ),
         ));
     }
+    // The broker's state table (retained messages, persistent sessions and their queues) is
+    // in the store's database but outside storage.quota.
+    let b = &config.broker;
+    // Replacements may take the retained bytes an eighth over their bound.
+    let retained = b
+        .max_retained_bytes
+        .saturating_add(b.max_retained_bytes / 8);
+    let state = retained.saturating_add(
+        u64::try_from(b.max_sessions)
+            .unwrap_or(u64::MAX)
+            .saturating_mul(b.max_queued_bytes),
+    );
+    if state > config.storage.quota {
+        let inflight = u64::try_from(b.max_sessions)
+            .unwrap_or(u64::MAX)
+            .saturating_mul(u64::from(b.max_inflight))
+            .saturating_mul(b.max_packet_size);
+        out.push(ConfigWarning::new(
+            "broker.max_sessions",
+            format!(
+                "retained messages and persistent sessions are kept in the store's database outside storage.quota, and can take up to {} there (max_retained_bytes {} and the eighth more that replacements may use, + max_sessions {} x max_queued_bytes {}), more than storage.quota ({}); messages in flight to those sessions can add up to {} more (max_sessions x max_inflight {} x max_packet_size {}). Lower max_sessions or max_queued_bytes, or leave that much room on the disk",
+                show_size(state),
+                show_size(b.max_retained_bytes),
+                b.max_sessions,
+                show_size(b.max_queued_bytes),
+                show_size(config.storage.quota),
+                show_size(inflight),
+                b.max_inflight,
+                show_size(b.max_packet_size),
+            ),
+        ));
+    }
     out
+}
+
+/// A byte count the way a person reads it: `512B`, `16MiB`, `1.5GiB`.
+fn show_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut unit = 0;
+    let mut whole = bytes;
+    while whole >= 1024 && unit + 1 < UNITS.len() {
+        whole /= 1024;
+        unit += 1;
+    }
+    let exact = bytes.is_multiple_of(1 << (10 * unit));
+    if exact || unit == 0 {
+        format!("{whole}{}", UNITS[unit])
+    } else {
+        #[allow(clippy::cast_precision_loss)]
+        let value = bytes as f64 / (1u64 << (10 * unit)) as f64;
+        format!("{value:.1}{}", UNITS[unit])
+    }
 }
 
 fn discovery(c: &mut Collector, raw: RawDiscovery) -> DiscoveryConfig {
@@ -208,6 +261,15 @@ fn discovery(c: &mut Collector, raw: RawDiscovery) -> DiscoveryConfig {
     DiscoveryConfig {
         announce_prefix,
         implicit: raw.implicit.unwrap_or(d.implicit),
+        implicit_coap: raw.implicit_coap.unwrap_or(d.implicit_coap),
+        max_devices: int(
+            c,
+            "discovery.max_devices",
+            raw.max_devices,
+            d.max_devices,
+            1,
+            None,
+        ),
         stale_after,
         offline_after,
         interfaces,
@@ -433,6 +495,46 @@ fn broker(c: &mut Collector, raw: RawBroker) -> BrokerConfig {
             d.max_queued_bytes,
             1,
             u64::MAX,
+        ),
+        max_retained: int(
+            c,
+            "broker.max_retained",
+            raw.max_retained,
+            d.max_retained,
+            1,
+            None,
+        ),
+        max_retained_bytes: size(
+            c,
+            "broker.max_retained_bytes",
+            raw.max_retained_bytes,
+            d.max_retained_bytes,
+            1,
+            u64::MAX,
+        ),
+        max_sessions: int(
+            c,
+            "broker.max_sessions",
+            raw.max_sessions,
+            d.max_sessions,
+            0,
+            None,
+        ),
+        session_expiry_311: duration(
+            c,
+            "broker.session_expiry_311",
+            raw.session_expiry_311,
+            d.session_expiry_311,
+            Duration::from_secs(1),
+            Some(Duration::from_secs(u64::from(u32::MAX))),
+        ),
+        max_session_expiry: whole_seconds(
+            c,
+            "broker.max_session_expiry",
+            raw.max_session_expiry,
+            d.max_session_expiry,
+            Duration::from_secs(1),
+            Duration::from_secs(u64::from(u32::MAX - 1)),
         ),
         max_keep_alive: duration_or_off(
             c,
@@ -782,6 +884,22 @@ fn storage(c: &mut Collector, raw: RawStorage) -> StorageConfig {
             raw.refused_max_bytes,
             d.refused_max_bytes,
             MIN_REFUSED_BYTES,
+            u64::MAX,
+        ),
+        qos0_inflight_bytes: size(
+            c,
+            "storage.qos0_inflight_bytes",
+            raw.qos0_inflight_bytes,
+            d.qos0_inflight_bytes,
+            MIN_QOS0_INFLIGHT_BYTES,
+            u64::MAX,
+        ),
+        dead_letter_queue_bytes: size(
+            c,
+            "storage.dead_letter_queue_bytes",
+            raw.dead_letter_queue_bytes,
+            d.dead_letter_queue_bytes,
+            MIN_DEAD_LETTER_QUEUE_BYTES,
             u64::MAX,
         ),
     }
@@ -1525,6 +1643,30 @@ fn duration_or_off(
         Some(RawDuration(text)) if text == "off" => None,
         other => Some(duration(c, path, other, default.unwrap_or(min), min, max)),
     }
+}
+
+/// A duration in `min..=max` that is a whole number of seconds (an MQTT interval).
+fn whole_seconds(
+    c: &mut Collector,
+    path: &str,
+    raw: Option<RawDuration>,
+    default: Duration,
+    min: Duration,
+    max: Duration,
+) -> Duration {
+    let text = raw.as_ref().map(|r| r.0.clone());
+    let value = duration(c, path, raw, default, min, Some(max));
+    if value.subsec_nanos() != 0 {
+        c.push(
+            path,
+            format!(
+                "must be a whole number of seconds, got {:?}",
+                text.unwrap_or_default()
+            ),
+        );
+        return default;
+    }
+    value
 }
 
 /// A duration in `min..=max` (`max` `None`: unbounded).

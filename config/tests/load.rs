@@ -69,6 +69,11 @@ fn no_file_gives_documented_defaults() {
     assert_eq!(c.broker.max_inflight, 32);
     assert_eq!(c.broker.max_inbound_pending, 64);
     assert_eq!(c.broker.max_queued_messages, 1000);
+    assert_eq!(c.broker.max_retained, 10_000);
+    assert_eq!(c.broker.max_retained_bytes, 16 << 20);
+    assert_eq!(c.broker.max_sessions, 1000);
+    assert_eq!(c.broker.session_expiry_311, Duration::from_secs(7 * 86_400));
+    assert_eq!(c.broker.max_session_expiry, Duration::from_secs(7 * 86_400));
     assert_eq!(c.broker.connect_timeout, Duration::from_secs(10));
     assert_eq!(
         c.coap.listeners,
@@ -246,6 +251,11 @@ fn default_toml_mentions_every_key() {
         "max_inbound_pending",
         "max_queued_messages",
         "max_queued_bytes",
+        "max_retained",
+        "max_retained_bytes",
+        "max_sessions",
+        "session_expiry_311",
+        "max_session_expiry",
         "max_keep_alive",
         "connect_timeout",
         "coap",
@@ -268,6 +278,11 @@ fn default_toml_mentions_every_key() {
         "dead_letter_max_bytes",
         "refused_max_records",
         "refused_max_bytes",
+        "qos0_inflight_bytes",
+        "dead_letter_queue_bytes",
+        "implicit",
+        "implicit_coap",
+        "max_devices",
         "filter",
         "target",
         "priority",
@@ -542,6 +557,55 @@ fn broker_limits() {
     assert_eq!(c.broker.max_keep_alive, Some(Duration::from_secs(120)));
     let c = load_ok("[broker]\nmax_keep_alive = \"off\"");
     assert_eq!(c.broker.max_keep_alive, None);
+}
+
+#[test]
+fn retained_and_session_bounds_are_validated_with_their_paths() {
+    for (key, bad, needle) in [
+        ("max_retained", "0", "at least 1"),
+        ("max_retained", "\"many\"", "invalid type"),
+        ("max_retained_bytes", "0", "at least 1 bytes"),
+        ("max_retained_bytes", "\"16 MeB\"", "invalid size"),
+        ("max_sessions", "-1", "at least 0"),
+        ("session_expiry_311", "\"0s\"", "between 1s and 4294967295s"),
+        (
+            "session_expiry_311",
+            "\"200y\"",
+            "between 1s and 4294967295s",
+        ),
+        ("session_expiry_311", "\"never\"", "invalid duration"),
+        ("max_session_expiry", "\"0s\"", "between 1s and 4294967294s"),
+        (
+            "max_session_expiry",
+            "\"4294967295s\"",
+            "between 1s and 4294967294s",
+        ),
+        (
+            "max_session_expiry",
+            "\"1500ms\"",
+            "whole number of seconds",
+        ),
+    ] {
+        assert_one_error(
+            &format!("[broker]\n{key} = {bad}"),
+            &format!("broker.{key}"),
+            needle,
+        );
+    }
+    let c = load_ok(
+        "[broker]\nmax_retained = 5\nmax_retained_bytes = \"64KiB\"\nmax_sessions = 0\n\
+         session_expiry_311 = \"90m\"\nmax_session_expiry = \"1d\"",
+    );
+    assert_eq!(
+        (
+            c.broker.max_retained,
+            c.broker.max_retained_bytes,
+            c.broker.max_sessions
+        ),
+        (5, 65_536, 0)
+    );
+    assert_eq!(c.broker.session_expiry_311, Duration::from_secs(5400));
+    assert_eq!(c.broker.max_session_expiry, Duration::from_secs(86_400));
 }
 
 #[test]
@@ -1100,6 +1164,38 @@ fn broker_packets_larger_than_upstream_ones_are_a_warning() {
         warnings[0]
             .message
             .contains("may be refused upstream (it is kept in the refused table)")
+    );
+}
+
+#[test]
+fn broker_state_larger_than_the_store_quota_is_a_warning_with_the_worst_case() {
+    // The defaults: 16MiB (+ 2MiB for replacements) + 1000 x 1MiB is just under 1GiB.
+    assert_eq!(load_ok(default_config_toml()).warnings(), []);
+    // A smaller quota: the state table could outgrow it.
+    let warnings = load_ok("[storage]\nquota = \"256MiB\"").warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert_eq!(warnings[0].path, "broker.max_sessions");
+    let message = &warnings[0].message;
+    for needle in [
+        "outside storage.quota",
+        "up to 1018MiB",
+        "max_retained_bytes 16MiB and the eighth more that replacements may use, + max_sessions 1000 x max_queued_bytes 1MiB",
+        "more than storage.quota (256MiB)",
+        "7.8GiB more (max_sessions x max_inflight 32 x max_packet_size 256KiB)",
+    ] {
+        assert!(message.contains(needle), "{needle:?} not in {message:?}");
+    }
+    // More sessions than the default quota can take beside them.
+    let warnings = load_ok("[broker]\nmax_sessions = 2000").warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    // Fewer sessions, or smaller queues: quiet again.
+    assert_eq!(
+        load_ok("[storage]\nquota = \"256MiB\"\n[broker]\nmax_sessions = 100").warnings(),
+        []
+    );
+    assert_eq!(
+        load_ok("[storage]\nquota = \"256MiB\"\n[broker]\nmax_queued_bytes = \"64KiB\"").warnings(),
+        []
     );
 }
 
@@ -2419,6 +2515,120 @@ fn discovery_section_is_validated_with_every_error_reported() {
             "discovery.interfaces[1]",
             "discovery.interfaces[2]",
             "discovery.mdns_browse[0]"
+        ],
+        "{errs:#?}"
+    );
+}
+
+#[test]
+fn bounds_on_network_input_have_documented_defaults() {
+    let c = Config::default();
+    assert_eq!(c.storage.qos0_inflight_bytes, 4 << 20);
+    assert_eq!(c.storage.dead_letter_queue_bytes, 1 << 20);
+    assert!(c.discovery.implicit, "MQTT implicit registration stays on");
+    assert!(
+        !c.discovery.implicit_coap,
+        "CoAP sources are spoofable: off by default"
+    );
+    assert_eq!(c.discovery.max_devices, 1000);
+    let from_text = load_ok(default_config_toml());
+    assert_eq!(
+        (
+            from_text.storage.qos0_inflight_bytes,
+            from_text.storage.dead_letter_queue_bytes,
+            from_text.discovery.implicit_coap,
+            from_text.discovery.max_devices
+        ),
+        (4 << 20, 1 << 20, false, 1000)
+    );
+}
+
+#[test]
+fn bounds_on_network_input_are_typed() {
+    let c = load_ok(
+        "[storage]\nqos0_inflight_bytes = \"1KiB\"\ndead_letter_queue_bytes = 65536\n\
+         [discovery]\nimplicit_coap = true\nmax_devices = 1\n",
+    );
+    assert_eq!(c.storage.qos0_inflight_bytes, 1024);
+    assert_eq!(c.storage.dead_letter_queue_bytes, 65536);
+    assert!(c.discovery.implicit_coap);
+    assert_eq!(c.discovery.max_devices, 1);
+    let c =
+        load_ok("[storage]\nqos0_inflight_bytes = \"1GiB\"\n[discovery]\nmax_devices = 100000\n");
+    assert_eq!(c.storage.qos0_inflight_bytes, 1 << 30);
+    assert_eq!(c.discovery.max_devices, 100_000);
+}
+
+#[test]
+fn bounds_on_network_input_rules() {
+    for (section, key, bad, needle) in [
+        (
+            "storage",
+            "qos0_inflight_bytes",
+            "\"1023\"",
+            "must be at least 1024 bytes, got 1023",
+        ),
+        (
+            "storage",
+            "qos0_inflight_bytes",
+            "0",
+            "must be at least 1024 bytes, got 0",
+        ),
+        (
+            "storage",
+            "qos0_inflight_bytes",
+            "-1",
+            "must not be negative, got -1",
+        ),
+        (
+            "storage",
+            "qos0_inflight_bytes",
+            "\"4 megs\"",
+            "invalid size \"4 megs\"",
+        ),
+        (
+            "storage",
+            "dead_letter_queue_bytes",
+            "1023",
+            "must be at least 1024 bytes, got 1023",
+        ),
+        (
+            "storage",
+            "dead_letter_queue_bytes",
+            "\"lots\"",
+            "invalid size \"lots\"",
+        ),
+        ("discovery", "max_devices", "0", "must be at least 1, got 0"),
+        (
+            "discovery",
+            "max_devices",
+            "-5",
+            "must be at least 1, got -5",
+        ),
+        (
+            "discovery",
+            "implicit_coap",
+            "\"yes\"",
+            "expected a boolean (line 2",
+        ),
+    ] {
+        assert_one_error(
+            &format!("[{section}]\n{key} = {bad}"),
+            &format!("{section}.{key}"),
+            needle,
+        );
+    }
+    // Every problem at once, each at its path.
+    let errs = errors(
+        "[storage]\nqos0_inflight_bytes = 1\ndead_letter_queue_bytes = 2\n[discovery]\nmax_devices = 0\n",
+    );
+    let paths: Vec<&str> = errs.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "storage.qos0_inflight_bytes",
+            "storage.dead_letter_queue_bytes",
+            "discovery.max_devices"
         ],
         "{errs:#?}"
     );

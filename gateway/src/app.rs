@@ -23,14 +23,17 @@ use crate::health::{self, HealthState, checks::Checks};
 use crate::http::{self, HttpState};
 use crate::ingest::Ingest;
 use crate::lifecycle::{Heartbeat, NodeIdentity};
-use crate::metrics::{Metrics, UplinkState, now_ms};
+use crate::metrics::{ByteBudget, Metrics, UplinkState, now_ms};
 use crate::registry::{Registry, RegistrySettings};
 use crate::route::{self, Router};
 use crate::status::{self, Identity};
 use crate::sync::{Lifecycle, Sync};
 
 /// Bound of the broker -> ingest channel. When full, the broker stops reading from publishers
-/// (their in-flight windows fill up): backpressure, never a drop.
+/// (their in-flight windows fill up): backpressure, never a drop. Ingest keeps draining it while
+/// the store is slow (QoS 0 is then held within `storage.qos0_inflight_bytes` or dropped), so
+/// it fills only while ingest holds back readings someone waits for
+/// ([`crate::ingest::MAX_ACKED_PENDING`]).
 const INGEST_CHANNEL: usize = 8192;
 
 pub fn store_settings(config: &Config) -> StoreSettings {
@@ -63,7 +66,17 @@ pub fn registry_settings(config: &Config) -> RegistrySettings {
         stale_after: d.stale_after,
         offline_after: d.offline_after,
         implicit: d.implicit,
+        implicit_coap: d.implicit_coap,
+        max_devices: d.max_devices,
     }
+}
+
+/// The shared counters, with the byte bounds of what ingest holds in memory.
+pub fn metrics(config: &Config) -> Metrics {
+    Metrics::with_bounds(
+        ByteBudget::new(config.storage.qos0_inflight_bytes),
+        ByteBudget::new(config.storage.dead_letter_queue_bytes),
+    )
 }
 
 /// Slack on top of a device's Max-Age before an observation counts as lapsed.
@@ -91,6 +104,13 @@ pub fn broker_settings(config: &Config) -> BrokerSettings {
         max_inbound_pending: b.max_inbound_pending,
         max_queued_messages: b.max_queued_messages,
         max_queued_bytes: usize::try_from(b.max_queued_bytes).unwrap_or(usize::MAX),
+        // Retained messages and persistent sessions live in the store's state table, outside
+        // storage.quota: these bound them (Config::warnings says when they are large).
+        max_retained: b.max_retained,
+        max_retained_bytes: usize::try_from(b.max_retained_bytes).unwrap_or(usize::MAX),
+        max_sessions: b.max_sessions,
+        session_expiry_311: b.session_expiry_311,
+        max_session_expiry: b.max_session_expiry,
         connect_timeout: b.connect_timeout,
         // Who may connect, publish and subscribe: the password and ACL files parsed at load.
         auth: Some(Arc::new(outpost_protocols::Auth::from_config(b))),
@@ -114,7 +134,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .await
         .context("store open task")?
         .with_context(|| format!("opening the store at {}", db.display()))?;
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(metrics(&config));
     let router = Arc::new(Router::new(&config));
 
     let broker = Broker::bind(broker_settings(&config))

@@ -313,6 +313,81 @@ impl prometheus_client::collector::Collector for Snapshot {
             "QoS 0 readings and wills the store refused (nobody could resend them).",
             get(&m.unacknowledged_lost),
         )?;
+        // Bounds on what the network feeds (docs/ARCHITECTURE.md, "Bounds on what the network
+        // feeds"): each buffer's fill, its bound, and what its policy dropped.
+        let q = &m.qos0_inflight;
+        f.counter(
+            "outpost_qos0_dropped",
+            "QoS 0 readings dropped because storage.qos0_inflight_bytes were already on their way to the store.",
+            q.refused(),
+        )?;
+        f.counter(
+            "outpost_qos0_dropped_bytes",
+            "Accounted bytes (topic, payload, 64 per reading) of the QoS 0 readings dropped.",
+            q.refused_bytes(),
+        )?;
+        f.gauge(
+            "outpost_qos0_inflight_bytes",
+            "Accounted bytes of QoS 0 readings between the broker and their commit.",
+            q.used() as f64,
+        )?;
+        f.gauge(
+            "outpost_qos0_inflight_limit_bytes",
+            "storage.qos0_inflight_bytes: beyond it QoS 0 readings are dropped.",
+            q.limit() as f64,
+        )?;
+        let dl = &m.dead_letter_queue;
+        f.counter(
+            "outpost_dead_lettered",
+            "Payloads that did not decode as their declared format (queued as dead letters, or dropped).",
+            get(&m.dead_lettered),
+        )?;
+        f.counter(
+            "outpost_dead_letters_dropped",
+            "Dead letters dropped because storage.dead_letter_queue_bytes were waiting to be written.",
+            dl.refused(),
+        )?;
+        f.counter(
+            "outpost_dead_letter_failures",
+            "Dead letters the store could not write.",
+            get(&m.dead_letter_failures),
+        )?;
+        f.gauge(
+            "outpost_dead_letter_queue_bytes",
+            "Accounted bytes of dead letters waiting to be written.",
+            dl.used() as f64,
+        )?;
+        f.gauge(
+            "outpost_dead_letter_queue_limit_bytes",
+            "storage.dead_letter_queue_bytes: beyond it dead letters are dropped.",
+            dl.limit() as f64,
+        )?;
+        // The device registry.
+        f.labelled(
+            "outpost_devices",
+            "Devices in the registry, by status.",
+            MetricType::Gauge,
+            ["online", "stale", "offline"]
+                .iter()
+                .zip(&m.devices)
+                .map(|(status, n)| (vec![label("status", *status)], get(n) as f64))
+                .collect(),
+        )?;
+        f.gauge(
+            "outpost_devices_max",
+            "discovery.max_devices: new devices beyond it are refused.",
+            get(&m.devices_max) as f64,
+        )?;
+        f.counter(
+            "outpost_devices_refused",
+            "New devices refused because the registry held discovery.max_devices (one per attempt).",
+            get(&m.devices_refused),
+        )?;
+        f.gauge(
+            "outpost_device_changes_pending",
+            "Devices whose registry change waits to be written (coalesced: at most one per device).",
+            get(&m.devices_pending_changes) as f64,
+        )?;
         // Sync.
         f.counter(
             "outpost_synced",
@@ -566,6 +641,21 @@ impl prometheus_client::collector::Collector for Snapshot {
         )?;
         // Broker.
         f.gauge(
+            "outpost_broker_retained_messages",
+            "Retained messages held (bounded by broker.max_retained).",
+            b.retained_messages as f64,
+        )?;
+        f.gauge(
+            "outpost_broker_retained_bytes",
+            "Bytes of the retained messages held (bounded by broker.max_retained_bytes).",
+            b.retained_bytes as f64,
+        )?;
+        f.gauge(
+            "outpost_broker_persistent_sessions",
+            "Persistent sessions kept (bounded by broker.max_sessions).",
+            b.persistent_sessions as f64,
+        )?;
+        f.gauge(
             "outpost_broker_connections",
             "MQTT clients connected now.",
             b.connections_current as f64,
@@ -628,8 +718,18 @@ impl prometheus_client::collector::Collector for Snapshot {
             ),
             (
                 "outpost_broker_sessions_expired",
-                "Offline MQTT 5 sessions discarded when their session expiry passed.",
+                "Offline persistent sessions discarded when their expiry passed (MQTT 5 session expiry, capped at broker.max_session_expiry; 3.1.1: broker.session_expiry_311).",
                 b.sessions_expired,
+            ),
+            (
+                "outpost_broker_retained_refused",
+                "New retained topics refused beyond broker.max_retained / max_retained_bytes (MQTT 5 QoS 1/2: 0x97; else delivered, not retained).",
+                b.retained_refused,
+            ),
+            (
+                "outpost_broker_sessions_refused",
+                "Persistent sessions refused at CONNECT beyond broker.max_sessions.",
+                b.sessions_refused,
             ),
             (
                 "outpost_broker_state_invalid",

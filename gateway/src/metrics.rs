@@ -5,9 +5,9 @@
 //! the status reporter so that `outpost status` can read it from another process.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -61,6 +61,20 @@ pub struct Metrics {
     pub dead_lettered: AtomicU64,
     /// Dead letters that could not be written (store refused).
     pub dead_letter_failures: AtomicU64,
+    /// QoS 0 readings (publishes and QoS 0 wills: nobody waits for their ack) in memory
+    /// between the broker's hand-over and their commit, in accounted bytes; a QoS 0 reading
+    /// that does not fit is dropped (its refusals are `outpost_qos0_dropped_total`).
+    pub qos0_inflight: Arc<ByteBudget>,
+    /// Dead letters waiting for the dead-letter writer, in accounted bytes; one that does not
+    /// fit is dropped (`outpost_dead_letters_dropped_total`).
+    pub dead_letter_queue: Arc<ByteBudget>,
+    /// Devices the registry refused because it held `discovery.max_devices` (set by the
+    /// registry, like `devices`).
+    pub devices_refused: AtomicU64,
+    /// `discovery.max_devices`, for the status (set by the registry).
+    pub devices_max: AtomicU64,
+    /// Devices whose change waits to be written (coalesced: one entry per device).
+    pub devices_pending_changes: AtomicU64,
     /// CoAP requests whose content format the route does not take.
     pub payload_unsupported: AtomicU64,
     /// Devices in the registry by status: online, stale, offline (set by the registry).
@@ -117,6 +131,16 @@ pub struct UplinkInfo {
 }
 
 impl Metrics {
+    /// Counters at zero, with these bounds on QoS 0 readings in flight and on queued dead
+    /// letters (`Metrics::default()` has none).
+    pub fn with_bounds(qos0_inflight: ByteBudget, dead_letter_queue: ByteBudget) -> Self {
+        Self {
+            qos0_inflight: Arc::new(qos0_inflight),
+            dead_letter_queue: Arc::new(dead_letter_queue),
+            ..Self::default()
+        }
+    }
+
     /// Counts one record refused for good, under its reason's label.
     pub fn count_refused(&self, reason: &str) {
         if let Ok(mut map) = self.sync_refused.lock() {
@@ -212,6 +236,149 @@ impl Metrics {
     }
 }
 
+/// A bound in bytes on what waits in memory, shared by whoever admits and whoever releases.
+///
+/// [`ByteBudget::try_acquire`] admits `n` bytes only if the total stays within the limit, and
+/// returns a [`BytePermit`] that gives them back when dropped (after the commit, on an error,
+/// at shutdown: whatever path the item takes). What does not fit is refused and counted here,
+/// so the caller's policy (drop) and its counter cannot drift apart.
+#[derive(Debug)]
+pub struct ByteBudget {
+    /// The bound; `u64::MAX` means none.
+    limit: u64,
+    /// Bytes admitted and not yet released.
+    used: AtomicU64,
+    /// Items refused because they did not fit, and their bytes.
+    refused: AtomicU64,
+    refused_bytes: AtomicU64,
+}
+
+impl Default for ByteBudget {
+    /// No bound (tests; the gateway always sets one from the configuration).
+    fn default() -> Self {
+        Self::new(u64::MAX)
+    }
+}
+
+impl ByteBudget {
+    pub fn new(limit: u64) -> Self {
+        Self {
+            limit,
+            used: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            refused_bytes: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes `bytes` if `used + bytes <= limit`; otherwise counts a refusal and returns None.
+    pub fn try_acquire(self: &Arc<Self>, bytes: u64) -> Option<BytePermit> {
+        let admitted = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(bytes).filter(|total| *total <= self.limit)
+            })
+            .is_ok();
+        if admitted {
+            Some(BytePermit {
+                budget: Arc::clone(self),
+                bytes,
+            })
+        } else {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            self.refused_bytes.fetch_add(bytes, Ordering::Relaxed);
+            None
+        }
+    }
+
+    /// The bound in bytes.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Bytes admitted and not yet released.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Acquire)
+    }
+
+    /// Items refused so far.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of the items refused so far.
+    pub fn refused_bytes(&self) -> u64 {
+        self.refused_bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// Bytes held in a [`ByteBudget`]; given back on drop.
+#[derive(Debug)]
+pub struct BytePermit {
+    budget: Arc<ByteBudget>,
+    bytes: u64,
+}
+
+impl Drop for BytePermit {
+    fn drop(&mut self) {
+        let bytes = self.bytes;
+        let _ = self
+            .budget
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                Some(used.saturating_sub(bytes))
+            });
+    }
+}
+
+/// Lets a log line through at most once per interval, and says how many were held back: a
+/// flood of hostile input must not become a flood of log lines (one per message would fill the
+/// journal of a board faster than the flood fills its memory).
+#[derive(Debug)]
+pub struct LogLimiter {
+    every: Duration,
+    /// When the last line went out, and how many were held back since.
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl LogLimiter {
+    /// How often a rate-limited line may be logged by default.
+    pub const EVERY: Duration = Duration::from_secs(10);
+
+    pub const fn new(every: Duration) -> Self {
+        Self {
+            every,
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(held back since the last line)` when a line may be logged now, else None (and
+    /// this one is counted as held back).
+    pub fn allow(&self) -> Option<u64> {
+        self.allow_at(Instant::now())
+    }
+
+    fn allow_at(&self, now: Instant) -> Option<u64> {
+        let mut state = self.state.lock().ok()?;
+        match state.0 {
+            Some(last) if now.saturating_duration_since(last) < self.every => {
+                state.1 += 1;
+                None
+            }
+            _ => {
+                let held_back = std::mem::take(&mut state.1);
+                state.0 = Some(now);
+                Some(held_back)
+            }
+        }
+    }
+}
+
+impl Default for LogLimiter {
+    fn default() -> Self {
+        Self::new(Self::EVERY)
+    }
+}
+
 /// Increment a counter by one.
 pub fn inc(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
@@ -244,6 +411,76 @@ pub fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_budget_admits_up_to_its_limit_and_counts_what_it_refuses() {
+        let budget = Arc::new(ByteBudget::new(100));
+        let a = budget.try_acquire(60);
+        assert!(a.is_some());
+        let b = budget.try_acquire(40);
+        assert!(b.is_some(), "exactly the limit fits");
+        assert_eq!(budget.used(), 100);
+        assert!(budget.try_acquire(1).is_none(), "one byte over does not");
+        assert!(budget.try_acquire(500).is_none());
+        assert_eq!((budget.refused(), budget.refused_bytes()), (2, 501));
+        assert_eq!(budget.used(), 100, "a refusal takes nothing");
+        drop(a);
+        assert_eq!(budget.used(), 40, "a dropped permit gives its bytes back");
+        assert!(budget.try_acquire(60).is_some());
+        assert_eq!(budget.used(), 40, "and that permit was dropped at once");
+        drop(b);
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn byte_budget_never_exceeds_its_limit_under_concurrent_use() {
+        let budget = Arc::new(ByteBudget::new(1000));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let budget = Arc::clone(&budget);
+                std::thread::spawn(move || {
+                    let mut held = Vec::new();
+                    for i in 0..10_000u64 {
+                        if let Some(p) = budget.try_acquire(1 + i % 97) {
+                            held.push(p);
+                        }
+                        assert!(budget.used() <= 1000);
+                        // ~30 permits of ~49 bytes: more than the limit even for one thread
+                        // alone, so refusals happen whatever the interleaving.
+                        if held.len() > 30 {
+                            held.remove(0);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            assert!(t.join().is_ok());
+        }
+        assert_eq!(budget.used(), 0, "every permit was given back");
+        assert!(budget.refused() > 0);
+    }
+
+    #[test]
+    fn log_limiter_lets_one_line_through_per_interval_and_counts_the_rest() {
+        let limiter = LogLimiter::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(limiter.allow_at(t0), Some(0), "the first line goes out");
+        for i in 1..1000u64 {
+            assert_eq!(
+                limiter.allow_at(t0 + Duration::from_millis(i)),
+                None,
+                "held back within the interval"
+            );
+        }
+        assert_eq!(
+            limiter.allow_at(t0 + Duration::from_secs(10)),
+            Some(999),
+            "the next line says how many were held back"
+        );
+        assert_eq!(limiter.allow_at(t0 + Duration::from_secs(11)), None);
+        assert_eq!(limiter.allow_at(t0 + Duration::from_secs(25)), Some(1));
+    }
 
     #[test]
     fn wall_age_is_unknown_for_readings_stamped_before_the_clock_was_set() {

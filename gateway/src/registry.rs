@@ -16,22 +16,41 @@
 //! announce topic.
 //!
 //! Bad input (a descriptor that does not parse, an id that is empty, too long or has characters
-//! outside `[A-Za-z0-9._:-]`) is logged and counted, and changes nothing.
+//! outside `[A-Za-z0-9._:-]`) is logged (rate-limited) and counted, and changes nothing.
+//!
+//! # Bounds
+//!
+//! Every device costs memory, a state row and a retained record upstream, and devices come from
+//! the network, so:
+//!
+//! - **At most `max_devices`.** A new device beyond is refused and counted
+//!   (`outpost_devices_refused_total`, one per refused message or discovery); devices already
+//!   registered are unaffected (also those loaded beyond a lowered bound). Each device's lists
+//!   are bounded too ([`MAX_ITEMS`] topics, addresses, resources; texts cut).
+//! - **Changes are coalesced per device**, not queued: a change marks the device pending (at
+//!   most one entry per device), and the writer persists each pending device's *latest* state.
+//!   So the queue is bounded by the number of devices, and a device that flaps a thousand
+//!   times between two writes costs one record upstream, with its last state (which is what a
+//!   retained message shows anyway).
+//! - **CoAP clients are not registered by default** (`implicit_coap = false`): a CoAP request's
+//!   source is a UDP address, which anyone can forge, so every forged address would become a
+//!   device. MQTT clients (a TCP connection, a login on network listeners) and devices the
+//!   gateway chose to observe are registered implicitly with `implicit = true`.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::AtomicU64;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use outpost_protocols::{Inbound, Source};
-use outpost_storage::{NewRecord, Priority, Store};
+use outpost_storage::{NewRecord, Priority, StateOp, Store};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::lifecycle::{GATEWAY_LEVEL, to_json};
-use crate::metrics::{Metrics, inc, now_ms};
+use crate::metrics::{LogLimiter, Metrics, get, inc, now_ms};
 
 /// Key prefix of registry entries in the store's state table.
 pub const STATE_PREFIX: &str = "device/";
@@ -39,11 +58,20 @@ pub const STATE_PREFIX: &str = "device/";
 pub const MAX_ID_LEN: usize = 64;
 /// Longest kind/firmware string kept; longer ones are cut.
 const MAX_TEXT_LEN: usize = 128;
-/// At most this many topics or resources are kept per device.
+/// At most this many topics, addresses or resources are kept per device.
 const MAX_ITEMS: usize = 64;
+/// Longest topic kept in a device's topic list; longer ones are cut.
+const MAX_TOPIC_LEN: usize = 256;
+/// At most this many pending devices are written per store round trip.
+const WRITE_BATCH: usize = 256;
 /// How often message counters and last-seen times are written back (status changes are written
 /// at once).
 const FLUSH_EVERY: Duration = Duration::from_secs(30);
+
+/// Log lines caused by messages: one per [`LogLimiter::EVERY`] per kind.
+static BAD_ANNOUNCEMENT_LOG: LogLimiter = LogLimiter::new(LogLimiter::EVERY);
+static REFUSED_LOG: LogLimiter = LogLimiter::new(LogLimiter::EVERY);
+static WRITE_FAILED_LOG: LogLimiter = LogLimiter::new(LogLimiter::EVERY);
 
 /// A validated device id: 1..=64 bytes of `[A-Za-z0-9._:-]`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -153,8 +181,14 @@ pub struct RegistrySettings {
     pub announce_prefix: String,
     pub stale_after: Duration,
     pub offline_after: Duration,
-    /// Whether devices that send data without announcing are registered.
+    /// Whether devices that send data without announcing are registered (MQTT clients, and
+    /// devices whose resources the gateway observes).
     pub implicit: bool,
+    /// Whether CoAP clients that POST/PUT readings are registered too, by source host (only
+    /// with `implicit`; a UDP source can be forged).
+    pub implicit_coap: bool,
+    /// New devices beyond this many are refused.
+    pub max_devices: usize,
 }
 
 /// Counters of the registry.
@@ -164,23 +198,59 @@ pub struct RegistryMetrics {
     pub bad_announcements: AtomicU64,
     pub bad_ids: AtomicU64,
     pub changes: AtomicU64,
+    /// Changes of a device whose previous change was not written yet (folded into it).
+    pub changes_coalesced: AtomicU64,
     pub change_write_failures: AtomicU64,
+    /// New devices refused because `max_devices` are registered (one per attempt).
+    pub refused: AtomicU64,
 }
 
-/// What happened to a device, to be persisted and published.
-#[derive(Debug)]
-struct Change(Device);
+/// Devices whose change waits to be written: each at most once, in the order of their first
+/// pending change. Bounded by the number of devices.
+#[derive(Debug, Default)]
+struct Pending {
+    order: VecDeque<DeviceId>,
+    set: BTreeSet<DeviceId>,
+}
 
-/// The registry. Cheap to call from ingest: one mutex, no I/O on the hot path (changes are
-/// queued and written by [`Registry::run`]).
+impl Pending {
+    /// Marks `id` pending; false if it already was (the change is folded into that one).
+    fn insert(&mut self, id: &DeviceId) -> bool {
+        if self.set.insert(id.clone()) {
+            self.order.push_back(id.clone());
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Takes up to `max` pending devices, oldest first.
+    fn take(&mut self, max: usize) -> Vec<DeviceId> {
+        let n = max.min(self.order.len());
+        let ids: Vec<DeviceId> = self.order.drain(..n).collect();
+        for id in &ids {
+            self.set.remove(id);
+        }
+        ids
+    }
+
+    fn len(&self) -> usize {
+        self.order.len()
+    }
+}
+
+/// The registry. Cheap to call from ingest: one mutex, no I/O on the hot path (changed devices
+/// are marked pending and written by [`Registry::run`]).
 #[derive(Debug)]
 pub struct Registry {
     settings: RegistrySettings,
     devices: Mutex<BTreeMap<DeviceId, Device>>,
     /// Devices whose counters changed since the last flush.
     dirty: Mutex<BTreeSet<DeviceId>>,
-    changes: tokio::sync::mpsc::UnboundedSender<Change>,
-    changes_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Change>>>,
+    /// Devices whose change waits to be written and published (coalesced per device).
+    pending: Mutex<Pending>,
+    /// Wakes the writer when a device becomes pending.
+    wake: tokio::sync::Notify,
     pub metrics: RegistryMetrics,
 }
 
@@ -208,16 +278,51 @@ impl Registry {
                 Err(e) => warn!(%key, error = %e, "unreadable registry entry skipped"),
             }
         }
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        info!(devices = devices.len(), "device registry loaded");
-        Ok(Self {
+        info!(
+            devices = devices.len(),
+            max = settings.max_devices,
+            "device registry loaded"
+        );
+        if devices.len() >= settings.max_devices {
+            warn!(
+                devices = devices.len(),
+                max = settings.max_devices,
+                "the device registry is full: new devices are refused (discovery.max_devices)"
+            );
+        }
+        Ok(Self::with_devices(settings, devices))
+    }
+
+    /// A registry holding `devices` (what [`Registry::load`] read).
+    fn with_devices(settings: RegistrySettings, devices: BTreeMap<DeviceId, Device>) -> Self {
+        Self {
             settings,
             devices: Mutex::new(devices),
             dirty: Mutex::new(BTreeSet::new()),
-            changes: tx,
-            changes_rx: Mutex::new(Some(rx)),
+            pending: Mutex::new(Pending::default()),
+            wake: tokio::sync::Notify::new(),
             metrics: RegistryMetrics::default(),
-        })
+        }
+    }
+
+    /// Marks `id` as changed: the writer persists and publishes its state as it is then.
+    fn changed(&self, id: &DeviceId) {
+        inc(&self.metrics.changes);
+        let fresh = self
+            .pending
+            .lock()
+            .map(|mut p| p.insert(id))
+            .unwrap_or(false);
+        if fresh {
+            self.wake.notify_one();
+        } else {
+            inc(&self.metrics.changes_coalesced);
+        }
+    }
+
+    /// Devices whose change waits to be written.
+    pub fn pending_changes(&self) -> usize {
+        self.pending.lock().map(|p| p.len()).unwrap_or(0)
     }
 
     /// A snapshot of every device.
@@ -241,12 +346,22 @@ impl Registry {
         c
     }
 
-    /// Applies `update` to the device `id` (creating it), and queues a change when anything but
-    /// the counters changed.
+    /// Applies `update` to the device `id` (creating it, unless `max_devices` are registered:
+    /// then it is refused and counted), and marks a change when anything but the counters
+    /// changed.
     fn update(&self, id: DeviceId, how: FoundBy, now: u64, update: impl FnOnce(&mut Device)) {
         let Ok(mut devices) = self.devices.lock() else {
             return;
         };
+        if !devices.contains_key(&id) && devices.len() >= self.settings.max_devices {
+            inc(&self.metrics.refused);
+            if let Some(held_back) = REFUSED_LOG.allow() {
+                warn!(device = id.as_str(), found_by = ?how, max = self.settings.max_devices,
+                    refused_total = get(&self.metrics.refused), held_back,
+                    "new device refused: the registry is full (discovery.max_devices; one line per 10 s)");
+            }
+            return;
+        }
         let device = devices.entry(id.clone()).or_insert_with(|| Device {
             id: id.clone(),
             found_by: BTreeSet::new(),
@@ -266,9 +381,9 @@ impl Registry {
         device.last_seen_ms = now;
         update(device);
         let changed = is_new || !same_except_counters(&before, device);
+        drop(devices);
         if changed {
-            inc(&self.metrics.changes);
-            let _ = self.changes.send(Change(device.clone()));
+            self.changed(&id);
         } else if let Ok(mut dirty) = self.dirty.lock() {
             dirty.insert(id);
         }
@@ -298,6 +413,13 @@ impl Registry {
         }
         let (raw, how) = match msg.source {
             Source::Mqtt => (msg.client_id.as_ref(), FoundBy::MqttImplicit),
+            // A request's UDP source can be forged: only registered when asked for. A device the
+            // gateway observes was chosen by the gateway (configured or discovered).
+            Source::Coap
+                if !self.settings.implicit_coap && !msg.client_id.starts_with("coap-observe:") =>
+            {
+                return;
+            }
             // A CoAP client's source port changes between requests: the host is the device.
             Source::Coap => {
                 let peer = msg
@@ -317,7 +439,7 @@ impl Registry {
             inc(&self.metrics.bad_ids);
             return;
         };
-        let topic = msg.topic.clone();
+        let topic = truncate(&msg.topic, MAX_TOPIC_LEN);
         self.update(id, how, now, |d| {
             d.messages += 1;
             if d.status != DeviceStatus::Online {
@@ -347,7 +469,7 @@ impl Registry {
                     .and_then(|dev| dev.found_by.iter().next().copied())
             })
             .unwrap_or(FoundBy::CoapDiscovery);
-        let topic = topic.to_owned();
+        let topic = truncate(topic, MAX_TOPIC_LEN);
         self.update(id, how, now, |d| {
             d.messages += 1;
             d.status = DeviceStatus::Online;
@@ -370,7 +492,10 @@ impl Registry {
                 Ok(d) => d,
                 Err(e) => {
                     inc(&self.metrics.bad_announcements);
-                    warn!(topic_id = id_level, error = %e, "announcement ignored: not a JSON or CBOR descriptor");
+                    if let Some(held_back) = BAD_ANNOUNCEMENT_LOG.allow() {
+                        warn!(topic_id = %truncate(id_level, 80), error = %e, held_back,
+                            "announcement ignored: not a JSON or CBOR descriptor (one line per 10 s)");
+                    }
                     return;
                 }
             }
@@ -380,7 +505,10 @@ impl Registry {
             Ok(id) => id,
             Err(e) => {
                 inc(&self.metrics.bad_ids);
-                warn!(id = %truncate(raw_id, 80), error = %e, "announcement ignored: bad device id");
+                if let Some(held_back) = BAD_ANNOUNCEMENT_LOG.allow() {
+                    warn!(id = %truncate(raw_id, 80), error = %e, held_back,
+                        "announcement ignored: bad device id (one line per 10 s)");
+                }
                 return;
             }
         };
@@ -405,7 +533,7 @@ impl Registry {
                     .topics
                     .iter()
                     .take(MAX_ITEMS)
-                    .map(|t| truncate(t, 256))
+                    .map(|t| truncate(t, MAX_TOPIC_LEN))
                     .collect();
             }
         });
@@ -441,20 +569,24 @@ impl Registry {
         let Some(id) = DeviceId::sanitised(id) else {
             return;
         };
-        let Ok(mut devices) = self.devices.lock() else {
-            return;
+        let went_offline = match self.devices.lock() {
+            Ok(mut devices) => match devices.get_mut(&id) {
+                Some(d) if d.status != DeviceStatus::Offline => {
+                    d.status = DeviceStatus::Offline;
+                    true
+                }
+                _ => false,
+            },
+            Err(_) => false,
         };
-        if let Some(d) = devices.get_mut(&id)
-            && d.status != DeviceStatus::Offline
-        {
-            d.status = DeviceStatus::Offline;
-            inc(&self.metrics.changes);
-            let _ = self.changes.send(Change(d.clone()));
+        if went_offline {
+            self.changed(&id);
         }
     }
 
     /// Re-evaluates every device's status against the thresholds.
     fn age(&self, now: u64) {
+        let mut changed = Vec::new();
         let Ok(mut devices) = self.devices.lock() else {
             return;
         };
@@ -470,35 +602,32 @@ impl Registry {
             if next != d.status {
                 debug!(device = d.id.as_str(), from = ?d.status, to = ?next, "device status changed");
                 d.status = next;
-                inc(&self.metrics.changes);
-                let _ = self.changes.send(Change(d.clone()));
+                changed.push(d.id.clone());
             }
+        }
+        drop(devices);
+        for id in &changed {
+            self.changed(id);
         }
     }
 
     /// Writes changes to the state table and appends them upstream; ages statuses; flushes
     /// counters now and then. Runs until `stop`, then writes what is left.
     pub async fn run(&self, store: Store, metrics: Arc<Metrics>, stop: CancellationToken) {
-        let Some(mut rx) = self.changes_rx.lock().ok().and_then(|mut r| r.take()) else {
-            return;
-        };
         let tick_every = (self.settings.stale_after / 4)
             .clamp(Duration::from_millis(200), Duration::from_secs(1));
         let mut tick = tokio::time::interval(tick_every);
         let mut last_flush = tokio::time::Instant::now();
+        metrics
+            .devices_max
+            .store(self.settings.max_devices as u64, Ordering::Relaxed);
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
-                change = rx.recv() => match change {
-                    Some(Change(device)) => self.persist(&store, &device, true).await,
-                    None => break,
-                },
+                () = self.wake.notified() => self.write_pending(&store).await,
                 _ = tick.tick() => {
                     self.age(now_ms());
-                    let (online, stale, offline) = self.counts();
-                    for (gauge, n) in metrics.devices.iter().zip([online, stale, offline]) {
-                        gauge.store(n, std::sync::atomic::Ordering::Relaxed);
-                    }
+                    self.publish_counts(&metrics);
                     if last_flush.elapsed() >= FLUSH_EVERY {
                         self.flush(&store).await;
                         last_flush = tokio::time::Instant::now();
@@ -506,10 +635,54 @@ impl Registry {
                 }
             }
         }
-        while let Ok(Change(device)) = rx.try_recv() {
-            self.persist(&store, &device, true).await;
-        }
+        self.write_pending(&store).await;
         self.flush(&store).await;
+        self.publish_counts(&metrics);
+    }
+
+    /// Copies the registry's figures into the shared metrics (status, /metrics).
+    fn publish_counts(&self, metrics: &Metrics) {
+        let (online, stale, offline) = self.counts();
+        for (gauge, n) in metrics.devices.iter().zip([online, stale, offline]) {
+            gauge.store(n, Ordering::Relaxed);
+        }
+        metrics
+            .devices_refused
+            .store(get(&self.metrics.refused), Ordering::Relaxed);
+        metrics
+            .devices_pending_changes
+            .store(self.pending_changes() as u64, Ordering::Relaxed);
+    }
+
+    /// Persists and publishes every pending device's current state, [`WRITE_BATCH`] devices
+    /// per store round trip, until none is pending.
+    async fn write_pending(&self, store: &Store) {
+        loop {
+            let ids = self
+                .pending
+                .lock()
+                .map(|mut p| p.take(WRITE_BATCH))
+                .unwrap_or_default();
+            if ids.is_empty() {
+                return;
+            }
+            let devices = self.snapshot(&ids);
+            if let Ok(mut dirty) = self.dirty.lock() {
+                for d in &devices {
+                    // Written in full now: its counters need no separate flush.
+                    dirty.remove(&d.id);
+                }
+            }
+            self.persist(store, &devices, true).await;
+        }
+    }
+
+    /// The current state of each of `ids` that exists.
+    fn snapshot(&self, ids: &[DeviceId]) -> Vec<Device> {
+        self.devices
+            .lock()
+            .map(|d| ids.iter().filter_map(|id| d.get(id).cloned()).collect())
+            .unwrap_or_default()
     }
 
     async fn flush(&self, store: &Store) {
@@ -518,32 +691,50 @@ impl Registry {
             .lock()
             .map(|mut d| std::mem::take(&mut *d).into_iter().collect())
             .unwrap_or_default();
-        for id in dirty {
-            let device = self.devices.lock().ok().and_then(|d| d.get(&id).cloned());
-            if let Some(device) = device {
-                self.persist(store, &device, false).await;
-            }
+        for ids in dirty.chunks(WRITE_BATCH) {
+            let devices = self.snapshot(ids);
+            self.persist(store, &devices, false).await;
         }
     }
 
-    /// Saves `device` in the state table and, for a change, appends it upstream.
-    async fn persist(&self, store: &Store, device: &Device, publish: bool) {
-        let json = to_json(device);
-        let key = format!("{STATE_PREFIX}{}", device.id.as_str());
-        if let Err(e) = store.put_state(&key, json.clone()).await {
-            inc(&self.metrics.change_write_failures);
-            warn!(device = device.id.as_str(), error = %e, "registry entry not saved");
+    /// Saves `devices` in the state table (one transaction) and, for changes, appends them
+    /// upstream (one append).
+    async fn persist(&self, store: &Store, devices: &[Device], publish: bool) {
+        if devices.is_empty() {
+            return;
         }
-        if publish {
-            let record = NewRecord {
-                stream: device_stream(&device.id),
-                priority: Priority::Normal,
-                payload: Bytes::from(json),
-                ingested_at_ms: now_ms(),
-            };
-            if let Err(e) = store.append(vec![record]).await {
-                inc(&self.metrics.change_write_failures);
-                warn!(device = device.id.as_str(), error = %e, "registry change not stored for upstream");
+        let mut ops = Vec::with_capacity(devices.len());
+        let mut records = Vec::new();
+        for device in devices {
+            let json = to_json(device);
+            if publish {
+                records.push(NewRecord {
+                    stream: device_stream(&device.id),
+                    priority: Priority::Normal,
+                    payload: Bytes::from(json.clone()),
+                    ingested_at_ms: now_ms(),
+                });
+            }
+            ops.push(StateOp::Put {
+                key: format!("{STATE_PREFIX}{}", device.id.as_str()).into(),
+                value: json.into(),
+            });
+        }
+        let saved = match store.submit_states(ops).await {
+            Ok(pending) => pending.await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = saved {
+            inc(&self.metrics.change_write_failures);
+            if let Some(held_back) = WRITE_FAILED_LOG.allow() {
+                warn!(devices = devices.len(), error = %e, held_back, "registry entries not saved (one line per 10 s)");
+            }
+        }
+        if let Err(e) = store.append(records).await {
+            inc(&self.metrics.change_write_failures);
+            if let Some(held_back) = WRITE_FAILED_LOG.allow() {
+                warn!(devices = devices.len(), error = %e, held_back,
+                    "registry changes not stored for upstream (one line per 10 s)");
             }
         }
     }
@@ -607,7 +798,203 @@ fn cbor_descriptor(payload: &[u8]) -> Result<Descriptor, String> {
 
 #[cfg(test)]
 mod tests {
+    use outpost_protocols::QoS;
+
     use super::*;
+
+    fn settings(max_devices: usize, implicit_coap: bool) -> RegistrySettings {
+        RegistrySettings {
+            announce_prefix: "devices/announce".into(),
+            stale_after: Duration::from_secs(300),
+            offline_after: Duration::from_secs(1800),
+            implicit: true,
+            implicit_coap,
+            max_devices,
+        }
+    }
+
+    fn registry(max_devices: usize, implicit_coap: bool) -> Registry {
+        Registry::with_devices(settings(max_devices, implicit_coap), BTreeMap::new())
+    }
+
+    fn inbound(source: Source, client_id: &str, topic: &str, payload: &'static [u8]) -> Inbound {
+        Inbound {
+            client_id: Arc::from(client_id),
+            topic: topic.to_owned(),
+            payload: Bytes::from_static(payload),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            source,
+            content_format: None,
+            reply: None,
+        }
+    }
+
+    fn mqtt(client_id: &str) -> Inbound {
+        inbound(Source::Mqtt, client_id, "sensors/t", b"1")
+    }
+
+    fn device(r: &Registry, id: &str) -> Option<Device> {
+        r.devices().into_iter().find(|d| d.id.as_str() == id)
+    }
+
+    fn temp_store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(outpost_storage::StoreSettings {
+            path: dir.path().join("outpost.db"),
+            ..crate::app::store_settings(&outpost_config::Config::default())
+        })
+        .unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn a_full_registry_refuses_new_devices_and_keeps_serving_known_ones() {
+        let r = registry(2, false);
+        r.observe(&mqtt("a"));
+        r.observe(&mqtt("b"));
+        r.observe(&mqtt("c"));
+        r.observe(&mqtt("c"));
+        r.observe(&inbound(
+            Source::Mqtt,
+            "d",
+            "devices/announce/d",
+            br#"{"kind":"thermo"}"#,
+        ));
+        r.found("e", FoundBy::Mdns, vec!["10.0.0.5:5683".into()], Vec::new());
+        assert_eq!(r.devices().len(), 2, "at most max_devices");
+        assert_eq!(get(&r.metrics.refused), 4, "one per refused attempt");
+        r.observe(&mqtt("a"));
+        let a = device(&r, "a").unwrap();
+        assert_eq!(a.messages, 2, "a known device is still counted");
+        r.observe(&inbound(
+            Source::Mqtt,
+            "b",
+            "devices/announce/b",
+            br#"{"status":"offline"}"#,
+        ));
+        assert_eq!(
+            device(&r, "b").unwrap().status,
+            DeviceStatus::Offline,
+            "and still updated"
+        );
+        assert_eq!(get(&r.metrics.refused), 4);
+    }
+
+    #[test]
+    fn devices_loaded_beyond_a_lowered_bound_are_kept() {
+        let full = registry(10, false);
+        for id in ["a", "b", "c"] {
+            full.observe(&mqtt(id));
+        }
+        let loaded = full
+            .devices()
+            .into_iter()
+            .map(|d| (d.id.clone(), d))
+            .collect();
+        let r = Registry::with_devices(settings(2, false), loaded);
+        r.observe(&mqtt("c"));
+        r.observe(&mqtt("z"));
+        assert_eq!(r.devices().len(), 3);
+        assert_eq!(device(&r, "c").unwrap().messages, 2);
+        assert_eq!(get(&r.metrics.refused), 1, "only the new one");
+    }
+
+    #[test]
+    fn coap_clients_are_registered_only_with_implicit_coap() {
+        let coap = inbound(Source::Coap, "coap:192.0.2.7:40001", "sensors/x", b"1");
+        let off = registry(1000, false);
+        off.observe(&coap);
+        assert!(off.devices().is_empty(), "a UDP source is not a device");
+        // Devices the gateway observes were chosen by it, not by a packet's source address.
+        off.observe(&inbound(
+            Source::Coap,
+            "coap-observe:192.0.2.9:5683",
+            "sensors/y",
+            b"1",
+        ));
+        assert_eq!(
+            device(&off, "192.0.2.9").map(|d| d.found_by),
+            Some(BTreeSet::from([FoundBy::CoapImplicit]))
+        );
+        // MQTT clients stay implicit.
+        off.observe(&mqtt("m1"));
+        assert!(device(&off, "m1").is_some());
+        let on = registry(1000, true);
+        on.observe(&coap);
+        assert!(device(&on, "192.0.2.7").is_some(), "the host is the device");
+    }
+
+    #[test]
+    fn spoofed_coap_sources_cannot_grow_the_registry_even_when_allowed() {
+        let r = registry(100, true);
+        for i in 0..5000u32 {
+            let peer = format!("coap:10.{}.{}.{}:5683", i >> 16, (i >> 8) & 255, i & 255);
+            r.observe(&inbound(Source::Coap, &peer, "sensors/x", b"1"));
+        }
+        assert_eq!(r.devices().len(), 100);
+        assert_eq!(get(&r.metrics.refused), 4900);
+        assert!(r.pending_changes() <= 100, "one pending change per device");
+    }
+
+    #[test]
+    fn changes_of_one_device_are_coalesced_until_written() {
+        let r = registry(1000, false);
+        for i in 0..1000 {
+            let payload: &'static [u8] = if i % 2 == 0 {
+                br#"{"status":"offline"}"#
+            } else {
+                br#"{"kind":"thermo"}"#
+            };
+            r.observe(&inbound(Source::Mqtt, "d1", "devices/announce/d1", payload));
+        }
+        assert_eq!(
+            r.pending_changes(),
+            1,
+            "one entry per device, not per change"
+        );
+        assert_eq!(get(&r.metrics.changes), 1000);
+        assert_eq!(get(&r.metrics.changes_coalesced), 999);
+    }
+
+    #[test]
+    fn implicit_topics_are_cut_to_a_bounded_length() {
+        let r = registry(10, false);
+        let long = format!("sensors/{}", "x".repeat(10_000));
+        let mut msg = mqtt("a");
+        msg.topic = long;
+        r.observe(&msg);
+        let a = device(&r, "a").unwrap();
+        assert_eq!(a.topics[0].len(), MAX_TOPIC_LEN);
+    }
+
+    #[tokio::test]
+    async fn the_writer_publishes_the_latest_state_of_a_flapping_device_once() {
+        let (_dir, store) = temp_store();
+        let r = registry(1000, false);
+        for payload in [
+            br#"{"status":"offline"}"#.as_slice(),
+            br#"{"kind":"a"}"#,
+            br#"{"status":"offline"}"#,
+        ] {
+            r.observe(&inbound(Source::Mqtt, "d1", "devices/announce/d1", payload));
+        }
+        r.observe(&mqtt("d2"));
+        r.write_pending(&store).await;
+        assert_eq!(r.pending_changes(), 0);
+        let records = store.read_after(Priority::Normal, 0, 100).await.unwrap();
+        let streams: Vec<&str> = records.iter().map(|r| r.stream.as_str()).collect();
+        assert_eq!(
+            streams,
+            ["$gateway/devices/d1", "$gateway/devices/d2"],
+            "one record per device, in the order they first changed"
+        );
+        let d1: Device = serde_json::from_slice(&records[0].payload).unwrap();
+        assert_eq!(d1.status, DeviceStatus::Offline, "its latest state");
+        assert_eq!(d1.kind.as_deref(), Some("a"));
+        let saved = store.states_with_prefix(STATE_PREFIX).await.unwrap();
+        assert_eq!(saved.len(), 2);
+    }
 
     #[test]
     fn ids_are_validated_and_sanitised() {

@@ -88,6 +88,34 @@ pub struct RuntimeStatus {
     pub devices_stale: u64,
     #[serde(default)]
     pub devices_offline: u64,
+    /// New devices refused because the registry held `discovery.max_devices`, and that bound.
+    #[serde(default)]
+    pub devices_refused: u64,
+    #[serde(default)]
+    pub devices_max: u64,
+    /// Devices whose registry change waits to be written (at most one entry per device).
+    #[serde(default)]
+    pub devices_pending_changes: u64,
+    /// QoS 0 readings dropped at `storage.qos0_inflight_bytes`, their bytes, and the bytes of
+    /// QoS 0 readings on their way to the store now, against that bound.
+    #[serde(default)]
+    pub qos0_dropped: u64,
+    #[serde(default)]
+    pub qos0_dropped_bytes: u64,
+    #[serde(default)]
+    pub qos0_inflight_bytes: u64,
+    #[serde(default)]
+    pub qos0_inflight_limit_bytes: u64,
+    /// Dead letters dropped at `storage.dead_letter_queue_bytes`, the bytes waiting to be
+    /// written now against that bound, and the writes the store refused.
+    #[serde(default)]
+    pub dead_letters_dropped: u64,
+    #[serde(default)]
+    pub dead_letter_queue_bytes: u64,
+    #[serde(default)]
+    pub dead_letter_queue_limit_bytes: u64,
+    #[serde(default)]
+    pub dead_letter_failures: u64,
     pub sync_bytes: u64,
     pub uplink_rtt_ms: Option<f64>,
     pub ack_rate_per_s: f64,
@@ -99,6 +127,19 @@ pub struct RuntimeStatus {
     pub broker_invalid_topics: u64,
     pub broker_dropped_queue_full: u64,
     pub broker_keepalive_timeouts: u64,
+    /// Retained messages and persistent sessions held, and what their bounds refused.
+    #[serde(default)]
+    pub broker_retained_messages: u64,
+    #[serde(default)]
+    pub broker_retained_bytes: u64,
+    #[serde(default)]
+    pub broker_retained_refused: u64,
+    #[serde(default)]
+    pub broker_persistent_sessions: u64,
+    #[serde(default)]
+    pub broker_sessions_refused: u64,
+    #[serde(default)]
+    pub broker_sessions_expired: u64,
     /// CoAP endpoint counters; None when CoAP is off.
     #[serde(default)]
     pub coap: Option<CoapCounters>,
@@ -177,6 +218,17 @@ pub fn snapshot(
         devices_online: get(&metrics.devices[0]),
         devices_stale: get(&metrics.devices[1]),
         devices_offline: get(&metrics.devices[2]),
+        devices_refused: get(&metrics.devices_refused),
+        devices_max: get(&metrics.devices_max),
+        devices_pending_changes: get(&metrics.devices_pending_changes),
+        qos0_dropped: metrics.qos0_inflight.refused(),
+        qos0_dropped_bytes: metrics.qos0_inflight.refused_bytes(),
+        qos0_inflight_bytes: metrics.qos0_inflight.used(),
+        qos0_inflight_limit_bytes: metrics.qos0_inflight.limit(),
+        dead_letters_dropped: metrics.dead_letter_queue.refused(),
+        dead_letter_queue_bytes: metrics.dead_letter_queue.used(),
+        dead_letter_queue_limit_bytes: metrics.dead_letter_queue.limit(),
+        dead_letter_failures: get(&metrics.dead_letter_failures),
         sync_bytes: get(&metrics.sync_bytes),
         uplink_rtt_ms: metrics.uplink_rtt().map(|d| d.as_secs_f64() * 1000.0),
         ack_rate_per_s: metrics.ack_rate(),
@@ -188,6 +240,12 @@ pub fn snapshot(
         broker_invalid_topics: b.invalid_topics,
         broker_dropped_queue_full: b.dropped_queue_full,
         broker_keepalive_timeouts: b.keepalive_timeouts,
+        broker_retained_messages: b.retained_messages,
+        broker_retained_bytes: b.retained_bytes,
+        broker_retained_refused: b.retained_refused,
+        broker_persistent_sessions: b.persistent_sessions,
+        broker_sessions_refused: b.sessions_refused,
+        broker_sessions_expired: b.sessions_expired,
         coap: coap.map(|c| {
             let c = c.stats();
             CoapCounters {
@@ -547,8 +605,12 @@ pub fn render(report: &StatusReport) -> String {
             &mut out,
             "devices",
             format!(
-                "{} online, {} stale, {} offline",
-                r.devices_online, r.devices_stale, r.devices_offline
+                "{} online, {} stale, {} offline (at most {}; {} refused)",
+                r.devices_online,
+                r.devices_stale,
+                r.devices_offline,
+                r.devices_max,
+                r.devices_refused
             ),
         );
         line(
@@ -563,6 +625,28 @@ pub fn render(report: &StatusReport) -> String {
             format!("{} / {}", r.ingested, r.stored),
         );
         line(&mut out, "ingest refused", r.ingest_refused.to_string());
+        line(
+            &mut out,
+            "qos 0 dropped",
+            format!(
+                "{} ({} bytes); in flight {} of {} bytes",
+                r.qos0_dropped,
+                r.qos0_dropped_bytes,
+                r.qos0_inflight_bytes,
+                r.qos0_inflight_limit_bytes
+            ),
+        );
+        line(
+            &mut out,
+            "dead letters dropped",
+            format!(
+                "{}; queued {} of {} bytes, {} write failures",
+                r.dead_letters_dropped,
+                r.dead_letter_queue_bytes,
+                r.dead_letter_queue_limit_bytes,
+                r.dead_letter_failures
+            ),
+        );
         line(
             &mut out,
             "synced (published/acked)",
@@ -582,6 +666,19 @@ pub fn render(report: &StatusReport) -> String {
             format!(
                 "{} malformed, {} oversized, {} invalid topics",
                 r.broker_malformed_packets, r.broker_oversized_packets, r.broker_invalid_topics
+            ),
+        );
+        line(
+            &mut out,
+            "broker state",
+            format!(
+                "{} retained ({} bytes), {} persistent sessions; refused {} retained, {} sessions; {} sessions expired",
+                r.broker_retained_messages,
+                r.broker_retained_bytes,
+                r.broker_persistent_sessions,
+                r.broker_retained_refused,
+                r.broker_sessions_refused,
+                r.broker_sessions_expired
             ),
         );
     }

@@ -27,7 +27,8 @@
 //! - [`topic`]: validated [`topic::TopicName`] / [`topic::TopicFilter`] and matching.
 //! - [`broker`]: the public API ([`Broker`], [`BrokerHandle`], [`Inbound`], [`Auth`]) and,
 //!   inside it, `auth` (password and ACL checks, mosquitto's semantics), `codec` (rumqttc v4/v5 adapters to one internal packet set), `session` (sans-IO per-client
-//!   state), `router` (sessions and retained messages), `connection` (the per-socket task).
+//!   state), `router` (sessions and retained messages), `retained` (the retained store and its
+//!   bounds), `connection` (the per-socket task).
 //! - [`coap`]: [`coap::CoapServer`] (ingest resource, `/.well-known/core`, observable
 //!   `/status`) and [`coap::CoapObserver`] (observes a device resource).
 //! - [`payload`]: [`payload::ContentFormat`] and [`payload::validate`] (SenML per RFC 8428).

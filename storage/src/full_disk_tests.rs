@@ -227,7 +227,9 @@ async fn a_full_disk_refuses_new_records_and_heals_when_space_returns() {
 #[tokio::test]
 async fn acks_commit_on_a_disk_something_else_filled_while_the_wal_has_room() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(fs) = Tmpfs::mount(&dir.path().join("mnt"), "16m") else {
+    // Room for the data, its WAL and the 4 MiB disk reserve, so that once the filler is gone
+    // the reserve can be set aside again.
+    let Some(fs) = Tmpfs::mount(&dir.path().join("mnt"), "32m") else {
         return;
     };
     let store = open(on(&fs));
@@ -295,6 +297,109 @@ async fn acks_commit_on_a_disk_something_else_filled_while_the_wal_has_room() {
         }
     }
     assert_eq!(contents(&store).await, stored);
-    store.append(vec![numbered(99_999, 1000)]).await.unwrap();
+    // New records wait until the disk reserve (released on the full disk) can be set aside
+    // again, tried every few seconds: the disk needs room for it.
+    let _ = std::fs::remove_file(&filler);
+    let since = Instant::now();
+    loop {
+        match store.append(vec![numbered(99_999, 1000)]).await {
+            Ok(_) => break,
+            Err(StoreError::DiskReserveReleased) => {
+                assert!(
+                    since.elapsed() < Duration::from_secs(8),
+                    "reserve never set aside again"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
     store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_disk_reserve_lets_acks_shrink_a_backlog_that_filled_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(fs) = Tmpfs::mount(&dir.path().join("mnt"), "24m") else {
+        return;
+    };
+    let store = open(on(&fs));
+    let reserve = fs.0.join("store.db-reserve");
+    assert_eq!(
+        std::fs::metadata(&reserve).map(|m| m.len()).ok(),
+        Some(crate::DISK_RESERVE_BYTES),
+        "the reserve is set aside at open"
+    );
+
+    // The backlog itself fills the disk (the uplink is down).
+    let mut stored = Vec::new();
+    let mut n = 0u64;
+    loop {
+        assert!(n < 1_000_000, "24 MiB never filled up");
+        let batch: Vec<NewRecord> = (n..n + 50).map(|i| numbered(i, 1000)).collect();
+        n += 50;
+        match store.append(batch).await {
+            Ok(seqs) => stored.extend(seqs),
+            Err(e) => {
+                assert!(e.is_disk_full(), "{e:?}");
+                break;
+            }
+        }
+    }
+    assert!(
+        !reserve.exists(),
+        "the reserve was released on the full disk"
+    );
+    eprintln!("full after {} records ({})", stored.len(), sizes(&fs.0));
+
+    // New readings are refused while the reserve is released...
+    let refused = store.append(vec![numbered(n, 1000)]).await;
+    assert!(
+        matches!(
+            refused,
+            Err(StoreError::DiskReserveReleased) | Err(StoreError::Poisoned)
+        ),
+        "{refused:?}"
+    );
+    // ...but the uplink's acks commit and shrink the backlog (without the reserve nothing
+    // commits on a disk the store filled itself: every commit needs room in the WAL).
+    let mut acked = 0;
+    for chunk in stored.chunks(500) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match store.ack(chunk.to_vec()).await {
+                Ok(_) => break,
+                Err(e) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "acks do not commit on the full disk: {e} ({})",
+                        sizes(&fs.0)
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        acked += chunk.len();
+    }
+    assert_eq!(store.stats().await.unwrap().records, 0, "{acked} acked");
+
+    // Once acks freed room inside the database, readings are taken again by themselves.
+    let freed = Instant::now();
+    loop {
+        match store.append(vec![numbered(n, 1000)]).await {
+            Ok(_) => break,
+            Err(StoreError::DiskReserveReleased) | Err(StoreError::Poisoned) => {
+                assert!(
+                    freed.elapsed() < Duration::from_secs(10),
+                    "readings still refused after the backlog was acked"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    eprintln!(
+        "appends accepted again {:?} after the backlog was acked",
+        freed.elapsed()
+    );
 }

@@ -329,6 +329,12 @@ pub const COMMAND_QUEUE: usize = 1024;
 /// never stalls ingest for long.
 pub const EXPIRE_PASS_LIMIT: usize = 1000;
 
+/// Size of the disk reserve: a file of zeros kept beside the database (`<db>-reserve`) and
+/// deleted on the first "disk full" so that acks (which shrink the backlog) and the TTL can still
+/// commit: every SQLite commit needs room in the WAL, and a checkpoint needs room in the database
+/// file, even to delete. New records are refused until the reserve can be written again.
+pub const DISK_RESERVE_BYTES: u64 = 4 << 20;
+
 /// Delivery class of a record. Sync sends higher priorities first; eviction removes lower ones
 /// first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -710,6 +716,13 @@ pub enum StoreError {
         "store is failing after a failed commit and refuses new records until a write succeeds"
     )]
     Poisoned,
+    /// The filesystem filled up: the store released its disk reserve ([`DISK_RESERVE_BYTES`]) so
+    /// that acks and expiry can still commit, and refuses new records until it can set the
+    /// reserve aside again (it tries every few seconds).
+    #[error(
+        "the disk is full: new records are refused until the store's disk reserve can be set aside again"
+    )]
+    DiskReserveReleased,
     /// The records do not fit in the quota under the `when_full` policy. `needed` is the
     /// accounted size of the refused append call.
     #[error("store full: {needed} bytes do not fit in the quota of {quota} bytes")]

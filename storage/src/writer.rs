@@ -210,6 +210,125 @@ pub(crate) struct Writer {
     committed: watch::Sender<u64>,
     /// When the next periodic TTL pass is due (only with a TTL, while healthy).
     next_expiry: Instant,
+    /// The disk reserve (see [`crate::DISK_RESERVE_BYTES`]).
+    reserve: Reserve,
+}
+
+/// How often a released disk reserve is tried again.
+const RESERVE_RETRY: Duration = Duration::from_secs(3);
+
+/// The file set aside so that a full disk still lets acks and expiry commit.
+struct Reserve {
+    path: std::path::PathBuf,
+    state: ReserveState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReserveState {
+    /// It could not be made at open (too little room): the store runs without one.
+    Absent,
+    Present,
+    /// Deleted on a full disk; new records are refused until it is written again.
+    Released {
+        next_attempt: Instant,
+    },
+}
+
+impl Reserve {
+    fn open(db: &std::path::Path) -> Reserve {
+        let mut name = db.as_os_str().to_owned();
+        name.push("-reserve");
+        let path = std::path::PathBuf::from(name);
+        let state = match std::fs::metadata(&path) {
+            Ok(m) if m.len() >= crate::DISK_RESERVE_BYTES => ReserveState::Present,
+            _ => match write_reserve(&path) {
+                Ok(()) => ReserveState::Present,
+                Err(error) => {
+                    tracing::warn!(path = %path.display(), %error, "no room for the store's disk reserve; a full disk may then block acks until space is freed");
+                    ReserveState::Absent
+                }
+            },
+        };
+        Reserve { path, state }
+    }
+
+    /// Whether new records must wait for the reserve to be set aside again.
+    fn released(&self) -> bool {
+        matches!(self.state, ReserveState::Released { .. })
+    }
+
+    fn next_attempt(&self) -> Option<Instant> {
+        match self.state {
+            ReserveState::Released { next_attempt } => Some(next_attempt),
+            _ => None,
+        }
+    }
+
+    /// The disk is full: frees the reserve (once).
+    fn release(&mut self) {
+        if self.state == ReserveState::Present {
+            let _ = std::fs::remove_file(&self.path);
+            self.state = ReserveState::Released {
+                next_attempt: Instant::now() + RESERVE_RETRY,
+            };
+            tracing::warn!(path = %self.path.display(), bytes = crate::DISK_RESERVE_BYTES, "disk full: released the store's disk reserve so acks and expiry can still commit; new records are refused until it can be set aside again");
+        }
+    }
+
+    /// Tries to set the reserve aside again; on success new records are taken again. Without
+    /// room on the disk, records are taken again once the database itself has at least twice
+    /// the reserve in free pages (acks freed them; SQLite reuses them without growing the file),
+    /// and the store then runs without a reserve.
+    fn retry(&mut self, free_pages_bytes: u64) {
+        match write_reserve(&self.path) {
+            Ok(()) => {
+                self.state = ReserveState::Present;
+                tracing::info!(path = %self.path.display(), "the disk has room again: disk reserve set aside, the store accepts records");
+            }
+            Err(_) if free_pages_bytes >= 2 * crate::DISK_RESERVE_BYTES => {
+                self.state = ReserveState::Absent;
+                tracing::info!(path = %self.path.display(), free_pages_bytes, "the disk is still full but acks freed room inside the database: the store accepts records again, without a disk reserve");
+            }
+            Err(_) => {
+                self.state = ReserveState::Released {
+                    next_attempt: Instant::now() + RESERVE_RETRY,
+                };
+            }
+        }
+    }
+}
+
+/// Bytes in the database's free pages (freed by deletes, reused before the file grows).
+fn free_pages_bytes(conn: &Connection) -> u64 {
+    let pragma = |name: &str| -> u64 {
+        conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, i64>(0))
+            .map_or(0, |v| u64::try_from(v).unwrap_or(0))
+    };
+    pragma("freelist_count").saturating_mul(pragma("page_size"))
+}
+
+/// Writes the reserve file (zeros, synced) through a temporary name; nothing is left on failure.
+fn write_reserve(path: &std::path::Path) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        let chunk = vec![0u8; 64 << 10];
+        let mut left = crate::DISK_RESERVE_BYTES;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            f.write_all(&chunk[..n])?;
+            left -= n as u64;
+        }
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// Why the command loop ended.
@@ -234,6 +353,7 @@ impl Writer {
             refused: settings.refused.clamped(),
             ..settings
         };
+        let settings_path = settings.path.clone();
         let store_clock = StoreClock::new(
             opened.counters.clock_ms,
             tuning.clock.monotonic(),
@@ -251,6 +371,7 @@ impl Writer {
             fail_commits,
             committed,
             next_expiry: Instant::now(),
+            reserve: Reserve::open(&settings_path),
         }
     }
 
@@ -318,6 +439,14 @@ impl Writer {
     fn run(&mut self, rx: &mut mpsc::Receiver<Command>, runtime: &Runtime) -> Exit {
         let max_records = self.settings.batch_max_records.max(1);
         loop {
+            if self
+                .reserve
+                .next_attempt()
+                .is_some_and(|at| Instant::now() >= at)
+            {
+                let free = free_pages_bytes(&self.conn);
+                self.reserve.retry(free);
+            }
             if self.health.is_failing() {
                 // The retry, when due: it is also the TTL pass while failing.
                 if self
@@ -354,6 +483,10 @@ impl Writer {
                 self.health.next_retry()
             } else {
                 self.expire_interval().map(|_| self.next_expiry)
+            };
+            let wake = match (wake, self.reserve.next_attempt()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
             };
             let first = match wake {
                 Some(at) => {
@@ -433,6 +566,10 @@ impl Writer {
     fn accept(&self, write: Write, batch: &mut Vec<Write>, weight: &mut usize) {
         if self.health.is_failing() && write.adds_data() {
             write.refuse(|| StoreError::Poisoned);
+            return;
+        }
+        if self.reserve.released() && write.adds_data() {
+            write.refuse(|| StoreError::DiskReserveReleased);
             return;
         }
         *weight = weight.saturating_add(write.weight());
@@ -574,6 +711,9 @@ impl Writer {
 
     /// Takes a failure into the health state and says so.
     fn failed(&mut self, error: &rusqlite::Error) {
+        if error.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
+            self.reserve.release();
+        }
         let first = !self.health.is_failing();
         let retry_in = self
             .health

@@ -142,6 +142,8 @@ pub(crate) enum Incoming {
 pub(crate) enum ConnAckCode {
     Accepted,
     IdentifierRejected,
+    /// A limit (`max_connections`, `max_sessions`): 3.1.1 0x03 server unavailable, MQTT 5
+    /// 0x97 quota exceeded.
     ServerUnavailable,
     /// 3.1.1 0x04, MQTT 5 0x86.
     BadUsernameOrPassword,
@@ -184,6 +186,8 @@ pub(crate) enum Outgoing {
         topic_alias_max: u16,
         /// MQTT 5 only: the keep-alive the server imposes instead of the client's.
         server_keep_alive: Option<u16>,
+        /// MQTT 5 only: the session expiry interval the server uses instead of the client's.
+        session_expiry: Option<u32>,
     },
     Publish {
         topic: std::sync::Arc<str>,
@@ -699,6 +703,7 @@ fn write5(packet: &Outgoing, out: &mut BytesMut, max_size: usize) -> Result<(), 
             max_packet_size,
             topic_alias_max,
             server_keep_alive,
+            session_expiry,
         } => v5::Packet::ConnAck(v5::ConnAck {
             session_present: *session_present,
             code: match code {
@@ -709,7 +714,7 @@ fn write5(packet: &Outgoing, out: &mut BytesMut, max_size: usize) -> Result<(), 
                 ConnAckCode::NotAuthorized => v5::ConnectReturnCode::NotAuthorized,
             },
             properties: (*code == ConnAckCode::Accepted).then(|| v5::ConnAckProperties {
-                session_expiry_interval: None,
+                session_expiry_interval: *session_expiry,
                 receive_max: Some(*receive_maximum),
                 max_qos: None,
                 retain_available: None,

@@ -422,28 +422,54 @@ async fn session<R, W>(
         return;
     }
 
-    // How long the session outlives the connection: `None` until restart.
-    let session_expiry = match protocol {
-        Protocol::V4 if connect.clean_start => Some(Duration::ZERO),
-        Protocol::V4 => None,
-        Protocol::V5 => session_expiry(connect.session_expiry.unwrap_or(0)),
+    // How long the session outlives the connection (zero: not at all). MQTT 5 §3.2.2.3.2:
+    // a client that asked for more than the maximum is told the value in force in CONNACK.
+    let (session_expiry, announced_expiry) = match protocol {
+        Protocol::V4 if connect.clean_start => (Duration::ZERO, None),
+        Protocol::V4 => (settings.session_expiry_311, None),
+        Protocol::V5 => {
+            let asked = connect.session_expiry.unwrap_or(0);
+            let granted = capped_session_expiry(asked, settings.max_session_expiry);
+            (
+                Duration::from_secs(u64::from(granted)),
+                (granted != asked).then_some(granted),
+            )
+        }
     };
     let conn_id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let notify = Arc::new(Notify::new());
     let kick = hard_stop.child_token();
     let inflight_limit = connect.receive_maximum.unwrap_or(u16::MAX).max(1);
-    let attached = shared.router().attach(
-        &client_id,
-        connect.clean_start,
-        session_expiry,
-        inflight_limit,
-        Link {
-            conn_id,
-            notify: notify.clone(),
-            kick: kick.clone(),
-        },
-        username.clone(),
-    );
+    let attached = {
+        let mut router = shared.router();
+        // Checked and attached under one lock: two new clients cannot both take the last
+        // place. A refused client takes over nothing (an old connection of its id stays).
+        router
+            .session_admitted(&client_id, Some(session_expiry), Instant::now())
+            .then(|| {
+                router.attach(
+                    &client_id,
+                    connect.clean_start,
+                    Some(session_expiry),
+                    inflight_limit,
+                    Link {
+                        conn_id,
+                        notify: notify.clone(),
+                        kick: kick.clone(),
+                    },
+                    username.clone(),
+                )
+            })
+    };
+    let Some(attached) = attached else {
+        bump(&shared.counters.connections_refused);
+        bump(&shared.counters.sessions_refused);
+        tracing::warn!(%peer, %client_id, max = settings.max_sessions,
+            "MQTT connection refused: it asks for a persistent session and broker.max_sessions \
+             are kept already");
+        refuse(&mut wr, protocol, ConnAckCode::ServerUnavailable).await;
+        return;
+    };
     if attached.session_expired {
         bump(&shared.counters.sessions_expired);
     }
@@ -491,6 +517,7 @@ async fn session<R, W>(
         read_chunk: READ_BUF_MIN,
         rel_open: HashSet::new(),
         write_gate: None,
+        retained_writes: VecDeque::new(),
     };
     // The session a persistent client is told it has is durable first.
     if let Some(t) = attached.persisted
@@ -507,6 +534,7 @@ async fn session<R, W>(
         max_packet_size: u32::try_from(settings.max_packet_size).unwrap_or(u32::MAX),
         topic_alias_max: TOPIC_ALIAS_MAX,
         server_keep_alive,
+        session_expiry: announced_expiry,
     });
     // What was in flight before goes again through `drain_outbound` (the router woke this
     // connection), within the window this CONNECT set.
@@ -515,9 +543,14 @@ async fn session<R, W>(
     Box::pin(conn.finish(end, will)).await;
 }
 
-/// An MQTT 5 session expiry interval as the router keeps it: 0xFFFFFFFF never expires.
-fn session_expiry(seconds: u32) -> Option<Duration> {
-    (seconds != u32::MAX).then(|| Duration::from_secs(u64::from(seconds)))
+/// The MQTT 5 session expiry interval (seconds) granted for the one `asked`: at most `max`
+/// (in whole seconds, at least one), which 0xFFFFFFFF ("never") also gets: a session that
+/// never ends is hostile input on a gateway that runs for years.
+fn capped_session_expiry(asked: u32, max: Duration) -> u32 {
+    let max = u32::try_from(max.as_secs())
+        .unwrap_or(u32::MAX - 1)
+        .clamp(1, u32::MAX - 1);
+    asked.min(max)
 }
 
 /// Reads the CONNECT (by `deadline`) and answers the refusals that need no session.
@@ -598,6 +631,7 @@ async fn refuse<W: AsyncWrite + Unpin>(wr: &mut W, protocol: Protocol, code: Con
         max_packet_size: 0,
         topic_alias_max: 0,
         server_keep_alive: None,
+        session_expiry: None,
     };
     if codec::write_packet(protocol, &connack, &mut out, usize::MAX).is_ok() {
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
@@ -634,6 +668,16 @@ async fn front_reply(pending: &mut VecDeque<Pending>) -> Front {
                 .unwrap_or_else(|_| Err("the session state writer is gone".into())),
         ),
         _ => std::future::pending().await,
+    }
+}
+
+/// Waits for the oldest QoS 0 state write to be durable (never resolves when there is none).
+async fn front_write(writes: &mut VecDeque<Ticket>) -> Result<(), String> {
+    match writes.front_mut() {
+        Some(t) => t
+            .await
+            .unwrap_or_else(|_| Err("the session state writer is gone".into())),
+        None => std::future::pending().await,
     }
 }
 
@@ -677,6 +721,11 @@ struct Conn<Rd, Wr> {
     /// handshake state) becoming durable: the buffer is written after it, so a message a
     /// client received is resent with the same packet id after a crash.
     write_gate: Option<Ticket>,
+    /// The state writes of QoS 0 publishes (retained ones change the retained store) not yet
+    /// durable, oldest first. Nothing waits for them, but at `max_pending` the connection
+    /// stops reading until the oldest is: the router's channel to the store is unbounded,
+    /// and a client flooding QoS 0 retained messages must not grow it without end.
+    retained_writes: VecDeque<Ticket>,
 }
 
 impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
@@ -701,10 +750,10 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
             if draining && self.pending.is_empty() {
                 return End::Shutdown;
             }
-            let can_read = !draining
-                && (self.protocol == Protocol::V5 || self.pending.len() < self.max_pending);
+            let can_read = !draining && self.may_read();
             let deadline = self.deadline.filter(|_| can_read);
             let front_waits = self.pending.front().is_some_and(Pending::waits);
+            let writes_run = !self.retained_writes.is_empty();
             // Room to read into: small while the client is quiet, doubled (up to
             // READ_BUF_MAX) each time a read fills it, so a busy publisher gets big reads.
             if can_read && self.read_buf.capacity() - self.read_buf.len() < self.read_chunk / 2 {
@@ -730,6 +779,12 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
                         }
                     }
                 }
+                written = front_write(&mut self.retained_writes), if writes_run => {
+                    self.retained_writes.pop_front();
+                    if let Err(why) = written {
+                        self.state_write_failed(&why);
+                    }
+                }
                 r = self.rd.read_buf(&mut self.read_buf), if can_read => match r {
                     Ok(0) => return End::PeerClosed,
                     Ok(n) => if n >= spare {
@@ -744,6 +799,15 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
         }
     }
 
+    /// Whether to read (and handle) more packets. MQTT 3.1.1 has no receive maximum: at the
+    /// bound the connection stops reading (backpressure). An MQTT 5 client was told the bound
+    /// and is held to it (`on_publish`). Either stops while `max_pending` QoS 0 state writes
+    /// are not yet durable.
+    fn may_read(&self) -> bool {
+        (self.protocol == Protocol::V5 || self.pending.len() < self.max_pending)
+            && self.retained_writes.len() < self.max_pending
+    }
+
     fn touch(&mut self) {
         if let Some(k) = self.keep_alive {
             self.deadline = Some(Instant::now() + k);
@@ -752,9 +816,7 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
 
     /// Handles every complete packet in the read buffer, stopping at the pending bound.
     async fn process_buffer(&mut self) -> Result<(), End> {
-        // MQTT 3.1.1 has no receive maximum: at the bound the connection stops reading
-        // (backpressure). An MQTT 5 client was told the bound and is held to it (`on_publish`).
-        while self.protocol == Protocol::V5 || self.pending.len() < self.max_pending {
+        while self.may_read() {
             let packet = codec::read_packet(
                 self.protocol,
                 &mut self.read_buf,
@@ -921,8 +983,12 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
                     tracing::warn!(peer = %self.peer, client_id = %self.client_id,
                         "ingest channel closed, QoS 0 message not stored");
                 }
-                // QoS 0 has no ack to hold back: nothing waits for the sessions it reached.
-                let _ = self.shared.route(&publication, Some(&self.client_id));
+                // QoS 0 has no ack to hold back: delivered now, not after its state write
+                // (a retained one's) is durable. But at most `max_pending` such writes run
+                // ahead of the store per connection (see `retained_writes`).
+                if let Some(t) = self.shared.route(&publication, Some(&self.client_id)) {
+                    self.retained_writes.push_back(t);
+                }
             }
             QoS::AtLeastOnce | QoS::ExactlyOnce => {
                 if p.qos == QoS::ExactlyOnce && self.is_qos2_duplicate(p.pkid) {
@@ -932,6 +998,20 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
                         wait: None,
                         durable: None,
                         reason: AckReason::Success,
+                        message: None,
+                    });
+                    return Ok(());
+                }
+                if p.retain && !p.payload.is_empty() && self.retained_refused(&publication) {
+                    // MQTT 5 says why, before anything is stored (the reading too: it is
+                    // refused whole, and the client may send it again without retain).
+                    // 3.1.1 cannot: its message goes on, delivered and not retained.
+                    self.pending.push_back(Pending {
+                        pkid: p.pkid,
+                        qos: p.qos,
+                        wait: None,
+                        durable: None,
+                        reason: AckReason::QuotaExceeded,
                         message: None,
                     });
                     return Ok(());
@@ -961,6 +1041,35 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
             }
         }
         Ok(())
+    }
+
+    /// Whether an MQTT 5 QoS 1/2 retained publish is refused now because the retained store
+    /// has no room for it (counted, logged). Always false for 3.1.1, which has no negative
+    /// ack: its retained publishes are stored and delivered, and not retained when routing
+    /// finds no room.
+    fn retained_refused(&self, publication: &Publication) -> bool {
+        if self.protocol != Protocol::V5 {
+            return false;
+        }
+        let (fits, expired) = self.shared.router().retained_fits(
+            &publication.topic,
+            publication.retained_size(),
+            Instant::now(),
+        );
+        if expired > 0 {
+            self.shared
+                .counters
+                .messages_expired
+                .fetch_add(expired, Ordering::Relaxed);
+        }
+        if !fits {
+            bump(&self.shared.counters.retained_refused);
+            tracing::warn!(peer = %self.peer, client_id = %self.client_id,
+                topic = %publication.topic, qos = ?publication.qos,
+                "retained publish refused (0x97): the retained store is at broker.max_retained \
+                 or max_retained_bytes");
+        }
+        !fits
     }
 
     /// A QoS 2 publish whose id is already being handled or awaiting PUBREL.
@@ -1216,10 +1325,11 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
                 "DISCONNECT sets a session expiry on a session that had none: ignored");
             return;
         }
+        let granted = capped_session_expiry(seconds, self.shared.settings.max_session_expiry);
         self.shared.router().set_session_expiry(
             &self.client_id,
             self.conn_id,
-            session_expiry(seconds),
+            Some(Duration::from_secs(u64::from(granted))),
         );
     }
 
@@ -1466,5 +1576,26 @@ impl<Rd: AsyncRead + Unpin, Wr: AsyncWrite + Unpin> Conn<Rd, Wr> {
             .router()
             .with_session(&self.client_id, self.conn_id, |_| ())
             .is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mqtt5_session_expiry_is_capped_and_never_means_the_maximum() {
+        let week = Duration::from_secs(7 * 86_400);
+        assert_eq!(capped_session_expiry(0, week), 0);
+        assert_eq!(capped_session_expiry(3600, week), 3600);
+        assert_eq!(capped_session_expiry(700_000, week), 604_800);
+        assert_eq!(capped_session_expiry(u32::MAX, week), 604_800);
+        // A maximum that does not fit the interval still never grants "never"; nor does one
+        // under a second grant "none".
+        assert_eq!(
+            capped_session_expiry(u32::MAX, Duration::from_secs(u64::MAX)),
+            u32::MAX - 1
+        );
+        assert_eq!(capped_session_expiry(10, Duration::from_millis(10)), 1);
     }
 }

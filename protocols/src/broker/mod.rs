@@ -21,9 +21,12 @@
 //! - Offline persistent sessions queue QoS 1/2 only (mosquitto's default); QoS 0 to an offline
 //!   client is not a counted drop.
 //! - MQTT 5 sessions: a session outlives its connection for the CONNECT's session expiry
-//!   interval (0: not at all; 0xFFFFFFFF: until restart), which a DISCONNECT may change (but
-//!   not raise from 0); an offline session is discarded when it runs out (checked every
-//!   `EXPIRY_TICK`, counted in [`BrokerStats::sessions_expired`]). A will with a delay waits
+//!   interval (0: not at all), capped at [`BrokerSettings::max_session_expiry`] (0xFFFFFFFF,
+//!   "never", included; CONNACK tells the client the value in force), which a DISCONNECT may
+//!   change (but not raise from 0); an offline session is discarded when it runs out (checked
+//!   every `EXPIRY_TICK`, counted in [`BrokerStats::sessions_expired`]). A 3.1.1 session with
+//!   clean session 0 is kept [`BrokerSettings::session_expiry_311`] after its connection ends,
+//!   the same way. A will with a delay waits
 //!   in the router and is published when the delay or the session ends, whichever is first,
 //!   unless the client reconnects before (a takeover counts as reconnecting).
 //! - MQTT 5 messages: payload format indicator, content type, response topic, correlation
@@ -48,7 +51,26 @@
 //!   ids), inbound QoS 2 ids awaiting PUBREL, pending delayed wills. A publisher's PUBACK /
 //!   PUBREC waits until what its message changed there is durable, as SUBACK waits for the
 //!   subscription and CONNACK for the session: a session-present flag, a granted
-//!   subscription and an acknowledged message hold across a crash.
+//!   subscription and an acknowledged message hold across a crash. QoS 0 messages (retained
+//!   ones change the retained store) are routed without waiting, but a connection stops
+//!   reading while `max_inbound_pending` of their writes are not yet durable.
+//!
+//! Bounds on what outlives a connection (the gateway keeps it outside its storage quota):
+//! - Retained messages: [`BrokerSettings::max_retained`] and `max_retained_bytes` (topic +
+//!   payload + properties). A retained message on a topic not held yet is not kept past either
+//!   (expired ones are swept first): an MQTT 5 QoS 1/2 publish is refused whole with
+//!   PUBACK/PUBREC 0x97 (not handed to the gateway, not delivered); otherwise (3.1.1, QoS 0,
+//!   wills, [`BrokerHandle::publish`]) the message goes on as usual and only is not retained.
+//!   Replacing and clearing a topic held always work; a replacement may take the bytes up to
+//!   an eighth over the bound, and one past that is refused the same way (where the publisher
+//!   is not told, the topic's older message is cleared rather than left standing). Counted in
+//!   [`BrokerStats::retained_refused`].
+//! - Persistent sessions: [`BrokerSettings::max_sessions`], connected or not; a CONNECT
+//!   starting one more is refused (3.1.1: 0x03; MQTT 5: 0x97), counted in
+//!   [`BrokerStats::sessions_refused`]. Resuming one's own session and clean sessions are
+//!   never refused for it.
+//! - Restoring more than the bounds allow (they were lowered) deletes nothing: new retained
+//!   topics and sessions wait until enough are gone.
 //!
 //! Access control ([`Auth`], see the `auth` module for the rules): a CONNECT is checked against
 //! the password file and the listener's anonymous policy before anything else; a publish the
@@ -72,6 +94,7 @@ mod auth;
 mod codec;
 mod connection;
 mod persist;
+mod retained;
 mod router;
 mod session;
 mod tls;
@@ -126,6 +149,24 @@ pub struct BrokerSettings {
     pub max_queued_messages: usize,
     /// Bound of the bytes (topic + payload) in one client's queue, with the same policy.
     pub max_queued_bytes: usize,
+    /// Retained messages kept at most. A retained message on a topic not held yet is not kept
+    /// beyond (MQTT 5 QoS 1/2: refused with 0x97; otherwise delivered, not retained); see
+    /// "Bounds" in the module documentation.
+    pub max_retained: usize,
+    /// Bytes (topic + payload + MQTT 5 properties) of retained messages kept at most, with
+    /// the same policy.
+    pub max_retained_bytes: usize,
+    /// Sessions that outlive their connections (3.1.1 clean session 0, MQTT 5 session expiry
+    /// above 0) kept at most, connected or not. A CONNECT that would start one more is refused
+    /// (3.1.1: 0x03 server unavailable; MQTT 5: 0x97 quota exceeded). Sessions that end with
+    /// their connection are not counted, and never refused for it.
+    pub max_sessions: usize,
+    /// How long an MQTT 3.1.1 session with clean session 0 outlives its connection; then it
+    /// is discarded like an expired MQTT 5 session.
+    pub session_expiry_311: Duration,
+    /// The longest session expiry an MQTT 5 client gets (whole seconds, at least one): one
+    /// asking for more, or for 0xFFFFFFFF (never), gets this and is told so in CONNACK.
+    pub max_session_expiry: Duration,
     /// Time allowed between TCP accept and CONNECT.
     pub connect_timeout: Duration,
     /// Who may connect and what each client may publish and receive. `None`: anyone may
@@ -324,8 +365,22 @@ pub struct BrokerStats {
     /// MQTT 5 messages dropped because their message expiry interval ran out while they
     /// waited for a subscriber (online backlog or offline queue).
     pub messages_expired: u64,
-    /// Offline sessions discarded because their MQTT 5 session expiry interval passed.
+    /// Offline sessions discarded because their session expiry passed (MQTT 5's interval, or
+    /// [`BrokerSettings::session_expiry_311`]).
     pub sessions_expired: u64,
+    /// CONNECTs refused because they would start a persistent session beyond
+    /// [`BrokerSettings::max_sessions`] (also counted in `connections_refused`).
+    pub sessions_refused: u64,
+    /// Retained messages not kept because the retained store was at a bound
+    /// ([`BrokerSettings::max_retained`], [`BrokerSettings::max_retained_bytes`]): refused
+    /// (MQTT 5 QoS 1/2), or delivered without being retained.
+    pub retained_refused: u64,
+    /// Retained messages held now (a gauge).
+    pub retained_messages: u64,
+    /// Bytes (topic + payload + properties) of the retained messages held now (a gauge).
+    pub retained_bytes: u64,
+    /// Sessions that outlive their connections held now, connected or not (a gauge).
+    pub persistent_sessions: u64,
     /// Persisted session or retained entries that could not be read back at start (logged,
     /// discarded).
     pub state_invalid: u64,
@@ -355,6 +410,8 @@ pub(crate) struct Counters {
     pub tls_handshake_failures: AtomicU64,
     pub messages_expired: AtomicU64,
     pub sessions_expired: AtomicU64,
+    pub sessions_refused: AtomicU64,
+    pub retained_refused: AtomicU64,
     pub state_invalid: AtomicU64,
     pub state_write_failures: AtomicU64,
 }
@@ -385,6 +442,11 @@ impl Counters {
             tls_handshake_failures: g(&self.tls_handshake_failures),
             messages_expired: g(&self.messages_expired),
             sessions_expired: g(&self.sessions_expired),
+            sessions_refused: g(&self.sessions_refused),
+            retained_refused: g(&self.retained_refused),
+            retained_messages: 0,
+            retained_bytes: 0,
+            persistent_sessions: 0,
             state_invalid: g(&self.state_invalid),
             state_write_failures: g(&self.state_write_failures),
         }
@@ -478,6 +540,14 @@ impl Shared {
                 .fetch_add(routed.dropped, Ordering::Relaxed);
             tracing::warn!(%topic, dropped = routed.dropped, "subscriber queue full, message dropped");
         }
+        if routed.retained_refused > 0 {
+            self.counters
+                .retained_refused
+                .fetch_add(routed.retained_refused, Ordering::Relaxed);
+            tracing::warn!(%topic,
+                "retained message not kept: the retained store is at broker.max_retained or \
+                 max_retained_bytes (delivered to current subscribers only)");
+        }
         if routed.expired > 0 {
             self.counters
                 .messages_expired
@@ -547,6 +617,12 @@ impl Broker {
         }
         let mut router = Router::new(settings.max_queued_messages, settings.max_inflight);
         router.set_max_queued_bytes(settings.max_queued_bytes);
+        router.set_retained_limits(settings.max_retained, settings.max_retained_bytes);
+        router.set_session_limits(router::SessionLimits {
+            max_sessions: settings.max_sessions,
+            default_expiry: Some(settings.session_expiry_311),
+            max_expiry: Some(settings.session_expiry_311.max(settings.max_session_expiry)),
+        });
         let auth = RwLock::new(settings.auth.clone());
         Ok(Broker {
             listeners,
@@ -778,8 +854,15 @@ impl BrokerHandle {
         self.shared.auth()
     }
 
-    /// A snapshot of the counters.
+    /// A snapshot of the counters (and of the retained store's and sessions' sizes).
     pub fn stats(&self) -> BrokerStats {
-        self.shared.counters.snapshot()
+        let mut stats = self.shared.counters.snapshot();
+        let router = self.shared.router();
+        let (retained, bytes) = router.retained_usage();
+        let to_u64 = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        stats.retained_messages = to_u64(retained);
+        stats.retained_bytes = to_u64(bytes);
+        stats.persistent_sessions = to_u64(router.persistent_sessions(tokio::time::Instant::now()));
+        stats
     }
 }

@@ -13,7 +13,8 @@
 //!   inbound QoS 2 ids awaiting PUBREL, a delayed will waiting for its delay;
 //! - `mqtt/m/{client}/{id}`: each QoS 1/2 message queued for it or in flight, with its packet id
 //!   and handshake state once sent (so it is resent with the same id, MQTT 3.1.1 §4.4);
-//! - `mqtt/r/{topic}`: each retained message (any publisher).
+//! - `mqtt/r/{topic}`: each retained message (any publisher), as many as the retained store's
+//!   bounds let it hold (`retained` module).
 //!
 //! `{client}` is the client id in lower-case hex, so that one client's key prefix is never the
 //! prefix of another's; `{id}` is a 16-digit hex number that orders one client's messages.

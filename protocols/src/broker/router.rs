@@ -18,6 +18,7 @@ use super::codec::PublishProps;
 use super::persist::{
     self, Clock, Key, RestoreReport, SessionState, StateBatch, StateChange, StateSink, Ticket,
 };
+use super::retained::{self, Put, Retained, RetainedStore};
 use super::session::{Enqueue, Message, MessageChange, Session, Subscription};
 
 /// How the router reaches the connection currently serving a session.
@@ -38,8 +39,9 @@ struct Entry {
     /// The verified username of the last connection (ACL checks on delivery, also while the
     /// session is offline); `None` for an anonymous client.
     username: Option<Arc<str>>,
-    /// How long the session outlives its connection: `None` until restart (3.1.1 persistent,
-    /// MQTT 5 0xFFFFFFFF), `Some(ZERO)` not at all. Set by CONNECT, changed by DISCONNECT.
+    /// How long the session outlives its connection: `Some(ZERO)` not at all; `None` without
+    /// end (the connections always give one: 3.1.1 `session_expiry_311`, MQTT 5 capped at
+    /// `max_session_expiry`). Set by CONNECT, changed by DISCONNECT.
     session_expiry: Option<Duration>,
     /// While offline: when the session is discarded (`None`: never).
     expires_at: Option<Instant>,
@@ -172,16 +174,11 @@ impl Publication {
             expires_at: None,
         }
     }
-}
 
-/// A retained message (MQTT 3.1.1 §3.3.1.3), with its MQTT 5 properties; it is forgotten once
-/// its expiry interval runs out (MQTT 5 §3.3.2.3.3).
-#[derive(Debug, Clone)]
-struct Retained {
-    payload: Bytes,
-    qos: QoS,
-    props: Arc<PublishProps>,
-    expires_at: Option<Instant>,
+    /// What the message costs against the retained store's byte bound.
+    pub(crate) fn retained_size(&self) -> usize {
+        retained::size(&self.topic, &self.payload, &self.props)
+    }
 }
 
 /// Outcome of attaching a connection to a client id.
@@ -218,6 +215,41 @@ pub(crate) struct Routed {
     pub denied: u64,
     /// Messages dropped because their expiry interval ran out before delivery.
     pub expired: u64,
+    /// Retained messages not kept because the retained store is at a bound (the message was
+    /// still delivered).
+    pub retained_refused: u64,
+}
+
+/// Bounds on the sessions that outlive their connections.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SessionLimits {
+    /// Persistent sessions kept at most (connected or not); a new one beyond is refused.
+    pub max_sessions: usize,
+    /// The expiry given, at restore, to a session persisted without one (by a version that
+    /// kept 3.1.1 sessions until restart): the 3.1.1 session expiry. `None`: kept so.
+    pub default_expiry: Option<Duration>,
+    /// The longest expiry a restored session keeps (the longer of the 3.1.1 expiry and the
+    /// MQTT 5 maximum: a persisted session does not say its protocol); deadlines further
+    /// away are brought in. `None`: no maximum.
+    pub max_expiry: Option<Duration>,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        Self {
+            max_sessions: usize::MAX,
+            default_expiry: None,
+            max_expiry: None,
+        }
+    }
+}
+
+impl SessionLimits {
+    /// The expiry a restored session gets for the one it was persisted with.
+    fn restored(&self, persisted: Option<Duration>) -> Option<Duration> {
+        let e = persisted.or(self.default_expiry)?;
+        Some(self.max_expiry.map_or(e, |max| e.min(max)))
+    }
 }
 
 /// A session whose shared subscription selects a message being routed.
@@ -257,7 +289,8 @@ fn deliver(entry: &mut Entry, msg: Message, now: Instant, routed: &mut Routed) {
 #[derive(Debug)]
 pub(crate) struct Router {
     sessions: HashMap<Arc<str>, Entry>,
-    retained: BTreeMap<String, Retained>,
+    retained: RetainedStore,
+    limits: SessionLimits,
     max_queued: usize,
     max_inflight: u16,
     /// Round-robin position of each shared subscription (`$share/{group}/{filter}`); entries
@@ -277,7 +310,8 @@ impl Router {
     pub(crate) fn new(max_queued: usize, max_inflight: u16) -> Self {
         Self {
             sessions: HashMap::new(),
-            retained: BTreeMap::new(),
+            retained: RetainedStore::new(),
+            limits: SessionLimits::default(),
             share_cursor: HashMap::new(),
             max_queued,
             max_inflight,
@@ -296,6 +330,79 @@ impl Router {
                 .outbound
                 .set_max_queued_bytes(self.max_queued_bytes);
         }
+    }
+
+    /// Bounds the retained store: messages, and bytes (topic + payload + properties).
+    pub(crate) fn set_retained_limits(&mut self, max_count: usize, max_bytes: usize) {
+        self.retained.set_limits(max_count, max_bytes);
+    }
+
+    /// Bounds the persistent sessions (see [`SessionLimits`]); call before `restore`.
+    pub(crate) fn set_session_limits(&mut self, limits: SessionLimits) {
+        self.limits = limits;
+    }
+
+    /// Retained messages held, and their bytes.
+    pub(crate) fn retained_usage(&self) -> (usize, usize) {
+        (self.retained.len(), self.retained.bytes())
+    }
+
+    /// Whether a retained message of `size` bytes on `topic` would be kept now, after
+    /// sweeping expired retained messages if it would not (returns how many went). Used to
+    /// refuse an MQTT 5 publish before it is stored; routing decides again (another
+    /// publisher may take the last place in between: then it is delivered, not retained).
+    pub(crate) fn retained_fits(&mut self, topic: &str, size: usize, now: Instant) -> (bool, u64) {
+        if self.retained.fits(topic, size) {
+            return (true, 0);
+        }
+        let persisting = self.sink.is_some();
+        let pending = &mut self.pending;
+        let expired = self.retained.remove_expired(now, &mut |t: &str| {
+            if persisting {
+                pending.push(StateChange::Delete {
+                    key: persist::retained_key(t),
+                });
+            }
+        });
+        self.flush(false);
+        (self.retained.fits(topic, size), expired)
+    }
+
+    /// Sessions that outlive their connections, connected or not, and not yet expired.
+    pub(crate) fn persistent_sessions(&self, now: Instant) -> usize {
+        self.sessions
+            .values()
+            .filter(|e| e.session.persistent && !Self::lapsed(e, now))
+            .count()
+    }
+
+    /// An offline session whose expiry interval has passed (over, even if the periodic sweep
+    /// has not got to it yet).
+    fn lapsed(e: &Entry, now: Instant) -> bool {
+        e.link.is_none() && e.expires_at.is_some_and(|t| t <= now)
+    }
+
+    /// Whether `client_id` may attach with `expiry` (see `attach`) under `max_sessions`: a
+    /// session that ends with its connection always may, and so may a client id that holds a
+    /// persistent session already (resuming it, or starting it again clean); a new persistent
+    /// session only while fewer than `max_sessions` are kept.
+    pub(crate) fn session_admitted(
+        &self,
+        client_id: &str,
+        expiry: Option<Duration>,
+        now: Instant,
+    ) -> bool {
+        if expiry == Some(Duration::ZERO) {
+            return true;
+        }
+        if self
+            .sessions
+            .get(client_id)
+            .is_some_and(|e| e.session.persistent)
+        {
+            return true;
+        }
+        self.persistent_sessions(now) < self.limits.max_sessions
     }
 
     fn new_session(&self, persistent: bool) -> Session {
@@ -352,11 +459,17 @@ impl Router {
                         }
                         entry.session.awaiting_rel = state.awaiting_rel.into_iter().collect();
                         entry.username = state.username;
-                        entry.session_expiry = state.expiry;
+                        let expiry = self.limits.restored(state.expiry);
+                        let latest = expiry.and_then(|e| now.checked_add(e));
+                        entry.session_expiry = expiry;
                         entry.expires_at = if state.online {
-                            state.expiry.map(|e| now + e)
+                            latest
                         } else {
-                            state.ends_at
+                            // No later than the expiry in force now allows.
+                            match (state.ends_at, latest) {
+                                (Some(end), Some(latest)) => Some(end.min(latest)),
+                                (end, latest) => end.or(latest),
+                            }
                         };
                         entry.delayed_will = state.will;
                         entry.persisted = true;
@@ -374,7 +487,7 @@ impl Router {
                     }
                     Ok(p) => {
                         self.retained.insert(
-                            topic,
+                            &topic,
                             Retained {
                                 payload: p.payload,
                                 qos: p.qos,
@@ -411,6 +524,24 @@ impl Router {
         for (key, _) in &report.invalid {
             self.pending.push(StateChange::Delete { key: key.clone() });
         }
+        // Kept over lower bounds (nothing is deleted for them): new ones wait below them.
+        if self.retained.over_limits() {
+            tracing::warn!(
+                retained = self.retained.len(),
+                bytes = self.retained.bytes(),
+                "more retained messages restored than broker.max_retained / \
+                 max_retained_bytes allow: new retained topics are refused until they are cleared"
+            );
+        }
+        let persistent = self.persistent_sessions(now);
+        if persistent > self.limits.max_sessions {
+            tracing::warn!(
+                sessions = persistent,
+                max = self.limits.max_sessions,
+                "more persistent MQTT sessions restored than broker.max_sessions: new ones are \
+                 refused until some expire or end"
+            );
+        }
         self.sink = Some(sink);
         for (id, entry) in &mut self.sessions {
             persist_entry(&mut self.pending, clock, id, entry, true);
@@ -431,8 +562,8 @@ impl Router {
 
     /// Binds `link` to `client_id`, taking over from any connection that holds it (its `kick`
     /// is cancelled). `clean` discards an old session; `expiry` is how long the session
-    /// outlives this connection (`None` until restart... or for good when persisted,
-    /// `Some(ZERO)` not at all). `inflight_limit` is this connection's window. `username` is
+    /// outlives this connection (`None` without end, `Some(ZERO)` not at all); the caller
+    /// checks `session_admitted` first, under the same lock. `inflight_limit` is this connection's window. `username` is
     /// the verified login (`None`: anonymous), for ACL checks.
     pub(crate) fn attach(
         &mut self,
@@ -455,7 +586,7 @@ impl Router {
             .or_insert_with(|| fresh.clone());
         // An offline session whose expiry interval has passed is over, even if the periodic
         // sweep (`expire`) has not got to it yet.
-        let lapsed = existed && entry.link.is_none() && entry.expires_at.is_some_and(|t| t <= now);
+        let lapsed = existed && Self::lapsed(entry, now);
         if let Some(old) = entry.link.take() {
             old.kick.cancel();
         }
@@ -498,7 +629,7 @@ impl Router {
     }
 
     /// Sets how long the session of `conn_id` outlives its connection (CONNECT, or an MQTT 5
-    /// DISCONNECT that changes it): `None` until restart, `Some(ZERO)` not at all.
+    /// DISCONNECT that changes it): `None` without end, `Some(ZERO)` not at all.
     pub(crate) fn set_session_expiry(
         &mut self,
         client_id: &str,
@@ -546,7 +677,7 @@ impl Router {
             self.flush(false);
             return will.map(|(w, _)| w);
         }
-        entry.expires_at = entry.session_expiry.map(|e| now + e);
+        entry.expires_at = entry.session_expiry.and_then(|e| now.checked_add(e));
         let due = match will {
             Some((w, delay)) if !delay.is_zero() => {
                 let at = now + delay;
@@ -666,32 +797,53 @@ impl Router {
         let topic = &p.topic;
         let persisting = self.sink.is_some();
         let clock = Clock::at(now);
+        let mut routed = Routed::default();
         if p.retain {
-            if p.payload.is_empty() {
-                if self.retained.remove(topic.as_ref()).is_some() && persisting {
-                    self.pending.push(StateChange::Delete {
+            let pending = &mut self.pending;
+            let mut delete = |topic: &str| {
+                if persisting {
+                    pending.push(StateChange::Delete {
                         key: persist::retained_key(topic),
                     });
                 }
+            };
+            if p.payload.is_empty() {
+                if self.retained.remove(topic) {
+                    delete(topic);
+                }
             } else {
-                self.retained.insert(
-                    topic.to_string(),
-                    Retained {
-                        payload: p.payload.clone(),
-                        qos: p.qos,
-                        props: p.props.clone(),
-                        expires_at: p.expires_at,
-                    },
-                );
-                if persisting {
-                    self.pending.push(StateChange::Put {
-                        key: persist::retained_key(topic),
-                        value: persist::encode_retained(p, clock),
-                    });
+                let r = Retained {
+                    payload: p.payload.clone(),
+                    qos: p.qos,
+                    props: p.props.clone(),
+                    expires_at: p.expires_at,
+                };
+                let mut expired = 0;
+                let put = self.retained.put(topic, r, now, &mut |t: &str| {
+                    expired += 1;
+                    delete(t);
+                });
+                routed.expired += expired;
+                match put {
+                    Put::Stored => {
+                        if persisting {
+                            self.pending.push(StateChange::Put {
+                                key: persist::retained_key(topic),
+                                value: persist::encode_retained(p, clock),
+                            });
+                        }
+                    }
+                    Put::Refused { cleared } => {
+                        routed.retained_refused += 1;
+                        if cleared && persisting {
+                            self.pending.push(StateChange::Delete {
+                                key: persist::retained_key(topic),
+                            });
+                        }
+                    }
                 }
             }
         }
-        let mut routed = Routed::default();
         if p.expires_at.is_some_and(|e| e <= now) {
             routed.expired += 1;
             return routed;
@@ -802,18 +954,12 @@ impl Router {
             return (Vec::new(), routed, None);
         }
         let pending = &mut self.pending;
-        let expired = &mut routed.expired;
-        self.retained.retain(|topic, r| {
-            let keep = r.expires_at.is_none_or(|e| e > now);
-            if !keep {
-                *expired += 1;
-                if persisting {
-                    pending.push(StateChange::Delete {
-                        key: persist::retained_key(topic),
-                    });
-                }
+        routed.expired += self.retained.remove_expired(now, &mut |topic: &str| {
+            if persisting {
+                pending.push(StateChange::Delete {
+                    key: persist::retained_key(topic),
+                });
             }
-            keep
         });
         let mut last_id = self.last_message_id;
         let mut existed = Vec::with_capacity(subs.len());
@@ -834,7 +980,7 @@ impl Router {
             if !send_retained {
                 continue;
             }
-            for (topic, r) in &self.retained {
+            for (topic, r) in self.retained.iter() {
                 if !filter.matches(topic) {
                     continue;
                 }
@@ -1205,6 +1351,11 @@ mod tests {
 
         /// A router restarted on this state ("the gateway was SIGKILLed and started again").
         fn restart(&mut self) -> (Router, RestoreReport) {
+            self.restart_with(|_| {})
+        }
+
+        /// Restarted with the settings `configure` gives the router before `restore`.
+        fn restart_with(&mut self, configure: impl FnOnce(&mut Router)) -> (Router, RestoreReport) {
             let entries: Vec<(String, Vec<u8>)> = self
                 .apply()
                 .iter()
@@ -1213,6 +1364,7 @@ mod tests {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             self.rx = rx;
             let mut r = Router::new(10, 10);
+            configure(&mut r);
             let report = r.restore(tx, entries, Instant::now());
             self.apply();
             (r, report)
@@ -1561,5 +1713,348 @@ mod tests {
             a.ended_will.map(|w| w.payload),
             Some(Bytes::from_static(b"again"))
         );
+    }
+
+    fn retained_topics(r: &mut Router, conn: u64) -> Vec<String> {
+        let id: Arc<str> = Arc::from(format!("probe-{conn}"));
+        r.attach(&id, true, Some(Duration::ZERO), 100, link(conn), None);
+        r.subscribe(
+            &id,
+            conn,
+            vec![sub("#", QoS::AtLeastOnce)],
+            None,
+            Instant::now(),
+        );
+        let topics = sends(r, &id, conn)
+            .into_iter()
+            .filter_map(|s| match s {
+                Send::Publish { msg, .. } => Some(format!(
+                    "{}={}",
+                    msg.topic,
+                    String::from_utf8_lossy(&msg.payload)
+                )),
+                Send::PubRel(_) => None,
+            })
+            .collect();
+        r.detach(&id, conn, Instant::now(), None);
+        topics
+    }
+
+    #[test]
+    fn new_retained_topic_beyond_max_retained_is_delivered_not_retained_and_counted() {
+        let (mut r, mut disk) = persisted_router();
+        r.set_retained_limits(2, usize::MAX);
+        let live: Arc<str> = Arc::from("live");
+        r.attach(&live, true, Some(Duration::ZERO), 10, link(1), None);
+        r.subscribe(
+            "live",
+            1,
+            vec![sub("r/#", QoS::AtLeastOnce)],
+            None,
+            Instant::now(),
+        );
+        let now = Instant::now();
+        for (t, qos) in [("r/a", QoS::AtLeastOnce), ("r/b", QoS::AtMostOnce)] {
+            let (routed, _) = r.route(&plain(&Arc::from(t), b"1", qos, true), None, None, now);
+            assert_eq!(routed.retained_refused, 0);
+        }
+        let (routed, _) = r.route(
+            &plain(&Arc::from("r/c"), b"1", QoS::AtMostOnce, true),
+            None,
+            None,
+            now,
+        );
+        assert_eq!(routed.retained_refused, 1, "counted");
+        assert_eq!(
+            payloads(&sends(&mut r, "live", 1)).len(),
+            3,
+            "the current subscriber got all three, the refused one too"
+        );
+        assert_eq!(retained_topics(&mut r, 2), vec!["r/a=1", "r/b=1"]);
+        assert_eq!(
+            disk.keys(),
+            vec![persist::retained_key("r/a"), persist::retained_key("r/b")],
+            "nothing written for the refused one"
+        );
+        // Replacing and clearing topics held still work at the bound.
+        let (routed, _) = r.route(
+            &plain(&Arc::from("r/a"), b"2", QoS::AtMostOnce, true),
+            None,
+            None,
+            now,
+        );
+        assert_eq!(routed.retained_refused, 0);
+        r.route(
+            &plain(&Arc::from("r/b"), b"", QoS::AtMostOnce, true),
+            None,
+            None,
+            now,
+        );
+        r.route(
+            &plain(&Arc::from("r/c"), b"3", QoS::AtMostOnce, true),
+            None,
+            None,
+            now,
+        );
+        assert_eq!(retained_topics(&mut r, 3), vec!["r/a=2", "r/c=3"]);
+        assert_eq!(r.retained_usage(), (2, 8));
+    }
+
+    #[test]
+    fn new_retained_topic_beyond_max_retained_bytes_is_refused_and_fits_says_so_first() {
+        let mut r = Router::new(10, 10);
+        // "t/1" + 5 bytes = 8 per message; room for two.
+        r.set_retained_limits(100, 16);
+        let now = Instant::now();
+        for t in ["t/1", "t/2"] {
+            r.route(
+                &plain(&Arc::from(t), b"12345", QoS::AtLeastOnce, true),
+                None,
+                None,
+                now,
+            );
+        }
+        let third = plain(&Arc::from("t/3"), b"12345", QoS::AtLeastOnce, true);
+        assert_eq!(third.retained_size(), 8);
+        assert_eq!(r.retained_fits("t/3", 8, now), (false, 0));
+        assert_eq!(
+            r.retained_fits("t/1", 8, now),
+            (true, 0),
+            "a replacement fits"
+        );
+        let (routed, _) = r.route(&third, None, None, now);
+        assert_eq!(routed.retained_refused, 1);
+        assert_eq!(r.retained_usage(), (2, 16));
+    }
+
+    #[test]
+    fn expired_retained_messages_make_room_before_a_new_topic_is_refused() {
+        let (mut r, mut disk) = persisted_router();
+        r.set_retained_limits(1, usize::MAX);
+        let now = Instant::now();
+        let mut short = plain(&Arc::from("old"), b"1", QoS::AtLeastOnce, true);
+        short.expires_at = Some(now + Duration::from_millis(5));
+        r.route(&short, None, None, now);
+        let later = now + Duration::from_millis(10);
+        assert_eq!(r.retained_fits("new", 4, later), (true, 1));
+        assert!(disk.keys().is_empty(), "the expired one's key is deleted");
+        let (routed, _) = r.route(
+            &plain(&Arc::from("new"), b"1", QoS::AtLeastOnce, true),
+            None,
+            None,
+            later,
+        );
+        assert_eq!(routed.retained_refused, 0);
+        assert_eq!(disk.keys(), vec![persist::retained_key("new")]);
+    }
+
+    #[test]
+    fn a_replacement_past_the_byte_slack_clears_the_old_value_on_disk_too() {
+        let (mut r, mut disk) = persisted_router();
+        // "a" + 7 = 8 bytes; the ceiling for replacements is 8 + 8/8 = 9.
+        r.set_retained_limits(10, 8);
+        let now = Instant::now();
+        let a: Arc<str> = Arc::from("a");
+        r.route(
+            &plain(&a, b"1234567", QoS::AtLeastOnce, true),
+            None,
+            None,
+            now,
+        );
+        let (routed, _) = r.route(
+            &plain(&a, b"12345678", QoS::AtLeastOnce, true),
+            None,
+            None,
+            now,
+        );
+        assert_eq!(
+            routed.retained_refused, 0,
+            "one byte over: within the slack"
+        );
+        let (routed, _) = r.route(
+            &plain(&a, b"123456789", QoS::AtLeastOnce, true),
+            None,
+            None,
+            now,
+        );
+        assert_eq!(routed.retained_refused, 1);
+        assert!(
+            disk.keys().is_empty(),
+            "no older value is left to be sent to new subscribers"
+        );
+        assert_eq!(r.retained_usage(), (0, 0));
+    }
+
+    #[test]
+    fn restored_retained_messages_over_lowered_bounds_are_kept() {
+        let (mut r, mut disk) = persisted_router();
+        let now = Instant::now();
+        for t in ["x/1", "x/2", "x/3"] {
+            r.route(
+                &plain(&Arc::from(t), b"v", QoS::AtLeastOnce, true),
+                None,
+                None,
+                now,
+            );
+        }
+        let (mut r, report) = disk.restart_with(|r| r.set_retained_limits(2, usize::MAX));
+        assert_eq!(report.retained, 3, "none deleted for the lower bound");
+        let (routed, _) = r.route(
+            &plain(&Arc::from("x/4"), b"v", QoS::AtLeastOnce, true),
+            None,
+            None,
+            now,
+        );
+        assert_eq!(
+            routed.retained_refused, 1,
+            "a new topic waits below the bound"
+        );
+        assert_eq!(disk.keys().len(), 3);
+    }
+
+    #[test]
+    fn new_persistent_session_beyond_max_sessions_is_not_admitted_and_clean_ones_are() {
+        let mut r = Router::new(10, 10);
+        r.set_session_limits(SessionLimits {
+            max_sessions: 2,
+            ..SessionLimits::default()
+        });
+        let week = Some(Duration::from_secs(7 * 86_400));
+        let now = Instant::now();
+        for (n, id) in ["p1", "p2"].into_iter().enumerate() {
+            assert!(r.session_admitted(id, week, now));
+            let conn = u64::try_from(n).expect("small") + 1;
+            r.attach(&Arc::from(id), false, week, 10, link(conn), None);
+        }
+        r.detach("p2", 2, now, None);
+        assert_eq!(r.persistent_sessions(now), 2, "offline ones count");
+        assert!(!r.session_admitted("p3", week, now), "a third is refused");
+        assert!(
+            r.session_admitted("p3", Some(Duration::ZERO), now),
+            "a clean session is not"
+        );
+        assert!(
+            r.session_admitted("p2", week, now),
+            "resuming its own is not"
+        );
+        assert!(
+            r.session_admitted("p1", week, now),
+            "taking over its own is not"
+        );
+        // A client id connected with a clean session asking for a persistent one is a new one.
+        r.attach(
+            &Arc::from("c"),
+            true,
+            Some(Duration::ZERO),
+            10,
+            link(9),
+            None,
+        );
+        assert!(!r.session_admitted("c", week, now));
+        // Ending one (a clean start, here) makes room.
+        r.attach(
+            &Arc::from("p1"),
+            true,
+            Some(Duration::ZERO),
+            10,
+            link(10),
+            None,
+        );
+        assert!(r.session_admitted("p3", week, now));
+    }
+
+    #[test]
+    fn an_expired_offline_session_does_not_hold_a_place() {
+        let mut r = Router::new(10, 10);
+        r.set_session_limits(SessionLimits {
+            max_sessions: 1,
+            ..SessionLimits::default()
+        });
+        let now = Instant::now();
+        r.attach(
+            &Arc::from("gone"),
+            false,
+            Some(Duration::from_secs(1)),
+            10,
+            link(1),
+            None,
+        );
+        r.detach("gone", 1, now, None);
+        let hour = Some(Duration::from_secs(3600));
+        assert!(!r.session_admitted("next", hour, now));
+        // Lapsed, not yet swept: no longer counted.
+        assert!(r.session_admitted("next", hour, now + Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn a_311_session_expires_like_an_mqtt5_one_and_is_deleted_from_the_store() {
+        let (mut r, mut disk) = persisted_router();
+        let id: Arc<str> = Arc::from("old311");
+        // What the connection gives a 3.1.1 clean-session-0 client: session_expiry_311.
+        r.attach(
+            &id,
+            false,
+            Some(Duration::from_secs(7 * 86_400)),
+            10,
+            link(1),
+            None,
+        );
+        r.subscribe(
+            "old311",
+            1,
+            vec![sub("q", QoS::AtLeastOnce)],
+            None,
+            Instant::now(),
+        );
+        let start = Instant::now();
+        r.detach("old311", 1, start, None);
+        r.route(
+            &plain(&Arc::from("q"), b"m", QoS::AtLeastOnce, false),
+            None,
+            None,
+            start,
+        );
+        assert_eq!(disk.keys().len(), 2, "session and its queued message");
+        assert_eq!(
+            r.expire(start + Duration::from_secs(6 * 86_400)).sessions,
+            0
+        );
+        assert_eq!(
+            r.expire(start + Duration::from_secs(7 * 86_400)).sessions,
+            1
+        );
+        assert!(disk.keys().is_empty(), "{:?}", disk.keys());
+    }
+
+    #[test]
+    fn restored_sessions_without_expiry_get_the_311_expiry_and_long_deadlines_are_capped() {
+        let (mut r, mut disk) = persisted_router();
+        // Written by a version that kept 3.1.1 sessions until restart (no expiry), and an
+        // MQTT 5 session with a year.
+        r.attach(&Arc::from("forever"), false, None, 10, link(1), None);
+        r.attach(
+            &Arc::from("year"),
+            false,
+            Some(Duration::from_secs(365 * 86_400)),
+            10,
+            link(2),
+            None,
+        );
+        let now = Instant::now();
+        r.detach("forever", 1, now, None);
+        r.detach("year", 2, now, None);
+        let (mut r, report) = disk.restart_with(|r| {
+            r.set_session_limits(SessionLimits {
+                max_sessions: usize::MAX,
+                default_expiry: Some(Duration::from_secs(60)),
+                max_expiry: Some(Duration::from_secs(120)),
+            });
+        });
+        assert_eq!(report.sessions, 2);
+        let start = Instant::now();
+        assert_eq!(r.expire(start + Duration::from_secs(59)).sessions, 0);
+        assert_eq!(r.expire(start + Duration::from_secs(61)).sessions, 1);
+        assert_eq!(r.expire(start + Duration::from_secs(121)).sessions, 1);
+        assert!(disk.keys().is_empty(), "{:?}", disk.keys());
     }
 }
