@@ -4500,9 +4500,9 @@ pub fn settle(violations: &mut Vec<String>, what: &str, settled: impl FnMut() ->
     }
 }
 
-/// A counter every message must be accounted in, from a scrape of `/metrics`; a counter the
-/// gateway does not expose is a violation (pushed onto `violations`) and reads as 0.
-pub fn required_counter(scrape: &Scrape, name: &str, violations: &mut Vec<String>) -> u64 {
+/// A counter (or gauge) every message must be accounted in, from a scrape of `/metrics`; one
+/// the gateway does not expose is a violation (pushed onto `violations`) and reads as 0.
+pub fn required_metric(scrape: &Scrape, name: &str, violations: &mut Vec<String>) -> u64 {
     match scrape.value(name, &[]) {
         Some(v) => v as u64,
         None => {
