@@ -4380,21 +4380,6 @@ impl FloodWatch {
         })
     }
 
-    /// The baseline.
-    pub fn baseline(&self) -> ByteCount {
-        self.baseline
-    }
-
-    /// The highest RSS sampled so far.
-    pub fn peak_so_far(&self) -> ByteCount {
-        self.rss
-            .samples()
-            .iter()
-            .map(|s| s.1)
-            .max()
-            .unwrap_or_default()
-    }
-
     /// Stops the probe (deadline 60 s for its outstanding acks) and the sampling.
     pub fn finish(mut self) -> Result<FloodReport> {
         let (probe, acked) = self.probe.stop(Duration::from_secs(60))?;
