@@ -14,8 +14,14 @@ stdout and exits 0; it exits 2 if it could not connect at all.
 
 At most `--window` readings are outstanding (published, not yet acked): paho's message ids wrap
 at 65535, and a larger backlog would reuse an id still waiting in paho's queue.
+
+As a probe (the flood scenarios): `--interval S` paces the readings (one every S seconds, on a
+fixed schedule), `--stop-file F` ends publishing once F exists (the outstanding ones are still
+waited for), and `--latencies F` gets a line `<topic> <counter> <seconds>` per PUBACK: the time
+from handing the reading to paho to its PUBACK.
 """
 import argparse
+import os
 import sys
 import threading
 import time
@@ -47,6 +53,9 @@ def main() -> int:
     ap.add_argument("--window", type=int, default=200)
     ap.add_argument("--inflight", type=int, default=100)
     ap.add_argument("--connect-timeout", type=float, default=30.0)
+    ap.add_argument("--interval", type=float, default=0.0, help="seconds between readings")
+    ap.add_argument("--stop-file", help="stop publishing once this file exists")
+    ap.add_argument("--latencies", help="file receiving '<topic> <counter> <seconds>' per PUBACK")
     args = ap.parse_args()
 
     topics = [t for t in args.topics.split(",") if t]
@@ -61,6 +70,8 @@ def main() -> int:
     client.max_queued_messages_set(0)
 
     acked_file = open(args.acked, "w", buffering=1)
+    latency_file = open(args.latencies, "w", buffering=1) if args.latencies else None
+    sent_at = {}
     lock = threading.Condition()
     state = {"connected": False, "lost": False, "connack": None, "acked": 0, "outstanding": 0}
     by_mid = {}
@@ -68,6 +79,9 @@ def main() -> int:
 
     def record(entry):
         acked_file.write(f"{entry[0]} {entry[1]}\n")
+        if latency_file is not None:
+            latency = time.monotonic() - sent_at.pop(entry)
+            latency_file.write(f"{entry[0]} {entry[1]} {latency:.6f}\n")
         state["acked"] += 1
         state["outstanding"] -= 1
 
@@ -89,13 +103,22 @@ def main() -> int:
         return 2
 
     published = 0
-    for topic, counter in plan:
+    start = time.monotonic()
+    for i, (topic, counter) in enumerate(plan):
+        if args.stop_file and os.path.exists(args.stop_file):
+            break
+        if args.interval > 0:
+            delay = start + i * args.interval - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
         with lock:
             while state["outstanding"] >= args.window and not state["lost"]:
                 lock.wait(0.5)
             if state["lost"]:
                 break
             state["outstanding"] += 1
+            if latency_file is not None:
+                sent_at[(topic, counter)] = time.monotonic()
         info = client.publish(topic, payload(topic, counter, args.size), qos=1)
         if info.rc != mqtt.MQTT_ERR_SUCCESS and info.rc != mqtt.MQTT_ERR_NO_CONN:
             print(f"publish error rc={info.rc}", flush=True)
@@ -117,6 +140,8 @@ def main() -> int:
     with lock:
         acked_file.flush()
         acked_file.close()
+        if latency_file is not None:
+            latency_file.close()
         print(f"published={published} acked={state['acked']} lost_connection={lost}", flush=True)
     return 0
 

@@ -50,6 +50,11 @@
 //!   payloads ([`blob`]), one at a time; [`publish_packet_size`] / [`Received::packet_size`]:
 //!   the MQTT packet size a limit applies to; [`births`]: the gateway's birth messages;
 //!   [`NatsServer`]: an upstream that refuses MQTT 5.
+//! - Floods: [`FloodStage`] (gateway with the shipped defaults, cloud, consumer),
+//!   [`FloodWatch`] (the gateway's RSS from [`RssSampler`], a paced QoS 1 probe's PUBACK
+//!   latencies), [`PublishFlood`] / [`SessionFlood`] (tests/py/mqtt_flood.py, raw MQTT),
+//!   [`state_rows`] (retained messages and sessions in the store), [`shipped_limit`] (a bound
+//!   as `print-default-config` ships it), [`check_violations`] (every broken bound at once).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -404,6 +409,39 @@ pub fn outpost_command() -> Result<Command> {
     Ok(Command::new(outpost_bin()?))
 }
 
+/// The shipped configuration, as `outpost print-default-config` prints it, parsed: what a
+/// scenario reads a default bound from (`shipped_config()?["broker"]["max_sessions"]`), so
+/// that it follows the default instead of repeating it.
+pub fn shipped_config() -> Result<toml::Table> {
+    let out = outpost_command()?
+        .arg("print-default-config")
+        .stdin(Stdio::null())
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "outpost print-default-config failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8(out.stdout)?
+        .parse()
+        .context("the default configuration is not TOML")
+}
+
+/// An integer setting of the shipped configuration at `path` (e.g. `["broker",
+/// "max_sessions"]`), `None` when the shipped configuration has no such key.
+pub fn shipped_limit(path: &[&str]) -> Result<Option<u64>> {
+    let config = toml::Value::Table(shipped_config()?);
+    let Some(v) = path.iter().try_fold(&config, |v, key| v.get(*key)) else {
+        return Ok(None);
+    };
+    v.as_integer()
+        .and_then(|n| u64::try_from(n).ok())
+        .map(Some)
+        .ok_or_else(|| anyhow!("shipped {} = {v} is not a count", path.join(".")))
+}
+
 /// One `[[route]]` of a [`GatewayConfig`].
 #[derive(Debug, Clone)]
 pub struct Route {
@@ -527,6 +565,10 @@ pub struct GatewayConfig {
     /// default): that one plain listener. [`Outpost::start`] waits for `port`, so one of the
     /// tables should be on it.
     pub listener_tables: Vec<ListenerTable>,
+    /// Write no `[discovery]` table: the shipped defaults (implicit registration of senders).
+    /// Otherwise (the default) the harness turns implicit registration off, unless `extra`
+    /// has a `[discovery]` table of its own.
+    pub shipped_discovery: bool,
     /// Appended verbatim at the end (more tables).
     pub extra: String,
 }
@@ -606,6 +648,7 @@ impl GatewayConfig {
             broker_max_packet_size: "256KiB".to_owned(),
             broker_extra: String::new(),
             listener_tables: Vec::new(),
+            shipped_discovery: false,
             extra: String::new(),
         })
     }
@@ -698,7 +741,7 @@ impl GatewayConfig {
         // Implicit device registration appends registry changes (retained upstream records) to
         // the store; tests that count records exactly would see them, so it is off unless a test
         // configures [discovery] (the registry scenarios do).
-        if !self.extra.contains("[discovery]") {
+        if !self.shipped_discovery && !self.extra.contains("[discovery]") {
             s.push_str("[discovery]\nimplicit = false\n\n");
         }
         s.push_str(&self.extra);
@@ -1273,6 +1316,9 @@ pub struct PublisherSpec {
     pub protocol: String,
     /// Outstanding (unacked) readings allowed.
     pub window: usize,
+    /// One reading per interval on a fixed schedule (a probe); `None`: as fast as the window
+    /// allows.
+    pub interval: Option<Duration>,
 }
 
 impl PublisherSpec {
@@ -1287,6 +1333,7 @@ impl PublisherSpec {
             interleave: true,
             protocol: "3.1.1".to_owned(),
             window: 200,
+            interval: None,
         }
     }
 }
@@ -1298,12 +1345,29 @@ pub struct Publisher {
     proc: Proc,
     /// Its acked file: one `<topic> <counter>` line per PUBACK.
     acked: PathBuf,
+    /// Created by [`Publisher::stop`]: the publisher stops publishing when it exists.
+    stop_file: PathBuf,
+    /// One `<topic> <counter> <seconds>` line per PUBACK: publish to PUBACK.
+    latencies: PathBuf,
+}
+
+/// How a `publisher.py` run ended (its last output line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublisherSummary {
+    /// Readings handed to paho.
+    pub published: u64,
+    /// Readings PUBACKed.
+    pub acked: u64,
+    /// The connection was lost (closed by the broker, or a network error) before the end.
+    pub lost_connection: bool,
 }
 
 impl Publisher {
     /// Starts a publisher; its files are `dir/<name>.acked` and `dir/<name>.log`.
     pub fn spawn(dir: &TestDir, name: &str, spec: &PublisherSpec) -> Result<Self> {
         let acked = dir.join(&format!("{name}.acked"));
+        let stop_file = dir.join(&format!("{name}.stop"));
+        let latencies = dir.join(&format!("{name}.latencies"));
         let mut cmd = Command::new("python3");
         cmd.arg(py_script("publisher.py"))
             .args(["--port", &spec.port.to_string()])
@@ -1323,13 +1387,61 @@ impl Publisher {
             .args(["--window", &spec.window.to_string()])
             .args(["--client-id", &format!("pub-{name}")])
             .arg("--acked")
-            .arg(&acked);
+            .arg(&acked)
+            .arg("--stop-file")
+            .arg(&stop_file)
+            .arg("--latencies")
+            .arg(&latencies);
+        if let Some(i) = spec.interval {
+            cmd.args(["--interval", &i.as_secs_f64().to_string()]);
+        }
         let proc = Proc::spawn(
             &format!("publisher {name}"),
             cmd,
             &dir.join(&format!("{name}.log")),
         )?;
-        Ok(Self { proc, acked })
+        Ok(Self {
+            proc,
+            acked,
+            stop_file,
+            latencies,
+        })
+    }
+
+    /// Tells it to stop publishing, waits (deadline `timeout`) for it to end after the
+    /// outstanding PUBACKs, and returns its summary and everything it saw acked.
+    pub fn stop(&mut self, timeout: Duration) -> Result<(PublisherSummary, Vec<(String, u64)>)> {
+        File::create(&self.stop_file)?;
+        let st = self.proc.wait(timeout)?;
+        if !st.success() {
+            bail!("publisher failed ({st}):\n{}", tail(self.proc.log(), 20));
+        }
+        let last = log_lines(self.proc.log()).pop().unwrap_or_default();
+        let field = |key: &str| {
+            last.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+                .ok_or_else(|| anyhow!("no {key}= in the publisher's summary {last:?}"))
+        };
+        let summary = PublisherSummary {
+            published: field("published")?.parse()?,
+            acked: field("acked")?.parse()?,
+            lost_connection: field("lost_connection")? == "True",
+        };
+        Ok((summary, self.acked()?))
+    }
+
+    /// Publish-to-PUBACK time of every reading acked so far.
+    pub fn ack_latencies(&self) -> Result<Vec<Duration>> {
+        let text = fs::read_to_string(&self.latencies).unwrap_or_default();
+        text.lines()
+            .map(|l| {
+                let secs = l.rsplit(' ').next().unwrap_or_default();
+                let secs: f64 = secs
+                    .parse()
+                    .with_context(|| format!("bad latency line {l:?}"))?;
+                Ok(Duration::from_secs_f64(secs))
+            })
+            .collect()
     }
 
     /// The (topic, counter) pairs acked so far (complete lines only).
@@ -1871,6 +1983,7 @@ pub fn check_upstream_delivery(
     seq: SeqSource,
 ) -> Result<Delivery> {
     let prefix = format!("outpost/{node}/");
+    let topics: std::collections::BTreeSet<&str> = topics.iter().map(String::as_str).collect();
     let mut first: BTreeMap<(String, u64), Option<u64>> = BTreeMap::new();
     let mut seq_owner: BTreeMap<u64, (String, u64)> = BTreeMap::new();
     let mut last_counter: BTreeMap<String, u64> = BTreeMap::new();
@@ -1879,7 +1992,7 @@ pub fn check_upstream_delivery(
         let Some(local) = m.topic.strip_prefix(&prefix) else {
             continue;
         };
-        if !topics.iter().any(|t| t == local) {
+        if !topics.contains(local) {
             continue;
         }
         if seq == SeqSource::Envelope {
@@ -2285,6 +2398,18 @@ impl CoapMessage {
         }
     }
 
+    /// The empty ACK of confirmable message `mid`.
+    pub fn empty_ack(mid: u16) -> Self {
+        Self {
+            mtype: coap_type::ACK,
+            code: 0,
+            mid,
+            token: Vec::new(),
+            options: Vec::new(),
+            payload: Vec::new(),
+        }
+    }
+
     /// `code` as "c.dd" (e.g. "2.01").
     pub fn code_str(&self) -> String {
         format!("{}.{:02}", self.code >> 5, self.code & 0x1f)
@@ -2409,7 +2534,14 @@ pub struct RawCoap {
 impl RawCoap {
     /// A fresh socket towards udp 127.0.0.1:`port`.
     pub fn new(port: u16) -> Result<Self> {
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        Self::from_addr(std::net::Ipv4Addr::LOCALHOST, port)
+    }
+
+    /// A fresh socket on `addr` (any of 127.0.0.0/8: a source host of its own) towards udp
+    /// 127.0.0.1:`port`.
+    pub fn from_addr(addr: std::net::Ipv4Addr, port: u16) -> Result<Self> {
+        let socket = std::net::UdpSocket::bind((addr, 0))
+            .with_context(|| format!("binding udp {addr}:0"))?;
         socket.connect(("127.0.0.1", port))?;
         Ok(Self { socket })
     }
@@ -4061,4 +4193,676 @@ pub fn skip_unless_ci<T>(why: &str) -> Result<Option<T>> {
     }
     eprintln!("SKIP: {why}");
     Ok(None)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Floods: the gateway's memory, a QoS 1 probe's latency, raw MQTT floods, counting state rows
+// ---------------------------------------------------------------------------------------------
+//
+// The flood scenarios (`tests/tests/flood_*.rs`) push far more at the gateway than a sensor
+// network would, and check that it stays within bounds while it does: its resident memory
+// ([`RssSampler`]), the PUBACK latency of an ordinary QoS 1 sensor publishing at the same time
+// ([`FloodWatch`]), and counters that account for every message.
+
+/// A number of bytes (a process's memory, a bound on it), shown in MiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct ByteCount(pub u64);
+
+impl ByteCount {
+    /// `n` MiB.
+    pub const fn mib(n: u64) -> Self {
+        Self(n << 20)
+    }
+}
+
+impl std::ops::Add for ByteCount {
+    type Output = Self;
+    fn add(self, other: Self) -> Self {
+        Self(self.0.saturating_add(other.0))
+    }
+}
+
+impl std::fmt::Display for ByteCount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.1} MiB", self.0 as f64 / f64::from(1u32 << 20))
+    }
+}
+
+/// The resident set size (VmRSS in /proc/`pid`/status) of a running process.
+pub fn rss(pid: u32) -> Result<ByteCount> {
+    let path = format!("/proc/{pid}/status");
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let kib: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .ok_or_else(|| anyhow!("no VmRSS in {path}"))?
+        .trim()
+        .parse()?;
+    Ok(ByteCount(kib * 1024))
+}
+
+/// How often an [`RssSampler`] reads the RSS: often enough that a short peak is seen.
+const RSS_PERIOD: Duration = Duration::from_millis(50);
+
+/// Reads a process's RSS every 50 ms on a thread of its own, until stopped.
+#[derive(Debug)]
+pub struct RssSampler {
+    /// Tells the thread to stop.
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The samples so far, (time since the start, RSS), shared with the thread.
+    samples: std::sync::Arc<std::sync::Mutex<Vec<(Duration, ByteCount)>>>,
+    /// The thread; it ends on `stop` or when the process is gone.
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RssSampler {
+    /// Starts sampling process `pid`.
+    pub fn start(pid: u32) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let thread = {
+            let stop = std::sync::Arc::clone(&stop);
+            let samples = std::sync::Arc::clone(&samples);
+            std::thread::spawn(move || {
+                let start = Instant::now();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let Ok(now) = rss(pid) else { return };
+                    if let Ok(mut s) = samples.lock() {
+                        s.push((start.elapsed(), now));
+                    }
+                    std::thread::sleep(RSS_PERIOD);
+                }
+            })
+        };
+        Self {
+            stop,
+            samples,
+            thread: Some(thread),
+        }
+    }
+
+    /// The samples so far.
+    pub fn samples(&self) -> Vec<(Duration, ByteCount)> {
+        self.samples.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Stops sampling and returns every sample.
+    pub fn finish(mut self) -> Vec<(Duration, ByteCount)> {
+        self.halt();
+        self.samples()
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().ok();
+        }
+    }
+}
+
+impl Drop for RssSampler {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+/// The `q` quantile (0..=1) of `samples` by the nearest-rank method; zero when empty.
+pub fn quantile(samples: &[Duration], q: f64) -> Duration {
+    let mut sorted = samples.to_vec();
+    sorted.sort_unstable();
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted
+        .get(rank.clamp(1, sorted.len().max(1)) - 1)
+        .copied()
+        .unwrap_or_default()
+}
+
+/// The probe of a [`FloodWatch`]: one QoS 1 reading every 50 ms, an ordinary sensor.
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(50);
+
+/// What a flood scenario watches while its flood runs: the gateway's RSS (sampled from before
+/// the flood until [`FloodWatch::finish`]) and a QoS 1 probe publisher ([`PROBE_INTERVAL`],
+/// MQTT 3.1.1, 100-byte [`payload`]s) on a topic of its own.
+#[derive(Debug)]
+pub struct FloodWatch {
+    /// The probe.
+    probe: Publisher,
+    /// The gateway's RSS.
+    rss: RssSampler,
+    /// The highest RSS before the flood (gateway started, probe running).
+    baseline: ByteCount,
+}
+
+/// What a [`FloodWatch`] saw.
+#[derive(Debug, Clone)]
+pub struct FloodReport {
+    /// The highest RSS before the flood, with the probe running: idle plus a normal load.
+    pub baseline: ByteCount,
+    /// The highest RSS during and after the flood, and when (since sampling started).
+    pub peak: (Duration, ByteCount),
+    /// The last sample.
+    pub last: ByteCount,
+    /// Samples taken.
+    pub samples: usize,
+    /// How the probe ended.
+    pub probe: PublisherSummary,
+    /// The probe's acked readings (they must all arrive upstream).
+    pub acked: Vec<(String, u64)>,
+    /// The probe's publish-to-PUBACK times.
+    pub latencies: Vec<Duration>,
+}
+
+impl FloodWatch {
+    /// Starts sampling `gw`'s RSS and the probe on `topic`, waits (deadline 60 s) for 40 probe
+    /// acks (2 s of normal load), and takes the highest RSS so far as the baseline.
+    pub fn start(dir: &TestDir, gw: &Outpost, topic: &str) -> Result<Self> {
+        let pid = gw.pid().ok_or_else(|| anyhow!("outpost is not running"))?;
+        let rss = RssSampler::start(pid);
+        let mut spec = PublisherSpec::new(gw.port(), &[topic], 1_000_000);
+        spec.interval = Some(PROBE_INTERVAL);
+        let probe = Publisher::spawn(dir, "probe", &spec)?;
+        wait_for("40 probe readings acked", Duration::from_secs(60), || {
+            (probe.acked().map_or(0, |a| a.len()) >= 40).then_some(())
+        })
+        .with_context(|| format!("probe output:\n{}", tail(probe.log(), 20)))?;
+        let baseline = rss
+            .samples()
+            .iter()
+            .map(|s| s.1)
+            .max()
+            .ok_or_else(|| anyhow!("no RSS sample of the gateway"))?;
+        eprintln!("baseline RSS (idle + probe): {baseline}");
+        Ok(Self {
+            probe,
+            rss,
+            baseline,
+        })
+    }
+
+    /// Stops the probe (deadline 60 s for its outstanding acks) and the sampling.
+    pub fn finish(mut self) -> Result<FloodReport> {
+        let (probe, acked) = self.probe.stop(Duration::from_secs(60))?;
+        let latencies = self.probe.ack_latencies()?;
+        let samples = self.rss.finish();
+        let peak = samples
+            .iter()
+            .copied()
+            .max_by_key(|s| s.1)
+            .unwrap_or_default();
+        Ok(FloodReport {
+            baseline: self.baseline,
+            peak,
+            last: samples.last().map(|s| s.1).unwrap_or_default(),
+            samples: samples.len(),
+            probe,
+            acked,
+            latencies,
+        })
+    }
+}
+
+impl FloodReport {
+    /// The probe's 99th percentile publish-to-PUBACK time.
+    pub fn p99(&self) -> Duration {
+        quantile(&self.latencies, 0.99)
+    }
+
+    /// One line for the test's output.
+    pub fn describe(&self) -> String {
+        format!(
+            "RSS baseline {}, peak {} at {:.1}s, last {} ({} samples); probe {} acked of {} published, p50 {:?} p99 {:?} max {:?}",
+            self.baseline,
+            self.peak.1,
+            self.peak.0.as_secs_f64(),
+            self.last,
+            self.samples,
+            self.probe.acked,
+            self.probe.published,
+            quantile(&self.latencies, 0.5),
+            self.p99(),
+            quantile(&self.latencies, 1.0),
+        )
+    }
+
+    /// What broke the bounds: the RSS above `baseline + allowance` at any sample, the probe's
+    /// p99 above `p99_limit`, or the probe not acknowledged (connection lost, readings unacked).
+    pub fn violations(&self, allowance: ByteCount, p99_limit: Duration) -> Vec<String> {
+        let mut v = Vec::new();
+        let bound = self.baseline + allowance;
+        if self.peak.1 > bound {
+            v.push(format!(
+                "RSS reached {} at {:.1}s, over the bound {bound} (baseline {} + {allowance})",
+                self.peak.1,
+                self.peak.0.as_secs_f64(),
+                self.baseline
+            ));
+        }
+        if self.latencies.is_empty() {
+            v.push("the probe saw no PUBACK at all".to_owned());
+        } else if self.p99() > p99_limit {
+            v.push(format!(
+                "the probe's PUBACK p99 was {:?} (max {:?}), over {p99_limit:?}",
+                self.p99(),
+                quantile(&self.latencies, 1.0)
+            ));
+        }
+        if self.probe.lost_connection || self.probe.acked != self.probe.published {
+            v.push(format!(
+                "the probe was not answered: {} of {} readings acked, connection lost: {}",
+                self.probe.acked, self.probe.published, self.probe.lost_connection
+            ));
+        }
+        v
+    }
+}
+
+/// Fails listing every violation (a flood scenario collects them all, so that one run shows
+/// everything the gateway did wrong), or passes when there is none.
+pub fn check_violations(what: &str, violations: &[String]) -> Result<()> {
+    if violations.is_empty() {
+        return Ok(());
+    }
+    bail!(
+        "{what}: {} violation(s):\n  - {}",
+        violations.len(),
+        violations.join("\n  - ")
+    )
+}
+
+/// Waits (deadline 60 s, every 500 ms) until `settled` says the gateway has accounted for a
+/// flood; at the deadline the wait becomes a violation (pushed onto `violations`, with the last
+/// error or state), so the scenario goes on to report everything else it finds.
+pub fn settle(violations: &mut Vec<String>, what: &str, settled: impl FnMut() -> Result<bool>) {
+    let mut settled = settled;
+    if let Err(e) = poll(
+        what,
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        || Ok(settled()?.then_some(())),
+    ) {
+        violations.push(format!("{e:#}"));
+    }
+}
+
+/// A counter (or gauge) every message must be accounted in, from a scrape of `/metrics`; one
+/// the gateway does not expose is a violation (pushed onto `violations`) and reads as 0.
+pub fn required_metric(scrape: &Scrape, name: &str, violations: &mut Vec<String>) -> u64 {
+    match scrape.value(name, &[]) {
+        Some(v) => v as u64,
+        None => {
+            violations.push(format!(
+                "the gateway does not count {name} (not in /metrics)"
+            ));
+            0
+        }
+    }
+}
+
+/// Rows of the store's `state` table whose key starts with `prefix` (e.g. `mqtt/r/`: retained
+/// messages, `mqtt/s/`: persistent sessions), read with Python's sqlite3 in read-only mode (a
+/// second SQLite reader; safe while the gateway writes).
+pub fn state_rows(db: &Path, prefix: &str) -> Result<u64> {
+    let script = "import sqlite3, sys\n\
+        con = sqlite3.connect('file:' + sys.argv[1] + '?mode=ro', uri=True)\n\
+        p = sys.argv[2]\n\
+        print(con.execute('SELECT count(*) FROM state WHERE substr(key, 1, ?) = ?', (len(p), p)).fetchone()[0])\n";
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .arg(db)
+        .arg(prefix)
+        .stdin(Stdio::null())
+        .output()
+        .context("running python3 sqlite3")?;
+    if !out.status.success() {
+        bail!(
+            "counting state rows in {}: {}",
+            db.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+}
+
+/// One connection of `tests/py/mqtt_flood.py publish` (raw MQTT 3.1.1, clean session).
+#[derive(Debug, Clone)]
+pub struct PublishFlood {
+    /// Topic of message i: `{i}` is replaced by i.
+    pub topic: String,
+    /// Messages.
+    pub count: u64,
+    /// 0 (as fast as the socket takes them) or 1 (a window of 200 unacknowledged).
+    pub qos: u8,
+    /// Retained.
+    pub retain: bool,
+    /// Message i's payload: `{topic}` and `{i}` are replaced by its topic and i.
+    pub payload: String,
+    /// The payload is padded with '.' to this many bytes (0: not padded).
+    pub size: usize,
+    /// Its client id.
+    pub client_id: String,
+}
+
+/// What a [`PublishFlood`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishFloodReport {
+    /// PUBLISH packets written to the socket.
+    pub sent: u64,
+    /// PUBACKs received (QoS 1).
+    pub acked: u64,
+    /// The connection ended before the DISCONNECT was answered by a close.
+    pub closed_early: bool,
+    /// From the CONNACK to the gateway closing after the DISCONNECT.
+    pub elapsed: Duration,
+}
+
+/// `--count` persistent sessions from `tests/py/mqtt_flood.py sessions`: MQTT 3.1.1, clean
+/// session 0, each subscribed to one filter, disconnected, never back.
+#[derive(Debug, Clone)]
+pub struct SessionFlood {
+    /// Clients (and sessions).
+    pub count: u64,
+    /// Client ids are this plus the client's index.
+    pub client_prefix: String,
+    /// Client i subscribes to this filter with `{i}` replaced by i (QoS 1).
+    pub subscribe: String,
+    /// Connections open at once (each uses a file descriptor on both sides).
+    pub concurrency: usize,
+}
+
+/// What a [`SessionFlood`] got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionFloodReport {
+    /// CONNACKs with return code 0.
+    pub accepted: u64,
+    /// CONNACKs refusing the session, by return code.
+    pub refused: BTreeMap<String, u64>,
+    /// SUBACKs granting the subscription.
+    pub subscribed: u64,
+    /// SUBACKs refusing it.
+    pub subscribe_failed: u64,
+    /// Connections closed (or silent) before the CONNACK or SUBACK.
+    pub closed_without_answer: u64,
+    /// Connections that could not be opened.
+    pub connect_failed: u64,
+    /// The whole flood.
+    pub elapsed: Duration,
+}
+
+/// Runs `tests/py/mqtt_flood.py <args>` to the end (deadline `timeout`, exit 0 required), output
+/// in `dir/<name>.log`, and returns the JSON summary on its last line.
+fn run_mqtt_flood(dir: &TestDir, name: &str, args: &[String], timeout: Duration) -> Result<Value> {
+    let mut cmd = Command::new("python3");
+    cmd.arg(py_script("mqtt_flood.py")).args(args);
+    let mut proc = Proc::spawn(
+        &format!("mqtt_flood {name}"),
+        cmd,
+        &dir.join(&format!("{name}.log")),
+    )?;
+    let st = proc.wait(timeout)?;
+    let last = log_lines(proc.log()).pop().unwrap_or_default();
+    if !st.success() {
+        bail!("mqtt_flood.py failed ({st}):\n{}", tail(proc.log(), 20));
+    }
+    serde_json::from_str(&last).with_context(|| format!("mqtt_flood.py summary {last:?}"))
+}
+
+fn summary_u64(v: &Value, key: &str) -> Result<u64> {
+    v[key]
+        .as_u64()
+        .ok_or_else(|| anyhow!("no {key} in the flood summary {v}"))
+}
+
+fn summary_elapsed(v: &Value) -> Duration {
+    Duration::from_secs_f64(v["elapsed_s"].as_f64().unwrap_or(0.0))
+}
+
+impl PublishFlood {
+    /// Runs it against the broker on 127.0.0.1:`port`; output in `dir/<name>.log`.
+    pub fn run(
+        &self,
+        dir: &TestDir,
+        name: &str,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<PublishFloodReport> {
+        let mut args: Vec<String> = [
+            "publish",
+            "--port",
+            &port.to_string(),
+            "--topic",
+            &self.topic,
+            "--count",
+            &self.count.to_string(),
+            "--qos",
+            &self.qos.to_string(),
+            "--payload",
+            &self.payload,
+            "--size",
+            &self.size.to_string(),
+            "--client-id",
+            &self.client_id,
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        if self.retain {
+            args.push("--retain".to_owned());
+        }
+        let v = run_mqtt_flood(dir, name, &args, timeout)?;
+        Ok(PublishFloodReport {
+            sent: summary_u64(&v, "sent")?,
+            acked: summary_u64(&v, "acked")?,
+            closed_early: v["closed_early"].as_bool().unwrap_or(true),
+            elapsed: summary_elapsed(&v),
+        })
+    }
+}
+
+impl SessionFlood {
+    /// Runs it against the broker on 127.0.0.1:`port`; output in `dir/<name>.log`.
+    pub fn run(
+        &self,
+        dir: &TestDir,
+        name: &str,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<SessionFloodReport> {
+        let args: Vec<String> = [
+            "sessions",
+            "--port",
+            &port.to_string(),
+            "--count",
+            &self.count.to_string(),
+            "--client-prefix",
+            &self.client_prefix,
+            "--subscribe",
+            &self.subscribe,
+            "--concurrency",
+            &self.concurrency.to_string(),
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        let v = run_mqtt_flood(dir, name, &args, timeout)?;
+        Ok(SessionFloodReport {
+            accepted: summary_u64(&v, "accepted")?,
+            refused: v["refused"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .filter_map(|(k, n)| Some((k.clone(), n.as_u64()?)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            subscribed: summary_u64(&v, "subscribed")?,
+            subscribe_failed: summary_u64(&v, "subscribe_failed")?,
+            closed_without_answer: summary_u64(&v, "closed_without_answer")?,
+            connect_failed: summary_u64(&v, "connect_failed")?,
+            elapsed: summary_elapsed(&v),
+        })
+    }
+}
+
+/// The node name of a [`FloodStage`]'s gateway.
+pub const FLOOD_NODE: &str = "gw1";
+
+/// The topic of a [`FloodStage`]'s probe.
+pub const PROBE_TOPIC: &str = "probe/temp";
+
+/// Where a flood scenario runs: a cloud mosquitto with a consumer on everything the gateway
+/// sends, and the gateway with the shipped storage and discovery defaults (node
+/// [`FLOOD_NODE`]), its uplink connected.
+#[derive(Debug)]
+pub struct FloodStage {
+    /// The gateway (declared first: dropped, so killed, before its peers).
+    pub gw: Outpost,
+    /// Its configuration.
+    pub cfg: GatewayConfig,
+    /// The cloud consumer, subscribed to `outpost/<node>/#`.
+    pub consumer: Subscriber,
+    /// The cloud broker.
+    pub cloud: Mosquitto,
+    /// The scenario's directory (declared last: removed after everything in it stopped).
+    pub dir: TestDir,
+}
+
+/// Readings that must have arrived upstream: `acked` on `topics`, [`payload`]s of `size` bytes.
+#[derive(Debug, Clone)]
+pub struct AckedReadings {
+    /// Their local topics.
+    pub topics: Vec<String>,
+    /// Their payload size.
+    pub size: usize,
+    /// (topic, counter) of each.
+    pub acked: Vec<(String, u64)>,
+}
+
+impl FloodStage {
+    /// Starts the stage in a directory named after `name`; `configure` changes the gateway's
+    /// configuration before it starts (extra tables, CoAP).
+    pub fn start(name: &str, configure: impl FnOnce(&mut GatewayConfig)) -> Result<Self> {
+        let dir = TestDir::new(name)?;
+        let cloud = Mosquitto::start(&dir)?;
+        let consumer = Subscriber::spawn(
+            &dir,
+            "cloud",
+            &SubscriberSpec::new(cloud.port(), &format!("outpost/{FLOOD_NODE}/#")),
+        )?;
+        let mut cfg = GatewayConfig::new(&dir, FLOOD_NODE, Some(cloud.port()))?;
+        cfg.shipped_storage = true;
+        cfg.shipped_discovery = true;
+        configure(&mut cfg);
+        let gw = Outpost::start(&dir, &cfg)?;
+        gw.wait_uplink_connected()?;
+        Ok(Self {
+            gw,
+            cfg,
+            consumer,
+            cloud,
+            dir,
+        })
+    }
+
+    /// The store's database.
+    pub fn db(&self) -> PathBuf {
+        self.cfg.data_dir.join("outpost.db")
+    }
+
+    /// Starts watching the gateway: RSS and the probe on [`PROBE_TOPIC`].
+    pub fn watch(&self) -> Result<FloodWatch> {
+        FloodWatch::start(&self.dir, &self.gw, PROBE_TOPIC)
+    }
+
+    /// Waits (deadline 180 s) until the probe's acked readings (in `report`) and every set in
+    /// `more` arrived upstream, and checks the upstream contract for each
+    /// ([`SeqSource::UserProperty`]); returns everything received, and each set's delivery
+    /// (the probe's first).
+    pub fn check_delivered(
+        &mut self,
+        report: &FloodReport,
+        more: &[AckedReadings],
+    ) -> Result<(Vec<Received>, Vec<Delivery>)> {
+        let probe = AckedReadings {
+            topics: vec![PROBE_TOPIC.to_owned()],
+            size: 100,
+            acked: report.acked.clone(),
+        };
+        let sets: Vec<&AckedReadings> = std::iter::once(&probe).chain(more).collect();
+        let all: Vec<(String, u64)> = sets.iter().flat_map(|s| s.acked.clone()).collect();
+        let msgs = wait_for_readings(&self.consumer, &mut self.gw, &all, Duration::from_secs(180))?;
+        let deliveries = sets
+            .iter()
+            .map(|s| {
+                check_upstream_delivery(
+                    &msgs,
+                    FLOOD_NODE,
+                    &s.topics,
+                    s.size,
+                    &s.acked,
+                    SeqSource::UserProperty,
+                )
+            })
+            .collect::<Result<_>>()?;
+        Ok((msgs, deliveries))
+    }
+}
+
+#[cfg(test)]
+mod flood_checks {
+    //! The flood scenarios' verdicts must be able to fail: each broken bound is named.
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn report(peak: ByteCount, latencies: Vec<Duration>, acked: u64) -> FloodReport {
+        FloodReport {
+            baseline: ByteCount::mib(20),
+            peak: (Duration::from_secs(3), peak),
+            last: peak,
+            samples: 100,
+            probe: PublisherSummary {
+                published: 100,
+                acked,
+                lost_connection: false,
+            },
+            acked: Vec::new(),
+            latencies,
+        }
+    }
+
+    #[test]
+    fn quantile_takes_the_nearest_rank() {
+        let samples: Vec<Duration> = (1..=100).rev().map(ms).collect();
+        assert_eq!(quantile(&samples, 0.99), ms(99));
+        assert_eq!(quantile(&samples, 0.5), ms(50));
+        assert_eq!(quantile(&samples, 1.0), ms(100));
+        assert_eq!(quantile(&[ms(7)], 0.99), ms(7));
+        assert_eq!(quantile(&[], 0.99), Duration::ZERO);
+    }
+
+    #[test]
+    fn each_broken_bound_is_a_violation() {
+        let fast = vec![ms(10); 100];
+        let ok = report(ByteCount::mib(52), fast.clone(), 100);
+        assert!(ok.violations(ByteCount::mib(32), ms(2000)).is_empty());
+
+        let grew = report(ByteCount::mib(52) + ByteCount(1), fast.clone(), 100);
+        let v = grew.violations(ByteCount::mib(32), ms(2000));
+        assert!(v.len() == 1 && v[0].starts_with("RSS reached"), "{v:?}");
+
+        let mut slow = fast.clone();
+        slow[..2].fill(ms(2500));
+        let v = report(ByteCount::mib(21), slow, 100).violations(ByteCount::mib(32), ms(2000));
+        assert!(v.len() == 1 && v[0].contains("p99"), "{v:?}");
+
+        let v = report(ByteCount::mib(21), fast, 99).violations(ByteCount::mib(32), ms(2000));
+        assert!(v.len() == 1 && v[0].contains("not answered"), "{v:?}");
+
+        let v =
+            report(ByteCount::mib(21), Vec::new(), 100).violations(ByteCount::mib(32), ms(2000));
+        assert!(v.len() == 1 && v[0].contains("no PUBACK"), "{v:?}");
+    }
 }

@@ -128,7 +128,7 @@ fn coap_observe_status_notifies_and_deregisters() -> anyhow::Result<()> {
             }
             _ => {
                 if note.mtype == coap_type::CON {
-                    raw.send(&ack(note.mid).encode())?;
+                    raw.send(&CoapMessage::empty_ack(note.mid).encode())?;
                 }
                 let dereg = CoapMessage::request(coap_type::CON, 1, 0x0c01, &token, "status")
                     .with_uint(coap_opt::OBSERVE, 1);
@@ -168,15 +168,4 @@ fn coap_observe_status_notifies_and_deregisters() -> anyhow::Result<()> {
         "a GET without Observe gets no Observe option"
     );
     Ok(())
-}
-
-fn ack(mid: u16) -> CoapMessage {
-    CoapMessage {
-        mtype: coap_type::ACK,
-        code: 0,
-        mid,
-        token: Vec::new(),
-        options: Vec::new(),
-        payload: Vec::new(),
-    }
 }

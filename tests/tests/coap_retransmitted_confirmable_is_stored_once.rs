@@ -20,15 +20,7 @@ fn collect(raw: &RawCoap, window: Duration) -> anyhow::Result<Vec<(CoapMessage, 
     while Instant::now() < end {
         if let Some((m, bytes)) = raw.recv(Duration::from_millis(50))? {
             if m.mtype == coap_type::CON {
-                let ack = CoapMessage {
-                    mtype: coap_type::ACK,
-                    code: 0,
-                    mid: m.mid,
-                    token: Vec::new(),
-                    options: Vec::new(),
-                    payload: Vec::new(),
-                };
-                raw.send(&ack.encode())?;
+                raw.send(&CoapMessage::empty_ack(m.mid).encode())?;
             }
             got.push((m, bytes));
         }
